@@ -1,0 +1,123 @@
+"""Orbax checkpointing: train state + JSON metadata (data position, RNG, config), keep-N, async, resume.
+
+A checkpoint step directory holds two items:
+  ``state``  the array pytree (params, optimizer state, step, RNG key data), restored with the shardings of
+             an abstract target so a run resumes on any mesh;
+  ``meta``   JSON: data position, resolved config, anything small the loop needs to continue exactly.
+Orbax writes each step to a temporary directory and renames it when complete, so a crash mid-save leaves
+no step behind. A step that exists but cannot be read (truncated files, bad JSON) is reported and skipped:
+``restore_latest`` falls back to the newest step that does load.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Callable
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Thin wrapper over ``ocp.CheckpointManager`` with corrupt-step fallback."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=("state", "meta"), options=options
+        )
+
+    def steps(self) -> list[int]:
+        """Completed checkpoint steps, oldest first."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict, *, force: bool = True) -> None:
+        """Save ``state`` (array pytree) and ``meta`` (JSON-able dict) at ``step`` (async unless disabled)."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=force,
+        )
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restore one step onto the shardings/dtypes of ``abstract_state`` (ShapeDtypeStructs or arrays)."""
+        target = jax.tree.map(_abstract, abstract_state)
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return out["state"], dict(out["meta"])
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """Newest readable checkpoint as (step, state, meta); unreadable steps are logged and skipped."""
+        for step in reversed(self.steps()):
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except Exception as err:  # noqa: BLE001 - any read failure means "this step is unusable"
+                log.warning(
+                    "Checkpoint step %d in %s is unreadable (%s: %s); trying the previous one.",
+                    step, self.directory, type(err).__name__, err,
+                )
+                continue
+            return step, state, meta
+        return None
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _abstract(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+class PreemptionGuard:
+    """Turns SIGTERM / SIGINT into a flag the training loop polls, so it can checkpoint and exit cleanly.
+
+    A second signal while the flag is set restores the previous handler and re-raises it (force quit).
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        self._event = threading.Event()
+        self._previous: dict[int, Callable | int | None] = {}
+        self.signal_name: str | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        if self._event.is_set():
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
