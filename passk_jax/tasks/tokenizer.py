@@ -1,0 +1,69 @@
+"""Tokenisation shared by real models and the character-level CPU model.
+
+Real models use their own Hugging Face tokenizer and chat template. The CPU default is a character-level
+tokenizer built with the `tokenizers` library (one token per character: printable ASCII and newline by
+default, unknown characters -> <unk>), wrapped as `transformers.PreTrainedTokenizerFast` and saved as a
+normal tokenizer directory (tokenizer.json + tokenizer_config.json), so both paths load the same way
+(`load_tokenizer`, or `AutoTokenizer.from_pretrained`) and go through the same `encode_prompt` /
+`decode_response` code.
+Special ids: <pad>=0, <bos>=1, <eos>=2, <unk>=3; plain-text encoding prepends <bos>; its chat template
+concatenates the message contents after <bos>.
+"""
+from __future__ import annotations
+
+import string
+from typing import Sequence
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+DEFAULT_ALPHABET = string.printable[:95] + "\n"  # digits, letters, punctuation, space, newline
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
+    """A PreTrainedTokenizerFast with one token per character of `alphabet` after the 4 specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(dict.fromkeys(alphabet))
+    if not chars:
+        raise ValueError("alphabet must contain at least one character.")
+    vocab = {t: i for i, t in enumerate(list(SPECIALS) + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")  # every char, \n too
+    tok.decoder = decoders.Fuse()  # join characters without spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                 pad_token="<pad>", unk_token="<unk>")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def save_char_tokenizer(path: str, alphabet: str = DEFAULT_ALPHABET):
+    """Build and save to directory `path` (tokenizer.json, tokenizer_config.json, chat template)."""
+    tok = build_char_tokenizer(alphabet)
+    tok.save_pretrained(path)
+    return tok
+
+
+def load_tokenizer(path: str):
+    """A local tokenizer directory with a tokenizer.json (ours, or a real model's), no hub access.
+    `PreTrainedTokenizerFast` directly: the same object AutoTokenizer yields for tokenizer.json models in
+    transformers 5, without AutoTokenizer's seconds-long import."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a rendered prompt: chat messages go through the tokenizer's chat template with the
+    generation prompt; plain text is encoded with the tokenizer's own special tokens (e.g. <bos>)."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def decode_response(tokenizer, ids: Sequence[int]) -> str:
+    """Completion text for the verifier (special tokens such as <eos>/<pad> dropped)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
