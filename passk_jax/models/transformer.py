@@ -1,0 +1,354 @@
+"""Flax NNX decoder-only transformer for the Qwen2/Qwen2.5, Qwen3 and Llama 3.x families.
+
+Pre-norm blocks (RMSNorm -> grouped-query attention with RoPE -> residual, RMSNorm -> SwiGLU -> residual).
+Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm on q and k, Llama 3.x the "llama3" RoPE frequency scaling.
+Every block parameter is stacked on a leading "layers" axis and the blocks run under one `lax.scan`, so the
+compiled program (and compile time) does not grow with depth. Hot paths use the pure `forward` on
+`(graphdef, params)` from `split`; parameters carry logical axis names (`out_sharding` metadata) that
+`passk_jax.parallel` maps onto the mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from passk_jax.parallel import constrain, logical_sharding, param_shardings
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+FAMILIES = ("qwen2", "qwen3", "llama")
+ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture + numerics. `head_dim` defaults to hidden_size // num_heads; `rope_scaling` is None or
+    an HF-style dict such as {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    max_position_embeddings: int = 4096
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    family: str = "qwen2"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"{field} must be one of {tuple(DTYPES)}, got {getattr(self, field)!r}.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}.")
+        rope = self.rope_scaling or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: {ROPE_TYPES}.")
+        needed = {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+        if any(key not in rope for key in needed[rope_type]) or rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"rope_scaling {rope} needs keys {needed[rope_type]} and no partial rotary factor.")
+
+    def __hash__(self) -> int:  # rope_scaling is a dict; the config is a static part of the graphdef
+        fields = dataclasses.asdict(self)
+        return hash(json.dumps(fields, sort_keys=True, default=str))
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 256, **overrides: Any) -> ModelConfig:
+        """Qwen2-shaped, about 1M parameters (vocab 256)."""
+        base = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4,
+                    num_kv_heads=2, head_dim=32, rope_theta=1e6, tie_word_embeddings=True,
+                    attention_bias=True, max_position_embeddings=4096, family="qwen2")
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def small(cls, vocab_size: int = 256, **overrides: Any) -> ModelConfig:
+        """Qwen2-shaped, about 25M parameters (vocab 256)."""
+        base = dict(vocab_size=vocab_size, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                    num_kv_heads=2, head_dim=64, rope_theta=1e6, tie_word_embeddings=True,
+                    attention_bias=True, max_position_embeddings=4096, family="qwen2")
+        return cls(**{**base, **overrides})
+
+    def num_params(self) -> int:
+        return sum(math.prod(shape) for shape, _, _ in param_specs(self).values())
+
+
+class KVCache(NamedTuple):
+    """k, v: [layers, batch, max_len, kv_heads, head_dim] (RoPE already applied to k); valid: bool[batch,
+    max_len]; index: int32 scalar, the next slot to write (shared by all rows: prompts are left-padded)."""
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+
+CACHE_LOGICAL_AXES = KVCache(k=("layers", "batch", "length", "kv_heads", "head_dim"),
+                             v=("layers", "batch", "length", "kv_heads", "head_dim"),
+                             valid=("batch", "length"), index=())
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
+    """Empty cache (valid all False, index 0); `dtype` defaults to the compute dtype (e.g. "bfloat16")."""
+    dt = DTYPES[dtype or cfg.dtype]
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), valid=jnp.zeros((batch, max_len), bool),
+                   index=jnp.zeros((), jnp.int32))
+
+
+def cache_shardings(mesh: jax.sharding.Mesh, cache: KVCache) -> KVCache:
+    """NamedSharding for each cache field (batch over data/fsdp, kv heads over tensor)."""
+    return KVCache(*(logical_sharding(mesh, axes, x.shape) for axes, x in zip(CACHE_LOGICAL_AXES, cache)))
+
+
+LAYER_PARAMS = ("input_norm", "q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias", "q_norm",
+                "k_norm", "post_attn_norm", "gate_proj", "up_proj", "down_proj")
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    """Every parameter: name ("embed_tokens", "layers.q_proj", ...) -> (shape, logical axes, initializer)."""
+    L, D, F, H, KV, hd, V = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                             cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    layer = {
+        "input_norm": ((D,), ("norm",), "ones"),
+        "q_proj": ((D, H, hd), ("embed", "heads", "head_dim"), "normal"),
+        "k_proj": ((D, KV, hd), ("embed", "kv_heads", "head_dim"), "normal"),
+        "v_proj": ((D, KV, hd), ("embed", "kv_heads", "head_dim"), "normal"),
+        "o_proj": ((H, hd, D), ("heads", "head_dim", "embed"), "normal"),
+        "post_attn_norm": ((D,), ("norm",), "ones"),
+        "gate_proj": ((D, F), ("embed", "mlp"), "normal"),
+        "up_proj": ((D, F), ("embed", "mlp"), "normal"),
+        "down_proj": ((F, D), ("mlp", "embed"), "normal"),
+    }
+    if cfg.attention_bias:
+        layer.update(q_bias=((H, hd), ("heads", "head_dim"), "zeros"),
+                     k_bias=((KV, hd), ("kv_heads", "head_dim"), "zeros"),
+                     v_bias=((KV, hd), ("kv_heads", "head_dim"), "zeros"))
+    if cfg.qk_norm:
+        layer.update(q_norm=((hd,), ("norm",), "ones"), k_norm=((hd,), ("norm",), "ones"))
+    specs = {"embed_tokens": ((V, D), ("vocab", "embed"), "normal")}
+    specs.update({f"layers.{k}": ((L, *shape), ("layers", *axes), init) for k, (shape, axes, init) in layer.items()})
+    specs["norm"] = ((D,), ("norm",), "ones")
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ((D, V), ("embed", "vocab"), "normal")
+    return specs
+
+
+def _init_params(cfg: ModelConfig, key: jax.Array) -> dict[str, nnx.Param]:
+    """normal(0, 0.02) weights, unit norms, zero biases. The normal weights are slices of ONE draw: a single
+    RNG program compiles in a fraction of the time of one per tensor (the dominant cost of a CPU init)."""
+    specs = param_specs(cfg)
+    total = sum(math.prod(shape) for shape, _, init in specs.values() if init == "normal")
+    flat = 0.02 * jax.random.normal(key, (total,), jnp.float32)
+    params, offset = {}, 0
+    for name, (shape, axes, init) in specs.items():
+        if init == "normal":
+            size = math.prod(shape)
+            value = flat[offset:offset + size].reshape(shape)
+            offset += size
+        else:
+            value = (jnp.ones if init == "ones" else jnp.zeros)(shape, jnp.float32)
+        params[name] = nnx.Param(value.astype(DTYPES[cfg.param_dtype]), out_sharding=axes, eager_sharding=False)
+    return params
+
+
+class Layers(nnx.Module):
+    """All decoder blocks; each parameter has a leading "layers" axis (names mirror the HF checkpoint).
+    Absent parameters (biases outside Qwen2, q/k norms outside Qwen3) are None."""
+
+    def __init__(self, params: dict[str, nnx.Param]):
+        for name in LAYER_PARAMS:
+            setattr(self, name, params.get(name))
+
+    def stacked(self) -> dict[str, jax.Array]:
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """f32[head_dim/2] inverse frequencies with the config's theta and scaling (as HF computes them)."""
+    dim = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))))
+    inv = inv.astype(np.float32)
+    rs = cfg.rope_scaling or {}
+    rope_type = rs.get("rope_type", "default")
+    if rope_type == "linear":
+        inv = inv / np.float32(rs["factor"])
+    elif rope_type == "llama3":
+        factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        wavelen = (2 * math.pi / inv).astype(np.float32)
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv).astype(np.float32)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE; x [B,S,N,hd], cos/sin f32[B,S,hd/2]."""
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B,S,H,hd], k/v [B,T,KV,hd], mask bool[B,S,T] -> [B,S,H,hd]; softmax in float32."""
+    B, S, H, hd = q.shape
+    KV = k.shape[2]
+    q = q.reshape(B, S, KV, H // KV, hd)  # query head h = n * G + g uses kv head n (HF repeat_kv)
+    scores = jnp.einsum("bsngk,btnk->bngst", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bngst,btnk->bsngk", probs, v).reshape(B, S, H, hd)
+
+
+def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Array, sin: jax.Array,
+           mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None):
+    """One decoder block on one layer's params. kv = (k_all, v_all, layer, index) writes this layer's
+    keys/values into the stacked cache and attends over all its slots."""
+    dt = x.dtype
+    p = {name: w.astype(dt) for name, w in p.items()}
+    h = _rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("bsd,dhk->bshk", h, p["q_proj"])
+    k = jnp.einsum("bsd,dhk->bshk", h, p["k_proj"])
+    v = jnp.einsum("bsd,dhk->bshk", h, p["v_proj"])
+    if cfg.attention_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if cfg.qk_norm:
+        q, k = _rms_norm(q, p["q_norm"], cfg.rms_norm_eps), _rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    if kv is not None:
+        k_all, v_all, layer, index = kv
+        zero = jnp.zeros((), jnp.int32)
+        start = (layer, zero, index, zero, zero)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+        kv = (k_all, v_all)
+    attn = _attention(q, k, v, mask)
+    x = x + jnp.einsum("bshk,hkd->bsd", attn, p["o_proj"])
+    x = constrain(x, ("batch", "length", "embed"))
+    h = _rms_norm(x, p["post_attn_norm"], cfg.rms_norm_eps)
+    gate = constrain(jnp.einsum("bsd,df->bsf", h, p["gate_proj"]), ("batch", "length", "mlp"))
+    up = constrain(jnp.einsum("bsd,df->bsf", h, p["up_proj"]), ("batch", "length", "mlp"))
+    x = x + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, p["down_proj"])
+    return constrain(x, ("batch", "length", "embed")), kv
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `Transformer(cfg, rngs=nnx.Rngs(0))`; call = `forward` on the live module."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs | None = None):
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        params = _init_params(cfg, rngs.params())
+        self.cfg = cfg
+        self.embed_tokens = params["embed_tokens"]
+        self.layers = Layers({k.removeprefix("layers."): v for k, v in params.items() if k.startswith("layers.")})
+        self.norm = params["norm"]
+        self.lm_head = params.get("lm_head")
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, token_mask: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.cfg
+        dt = DTYPES[cfg.dtype]
+        if tokens.ndim != 2 or positions.shape != tokens.shape or token_mask.shape != tokens.shape:
+            raise ValueError(f"tokens, positions and token_mask must share one [batch, seq] shape, got "
+                             f"{tokens.shape}, {positions.shape}, {token_mask.shape}.")
+        B, S = tokens.shape
+        token_mask = token_mask.astype(bool)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0, mode="clip").astype(dt)  # clip: no NaN from pad ids
+        x = constrain(x, ("batch", "length", "embed"))
+        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        if cache is None:
+            t = jnp.arange(S)
+            mask = (t[None, :] <= t[:, None])[None] & token_mask[:, None, :]
+            valid = index = None
+        else:
+            index = cache.index.astype(jnp.int32)
+            valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (jnp.zeros((), jnp.int32), index))
+            slot = index + jnp.arange(S)
+            mask = (jnp.arange(cache.valid.shape[1])[None, :] <= slot[:, None])[None] & valid[:, None, :]
+
+        def body(carry, p):
+            x, kv, layer = carry
+            x, kv = _block(cfg, x, p, cos, sin, mask, None if kv is None else (*kv, layer, index))
+            return (x, kv, layer + 1), None
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        kv0 = None if cache is None else (cache.k, cache.v)
+        (x, kv, _), _ = jax.lax.scan(body, (x, kv0, jnp.zeros((), jnp.int32)), self.layers.stacked())
+        x = _rms_norm(x, self.norm[...], cfg.rms_norm_eps)
+        head = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bsd,dv->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid, index=index + S)
+        return logits, new_cache
+
+
+def split(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, params) for the functional hot paths."""
+    return nnx.split(model, nnx.Param)
+
+
+def init(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """Random (graphdef, params) from one compiled program; with `mesh` every param is created sharded.
+    Meant for from-scratch CPU/small models; real checkpoints come from `hf.load_pretrained`."""
+    graphdef, abstract = split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))))
+    shardings = None if mesh is None else param_shardings(abstract, mesh)
+    params = jax.jit(lambda: split(Transformer(cfg, rngs=nnx.Rngs(seed)))[1], out_shardings=shardings)()
+    return graphdef, params
+
+
+def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
+            token_mask: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Pure forward: tokens/positions i32[B,S], token_mask bool[B,S] -> (logits f32[B,S,V], cache).
+
+    Without a cache query s attends key t iff t <= s and token_mask[b, t]. With a cache the S tokens are
+    written at slots [index, index + S) (valid[b, slot] = token_mask[b, s]) and query s attends slot j iff
+    j <= index + s and valid[b, j]; the returned cache has index + S. Writing past max_len is not checked
+    under jit (the slot would be clamped): size the cache for prompt + completion.
+    """
+    return nnx.merge(graphdef, params)(tokens, positions, token_mask, cache)

@@ -1,0 +1,133 @@
+"""Device mesh, logical-axis rules and host <-> global array helpers.
+
+One mesh with axes ('data', 'fsdp', 'tensor') serves every phase. Parameters and activations carry logical
+axis names ("batch", "embed", "heads", ...); `LOGICAL_RULES` maps each onto mesh axes. A mesh axis is used
+at most once per array (the first logical axis that asks for it wins) and is dropped for a dimension it does
+not divide, so the same rules work for every model size and on a single device.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("length", None),
+    ("norm", None),
+)
+_RULES = dict(LOGICAL_RULES)
+
+LogicalAxes = Sequence[str | None]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """Mesh ('data', 'fsdp', 'tensor') over `devices` (default: all); one size may be -1 (= the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive with at most one -1, got data={data} fsdp={fsdp} "
+                         f"tensor={tensor}.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed sizes {sizes}.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {int(np.prod(sizes))} "
+                         f"devices but {len(devices)} are given.")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_spec(logical_axes: LogicalAxes, mesh: Mesh | jax.sharding.AbstractMesh,
+                 shape: Sequence[int] | None = None) -> PartitionSpec:
+    """PartitionSpec for `logical_axes` on `mesh`; with `shape`, mesh axes that do not divide a dim are dropped."""
+    sizes = dict(mesh.shape)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(logical_axes):
+        if name is not None and name not in _RULES:
+            raise ValueError(f"unknown logical axis {name!r}; known: {sorted(_RULES)}.")
+        target = _RULES.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        chosen, prod = [], 1
+        for ax in axes:
+            if ax in used or sizes.get(ax, 1) == 1:
+                continue
+            if shape is not None and shape[i] % (prod * sizes[ax]):
+                continue
+            chosen.append(ax)
+            prod *= sizes[ax]
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape: Sequence[int] | None = None) -> NamedSharding:
+    """NamedSharding of an array whose dims carry `logical_axes` (see `logical_spec`)."""
+    return NamedSharding(mesh, logical_spec(logical_axes, mesh, shape))
+
+
+def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
+    """Activation sharding hint; a no-op unless a mesh is set (`jax.set_mesh`) while tracing."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes, mesh, x.shape))
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(abstract_params_state: Any, mesh: Mesh) -> Any:
+    """Pytree of NamedSharding matching the state (Variables keep their structure; plain leaves replicate).
+
+    Works on concrete or abstract (nnx.eval_shape) states and on optimizer states built from them.
+    """
+    def one(leaf: Any) -> Any:
+        if _is_var(leaf):
+            axes = leaf.get_metadata().get("out_sharding")
+            value = leaf.get_value()
+            shape = getattr(value, "shape", ())
+            spec = logical_spec(axes, mesh, shape) if axes else PartitionSpec()
+            return leaf.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, abstract_params_state, is_leaf=_is_var)
+
+
+def shard_params(params_state: Any, mesh: Mesh) -> Any:
+    """The same pytree with every leaf placed with its logical sharding on `mesh`."""
+    return jax.device_put(params_state, param_shardings(params_state, mesh))
+
+
+def to_global(local: np.ndarray, mesh: Mesh, logical_axes: LogicalAxes) -> jax.Array:
+    """Global array from this process's rows (the leading dim is split across processes)."""
+    local = np.asarray(local)
+    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    sharding = logical_sharding(mesh, logical_axes, global_shape)
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host) global array as numpy, on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
