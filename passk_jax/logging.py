@@ -64,7 +64,7 @@ class MetricWriter:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in scalars.items():
-                self._tb.add_scalar(key, value, int(step))
+                self._tb.add_scalar(key.replace("@", "_at_"), value, int(step))
         return scalars
 
     def truncate_after(self, step: int) -> None:

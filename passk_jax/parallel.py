@@ -131,3 +131,35 @@ def to_host(x: jax.Array) -> np.ndarray:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Start multi-controller JAX when this is a multi-process run; returns True if it initialised.
+
+    Explicit arguments win; otherwise the PASSK_COORDINATOR / PASSK_NUM_PROCESSES / PASSK_PROCESS_ID
+    variables (set by launch/local_multiprocess.sh); otherwise JAX's own detection on Cloud TPU pods
+    (TPU_WORKER_HOSTNAMES with several hosts) and Slurm (SLURM_NTASKS > 1). A single process does nothing.
+    """
+    import os
+
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("PASSK_COORDINATOR")
+    if num_processes is None and env.get("PASSK_NUM_PROCESSES"):
+        num_processes = int(env["PASSK_NUM_PROCESSES"])
+    if process_id is None and env.get("PASSK_PROCESS_ID"):
+        process_id = int(env["PASSK_PROCESS_ID"])
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("a multi-process run needs all of coordinator_address, num_processes and "
+                             f"process_id; got {explicit}.")
+        if num_processes == 1:
+            return False
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    tpu_hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if len(tpu_hosts) > 1 or int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        jax.distributed.initialize()
+        return True
+    return False

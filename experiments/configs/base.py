@@ -1,0 +1,94 @@
+"""The base config every named config starts from: the CPU default (tiny model, mazes, Pass@k analytical).
+
+Sections:
+  model     preset ("tiny" | "small") for a fresh character-level model, or hf_path for a local checkpoint
+  task      registry name + options for ``passk_jax.tasks.get``
+  rollout   prompts per step, samples per prompt (N_rollout), sampling settings, dynamic sampling
+  step      ``passk_jax.rl.step.StepConfig`` fields (estimator, k, clip, aggregation, optimiser, ...)
+  train     number of RL steps, eval / checkpoint / log cadence, sequential stages
+  eval      held-out evaluation (paper: temperature 1.0, top-p 0.95, unbiased pass@k for k = 1, 2, 4, ...)
+  sft       supervised warm start on task demonstrations (cached across runs)
+  mesh      device mesh sizes over ('data', 'fsdp', 'tensor'); -1 = all remaining devices
+"""
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+
+    c.model = ConfigDict()
+    c.model.preset = "tiny"         # "tiny" | "small"; ignored when hf_path is set
+    c.model.hf_path = ""            # local Hugging Face directory (config.json + *.safetensors + tokenizer)
+    c.model.dtype = "float32"       # compute dtype ("bfloat16" on accelerators)
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"
+    c.model.max_len = 256           # context length of a fresh model (prompt + completion)
+
+    c.task = ConfigDict()
+    c.task.name = "maze"
+    c.task.options = ConfigDict({
+        "template": "compact",
+        "train_sizes": (5, 7),
+        "test_sizes": (5, 7),
+    })
+    c.task.num_train = 4000           # training problems generated (or the first rows of train_files)
+    c.task.verifier_workers = 1
+    c.task.verifier_timeout_s = 10.0
+
+    c.rollout = ConfigDict()
+    c.rollout.prompts_per_step = 16   # P
+    c.rollout.num_samples = 16        # N_rollout
+    c.rollout.max_new_tokens = 40
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.dynamic_sampling = False
+    c.rollout.max_refills = 4         # extra prompt batches to draw per step under dynamic sampling
+
+    c.step = ConfigDict({
+        "estimator": "passk_analytic",
+        "k": 4,
+        "estimator_options": ConfigDict(),
+        "eps_low": 0.2,
+        "eps_high": 0.28,
+        "aggregation": "token_mean",
+        "kl_coef": 0.0,
+        "entropy_coef": 0.0,
+        "num_minibatches": 1,
+        "num_microbatches": 1,
+        "learning_rate": 1e-4,
+        "warmup_steps": 5,
+        "weight_decay": 0.0,
+        "grad_clip_norm": 1.0,
+        "old_logprobs": "sampler",
+    })
+
+    c.train = ConfigDict()
+    c.train.steps = 40
+    c.train.eval_every = 0            # 0 = evaluate only before and after training
+    c.train.checkpoint_every = 10
+    c.train.keep_checkpoints = 3
+    c.train.log_every = 1
+    c.train.stages = ()               # sequence of {"steps": int, "step": {StepConfig overrides}}
+    c.train.export_hf = True          # write the final policy as a Hugging Face checkpoint
+
+    c.eval = ConfigDict()
+    c.eval.num_prompts = 64
+    c.eval.num_samples = 16
+    c.eval.temperature = 1.0
+    c.eval.top_p = 0.95
+    c.eval.greedy = True
+
+    c.sft = ConfigDict()
+    c.sft.steps = 300
+    c.sft.batch_size = 64
+    c.sft.learning_rate = 3e-3
+    c.sft.warmup_steps = 20
+    c.sft.num_examples = 2000
+    c.sft.demos_per_example = 1
+    c.sft.cache = True
+    c.sft.cache_dir = "runs/.sft_cache"
+
+    c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    return c

@@ -1,0 +1,50 @@
+"""Train with a named config:  python -m experiments.run --config=NAME [--config.a.b=value ...] [--workdir=DIR]
+
+NAME is a module in experiments/configs/ (``passk_k4``, ``pass1``, ...). Any field can be overridden on the
+command line; an unknown config name, an unknown field or an impossible value stops the run with one
+sentence before anything compiles. A workdir with checkpoints is resumed from its newest one.
+Multi-host: ``--coordinator_address/--num_processes/--process_id`` (or the PASSK_* environment variables
+that launch/local_multiprocess.sh sets); on Cloud TPU and Slurm, jax.distributed auto-detects them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+
+from experiments import configs
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Output directory (default runs/NAME).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from passk_jax import parallel
+
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from passk_jax.rl import trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
+    config = configs.config_flag_value()
+    workdir = FLAGS.workdir or os.path.join("runs", configs.selected_name())
+    summary = trainer.train(config, workdir)
+    if summary.get("status") == "preempted":
+        print(f"stopped by {summary.get('signal')} after step {summary['step']}; rerun the same command "
+              "to resume.", file=sys.stderr)
+        sys.exit(143)
+    print(f"done: report at {os.path.join(workdir, 'report.md')}")
+
+
+if __name__ == "__main__":
+    configs.define_config_flag()
+    app.run(main)

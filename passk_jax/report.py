@@ -1,0 +1,121 @@
+"""End-of-run report: ``report.md`` plus PNG plots of the training curves and of pass@k versus k before
+and after RL, built from the files the trainer leaves in the workdir (metrics.jsonl, eval_*.json)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from passk_jax.logging import read_jsonl
+
+CURVES = (("rollout/reward_mean", "mean reward of the rollouts"),
+          ("step/rollout_pass@k", "group pass@k of the rollouts"),
+          ("step/entropy", "policy entropy (nats/token)"),
+          ("rollout/length_mean", "response length (tokens)"))
+
+
+def _load(path: str) -> dict[str, float]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def pass_at_k_table(evals: dict[str, dict[str, float]]) -> tuple[list[int], dict[str, dict[int, float]]]:
+    """ks present in every eval and {eval name: {k: pass@k}} for the overall (all-source) numbers."""
+    pat = re.compile(r"^eval/pass@(\d+)$")
+    table = {name: {int(m.group(1)): v for key, v in ev.items() if (m := pat.match(key))}
+             for name, ev in evals.items()}
+    ks = sorted(set.intersection(*(set(t) for t in table.values()))) if table else []
+    return ks, table
+
+
+def plot_curves(records: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    for ax, (key, title) in zip(axes, CURVES):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), lw=1.5)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pass_at_k(ks: list[int], table: dict[str, dict[int, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, vals in table.items():
+        ax.plot(ks, [vals[k] for k in ks], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    ax.set_ylabel("held-out pass@k (unbiased)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(workdir: str, config: Any) -> str:
+    """Write report.md (+ training_curves.png, pass_at_k.png) into ``workdir``; returns the report path."""
+    evals = {name: ev for name, ev in (("before RL", _load(os.path.join(workdir, "eval_initial.json"))),
+                                       ("after RL", _load(os.path.join(workdir, "eval_final.json")))) if ev}
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    ks, table = pass_at_k_table(evals)
+    plot_curves([r for r in records if "rollout/reward_mean" in r], os.path.join(workdir, "training_curves.png"))
+    if ks:
+        plot_pass_at_k(ks, table, os.path.join(workdir, "pass_at_k.png"))
+    step_cfg = config.step
+    lines = [
+        "# passk_jax run report", "",
+        f"- task: `{config.task.name}`; model: `{config.model.hf_path or config.model.preset}`",
+        f"- estimator: `{step_cfg.estimator}` (k = {step_cfg.k}); N_rollout = {config.rollout.num_samples}; "
+        f"prompts per step = {config.rollout.prompts_per_step}; RL steps = "
+        f"{sum(int(s['steps']) for s in config.train.stages) if config.train.stages else config.train.steps}",
+        f"- evaluation: {config.eval.num_prompts} held-out prompts x {config.eval.num_samples} samples, "
+        f"temperature {config.eval.temperature}, top-p {config.eval.top_p}; unbiased pass@k", "",
+        "## Held-out pass@k", "",
+        "| | " + " | ".join(f"pass@{k}" for k in ks) + " | greedy |",
+        "|---|" + "---|" * (len(ks) + 1),
+    ]
+    for name, vals in table.items():
+        greedy = evals[name].get("eval/greedy_accuracy", float("nan"))
+        lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in ks) + f" | {greedy:.3f} |")
+    sources = sorted({key.split("/")[1] for ev in evals.values() for key in ev
+                      if key.count("/") == 2 and key.startswith("eval/") and "/pass@" in key})
+    if sources and ks:
+        lines += ["", "## Per data source (pass@1 / pass@%d)" % ks[-1], "", "| source | " +
+                  " | ".join(evals) + " |", "|---|" + "---|" * len(evals)]
+        for src in sources:
+            cells = [f"{ev.get(f'eval/{src}/pass@1', float('nan')):.3f} / "
+                     f"{ev.get(f'eval/{src}/pass@{ks[-1]}', float('nan')):.3f}" for ev in evals.values()]
+            lines.append(f"| {src} | " + " | ".join(cells) + " |")
+    train_recs = [r for r in records if "rollout/reward_mean" in r]
+    if train_recs:
+        first, last = train_recs[0], train_recs[-1]
+        lines += ["", "## Training", "",
+                  f"- rollout reward: {first['rollout/reward_mean']:.3f} (step {first['step']}) -> "
+                  f"{last['rollout/reward_mean']:.3f} (step {last['step']})",
+                  f"- entropy: {first.get('step/entropy', float('nan')):.3f} -> "
+                  f"{last.get('step/entropy', float('nan')):.3f}",
+                  f"- mean step time: {sum(r.get('time/step', 0) for r in train_recs) / len(train_recs):.2f} s",
+                  "", "![training curves](training_curves.png)"]
+    if ks:
+        lines += ["", "![pass@k](pass_at_k.png)"]
+    path = os.path.join(workdir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path

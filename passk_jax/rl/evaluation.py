@@ -1,0 +1,78 @@
+"""Held-out evaluation: unbiased pass@k for k = 1, 2, 4, ..., n_eval, overall and per data_source.
+
+Sampling follows the paper's evaluation settings (temperature 1.0, top-p 0.95, n_eval samples per
+prompt); pass@k is the unbiased estimator of ``passk_jax.metrics.pass_at_k`` computed from the per-prompt
+number of correct samples (never bootstrapped with replacement). Greedy accuracy is one temperature-0
+sample per prompt. A response counts as correct when its reward exceeds ``threshold``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from passk_jax import metrics
+from passk_jax.rl import rollout
+from passk_jax.sampling import Sampler
+from passk_jax.tasks import Example, Task
+from passk_jax.tasks.pool import VerifierPool
+
+
+def powers_of_two(n: int) -> list[int]:
+    """1, 2, 4, ..., up to n, and n itself."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n]
+
+
+def summarize(correct: np.ndarray, sources: Sequence[str], rewards: np.ndarray, texts: Sequence[str],
+              prefix: str = "eval/") -> dict[str, float]:
+    """pass@k (mean and standard error over prompts) for k in powers_of_two(n), overall and per source,
+    plus the mean reward and the number of distinct wrong answers per prompt (the paper's diversity)."""
+    num_prompts, n = correct.shape
+    ks = powers_of_two(n)
+    out: dict[str, float] = {f"{prefix}reward_mean": float(rewards.mean())}
+    groups = {"all": np.arange(num_prompts)}
+    for src in sorted(set(sources)):
+        groups[src] = np.array([i for i, s in enumerate(sources) if s == src])
+    for name, idx in groups.items():
+        tag = "" if name == "all" else f"{name}/"
+        c = correct[idx].sum(1)
+        for k in ks:
+            per_prompt = np.asarray(metrics.pass_at_k(np.full_like(c, n), c, k), np.float64)
+            out[f"{prefix}{tag}pass@{k}"] = float(per_prompt.mean())
+            if name == "all":
+                out[f"{prefix}pass@{k}_stderr"] = float(per_prompt.std(ddof=1) / np.sqrt(len(idx))
+                                                        if len(idx) > 1 else 0.0)
+    wrong = [Counter(texts[i * n + j] for j in range(n) if not correct[i, j]) for i in range(num_prompts)]
+    out[f"{prefix}distinct_wrong_per_prompt"] = float(np.mean([len(w) for w in wrong]))
+    return out
+
+
+def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: VerifierPool,
+             examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
+             temperature: float = 1.0, top_p: float = 0.95, greedy: bool = True, batch_prompts: int = 64,
+             threshold: float = 0.5, prefix: str = "eval/") -> tuple[dict[str, float], np.ndarray]:
+    """Sample and score the held-out examples; returns (metrics, correct bool[P, n])."""
+    parts = []
+    for i, start in enumerate(range(0, len(examples), batch_prompts)):
+        parts.append(rollout.generate(
+            sampler, params, task, tokenizer, pool, examples[start:start + batch_prompts],
+            num_samples=num_samples, max_new_tokens=max_new_tokens, key=jax.random.fold_in(key, i),
+            temperature=temperature, top_p=top_p))
+    r = rollout.Rollouts.concat(parts)
+    correct = r.rewards > threshold
+    out = summarize(correct, [ex.data_source for ex in examples], r.rewards, r.texts, prefix)
+    out[f"{prefix}length_mean"] = float(r.lengths.mean())
+    if greedy:
+        hits = []
+        for start in range(0, len(examples), batch_prompts):
+            g = rollout.generate(sampler, params, task, tokenizer, pool, examples[start:start + batch_prompts],
+                                 num_samples=1, max_new_tokens=max_new_tokens, key=key, temperature=0.0)
+            hits.append(g.rewards[:, 0] > threshold)
+        out[f"{prefix}greedy_accuracy"] = float(np.concatenate(hits).mean())
+    return out, correct
