@@ -211,8 +211,11 @@ def collect(config, sampler, params, task, tokenizer, pool, stream, position, ke
     return merged, position, {"rollout/refills": float(refills)}
 
 
-def train(config: ConfigDict, workdir: str) -> dict[str, Any]:
-    """Run (or resume) the experiment described by ``config`` in ``workdir``; returns the final summary."""
+def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the experiment described by ``config`` in ``workdir``; returns the final summary.
+
+    ``stop_after``: checkpoint and return after this global step, as if preempted (status "stopped").
+    """
     plan = validate(config)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -273,7 +276,7 @@ def train(config: ConfigDict, workdir: str) -> dict[str, Any]:
         bar = tqdm(total=total_steps, initial=start, desc="RL", disable=not is_main, dynamic_ncols=True)
         step = start
         while step < total_steps:
-            if guard.requested:
+            if guard.requested or (stop_after is not None and step >= stop_after):
                 break
             stage = stage_of(step)
             t0 = time.perf_counter()
@@ -305,13 +308,17 @@ def train(config: ConfigDict, workdir: str) -> dict[str, Any]:
             bar.update(1)
             if is_main and step % config.train.log_every == 0:
                 bar.write(console_line(step, total_steps, scalars, CONSOLE_KEYS))
-            if step % config.train.checkpoint_every == 0 or step == total_steps or guard.requested:
+            stopping = guard.requested or step == stop_after
+            if step % config.train.checkpoint_every == 0 or step == total_steps or stopping:
                 ckpt.save(step, _state_tree(state), {"data_position": position, "stage": stage})
         bar.close()
-        if guard.requested:
+        if guard.requested or step < total_steps:
+            if step > 0 and step not in ckpt.steps():
+                ckpt.save(step, _state_tree(state), {"data_position": position, "stage": stage_of(step - 1)})
             ckpt.wait()
-            summary.update(status="preempted", step=step, signal=guard.signal_name)
-            log.warning("received %s: saved checkpoint at step %d and stopped", guard.signal_name, step)
+            status = "preempted" if guard.requested else "stopped"
+            summary.update(status=status, step=step, signal=guard.signal_name)
+            log.warning("%s: checkpoint saved at step %d", guard.signal_name or "stop_after", step)
             return summary
         final, _ = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
                                        key=jax.random.fold_in(root, 2), **eval_kwargs)

@@ -1,0 +1,167 @@
+"""The training loop end to end on a tiny maze config: outputs, exact resume, SIGTERM, export, validation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments import configs
+from passk_jax import metrics
+from passk_jax.logging import read_jsonl
+from passk_jax.rl import evaluation, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OVERRIDES = {
+    "task.options.train_sizes": (5,), "task.options.test_sizes": (5,), "task.num_train": 64,
+    "rollout.prompts_per_step": 4, "rollout.num_samples": 4, "rollout.max_new_tokens": 12,
+    "step.k": 2, "train.steps": 4, "train.checkpoint_every": 1, "train.eval_every": 2,
+    "eval.num_prompts": 4, "eval.num_samples": 4,
+    "sft.steps": 3, "sft.num_examples": 32, "sft.batch_size": 8,
+}
+
+
+def tiny_config(cache_dir, **extra):
+    c = configs.get("passk_k4")
+    for key, value in {**OVERRIDES, **extra, "sft.cache_dir": str(cache_dir)}.items():
+        node = c
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted run and one stopped after step 2 then resumed, sharing the SFT cache."""
+    base = tmp_path_factory.mktemp("trainer")
+    full, split = str(base / "full"), str(base / "split")
+    out_full = trainer.train(tiny_config(base / "cache"), full)
+    out_stop = trainer.train(tiny_config(base / "cache"), split, stop_after=2)
+    out_resume = trainer.train(tiny_config(base / "cache"), split)
+    return dict(full=full, split=split, out_full=out_full, out_stop=out_stop, out_resume=out_resume, base=base)
+
+
+def _params(workdir):
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(workdir, "checkpoints", "4", "state")
+    with ocp.PyTreeCheckpointer() as ckpt:
+        return ckpt.restore(path)
+
+
+def test_outputs_and_report(runs):
+    assert runs["out_full"]["status"] == "done" and runs["out_stop"]["status"] == "stopped"
+    wd = runs["full"]
+    for name in ("config.json", "metrics.jsonl", "report.md", "training_curves.png", "pass_at_k.png",
+                 "eval_initial.json", "eval_final.json", "hf_export/config.json", "tokenizer/tokenizer.json"):
+        assert os.path.exists(os.path.join(wd, name)), name
+    assert os.listdir(os.path.join(wd, "tensorboard"))
+    records = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    train_recs = [r for r in records if "rollout/reward_mean" in r]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
+    for key in ("step/loss", "step/entropy", "step/clip_high_frac", "step/rollout_pass@k", "step/grad_norm",
+                "step/adv_zero_prompt_frac", "rollout/length_mean", "time/sample", "time/score",
+                "time/update", "perf/tokens_per_s", "verifier/errors", "verifier/timeouts"):
+        assert key in train_recs[-1], key
+    assert "eval/pass@4" in train_recs[1]  # eval_every=2
+    final = json.load(open(os.path.join(wd, "eval_final.json")))
+    for key in ("eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/greedy_accuracy", "eval/maze_5x5/pass@4"):
+        assert key in final
+    text = open(os.path.join(wd, "report.md")).read()
+    assert "| before RL |" in text and "| after RL |" in text and "pass@4" in text
+
+
+def test_resume_is_bitwise_exact(runs):
+    import jax
+
+    a, b = _params(runs["full"]), _params(runs["split"])
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    skip = ("time", "time/", "perf/", "verifier/", "sft/")  # SFT ran in one workdir, was cached in the other
+    ra = [r for r in read_jsonl(os.path.join(runs["full"], "metrics.jsonl"))]
+    rb = [r for r in read_jsonl(os.path.join(runs["split"], "metrics.jsonl"))]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        keys = {k for k in x if not k.startswith(skip)}
+        assert {k: x[k] for k in keys} == {k: y[k] for k in keys}
+
+
+def test_export_loads_in_transformers(runs):
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from passk_jax.models import hf
+    from passk_jax.models.transformer import forward, split
+
+    path = os.path.join(runs["full"], "hf_export")
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, _ = hf.load_pretrained(path)
+    graphdef, params = split(model)
+    tokens = np.random.default_rng(0).integers(4, 90, size=(2, 10)).astype(np.int32)
+    pos = np.broadcast_to(np.arange(10, dtype=np.int32), tokens.shape)
+    ours, _ = forward(graphdef, params, jnp.asarray(tokens), jnp.asarray(pos), jnp.ones(tokens.shape, bool))
+    with torch.no_grad():
+        ref = theirs(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
+
+
+def test_eval_pass_at_k_matches_estimator():
+    rng = np.random.default_rng(0)
+    correct = rng.random((6, 8)) < 0.3
+    out = evaluation.summarize(correct, ["a", "a", "b", "b", "b", "a"], correct.astype(float), ["x"] * 48)
+    for k in (1, 2, 4, 8):
+        want = np.mean([float(metrics.pass_at_k(8, int(c), k)) for c in correct.sum(1)])
+        assert out[f"eval/pass@{k}"] == pytest.approx(want, abs=1e-6)
+        want_b = np.mean([float(metrics.pass_at_k(8, int(c), k)) for c in correct[[2, 3, 4]].sum(1)])
+        assert out[f"eval/b/pass@{k}"] == pytest.approx(want_b, abs=1e-6)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("step.k", 9, "k"),
+    ("step.estimator", "nope", "estimator"),
+    ("rollout.top_p", 0.0, "top_p"),
+    ("model.preset", "huge", "model.preset"),
+    ("step.num_minibatches", 3, "num_minibatches"),
+    ("train.checkpoint_every", 0, "checkpoint_every"),
+])
+def test_config_validation(tmp_path, key, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        trainer.validate(tiny_config(tmp_path, **{key: value}))
+
+
+def test_unknown_config_and_field_messages():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "experiments.run", "--config=nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "available configs" in out.stderr and "passk_k4" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "experiments.run", "--config=pass1", "--config.rollout.bogus=1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "bogus" in out.stderr
+
+
+def test_sigterm_saves_checkpoint_and_resumes(runs):
+    wd = str(runs["base"] / "sigterm")
+    args = [sys.executable, "-m", "experiments.run", "--config=passk_k4", f"--workdir={wd}",
+            f"--config.sft.cache_dir={runs['base'] / 'cache'}", "--config.train.steps=50"]
+    fmt = lambda v: f"({','.join(map(str, v))},)" if isinstance(v, tuple) else str(v)  # noqa: E731
+    args += [f"--config.{k}={fmt(v)}" for k, v in OVERRIDES.items() if k != "train.steps"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = [], time.time() + 240
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 2/50" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, "".join(seen) + rest
+    steps = sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit())
+    assert steps and steps[-1] >= 2
