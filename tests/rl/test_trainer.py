@@ -113,6 +113,19 @@ def test_export_loads_in_transformers(runs):
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4)
 
 
+def test_export_cli_matches_final_export(runs, tmp_path):
+    from safetensors.numpy import load_file
+
+    from experiments.export import export_run
+
+    assert export_run(runs["full"], str(tmp_path / "hf")) == 4
+    ours = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    final = load_file(os.path.join(runs["full"], "hf_export", "model.safetensors"))
+    assert ours.keys() == final.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], final[name])
+
+
 def test_eval_pass_at_k_matches_estimator():
     rng = np.random.default_rng(0)
     correct = rng.random((6, 8)) < 0.3

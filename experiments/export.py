@@ -1,0 +1,66 @@
+"""Export the latest policy of a run as a Hugging Face checkpoint:
+
+    python -m experiments.export --workdir=runs/passk_k4 --out=/path/to/hf_dir [--step=N]
+
+Writes config.json, model.safetensors and the tokenizer, loadable by
+transformers.AutoModelForCausalLM.from_pretrained (and by vLLM).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).", required=True)
+flags.DEFINE_string("out", None, "Output Hugging Face directory.", required=True)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readable one).")
+
+
+def export_run(workdir: str, out: str, step: int | None = None) -> int:
+    """Restore a run's params from its checkpoint and write them as an HF checkpoint; returns the step."""
+    import jax
+    from ml_collections import ConfigDict
+
+    from passk_jax import parallel
+    from passk_jax.checkpoint import Checkpointer
+    from passk_jax.rl import trainer
+
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{workdir} has no config.json; is it a passk_jax run directory?")
+    with open(cfg_path) as f:
+        config = ConfigDict(json.load(f))
+    mesh = parallel.make_mesh(**config.mesh.to_dict())
+    graphdef, params, model_cfg, tokenizer = trainer.build_model(config, mesh, workdir)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    fns = trainer.make_train_step(graphdef, trainer.stages(config)[0][1], mesh, params)
+    target = trainer._state_tree(fns[0](params, jax.random.PRNGKey(0)))
+    try:
+        if step is None:
+            found = ckpt.restore_latest(target)
+            if found is None:
+                raise FileNotFoundError(f"no readable checkpoint in {ckpt.directory}.")
+            step, tree, _ = found
+        else:
+            if step not in ckpt.steps():
+                raise FileNotFoundError(f"checkpoint step {step} not in {ckpt.directory} (have {ckpt.steps()}).")
+            tree, _ = ckpt.restore(step, target)
+    finally:
+        ckpt.close()
+    trainer.export(graphdef, tree["params"], model_cfg, tokenizer, out)
+    return step
+
+
+def main(argv):
+    del argv
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    step = export_run(FLAGS.workdir, FLAGS.out, FLAGS.step)
+    print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
