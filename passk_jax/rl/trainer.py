@@ -90,9 +90,10 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
 
 
 def make_task(config: ConfigDict):
-    """The configured task; an option the task does not take is one clear error."""
+    """The configured task (options set to "" or None count as unset); a wrong option is one clear error."""
+    options = {k: v for k, v in config.task.options.to_dict().items() if v not in ("", None)}
     try:
-        return get_task(config.task.name, **config.task.options.to_dict())
+        return get_task(config.task.name, **options)
     except TypeError as err:
         raise ValueError(f"task.options do not fit task {config.task.name!r}: {err}.") from err
 
