@@ -1,0 +1,82 @@
+"""Evaluation metrics: the unbiased pass@k estimator, pass@k curves, and the paper's eta diagnostic."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from passk_jax import advantages
+
+Array = jax.Array
+
+
+def pass_at_k(n, c, k) -> Array:
+    """Unbiased pass@k (Chen et al., 2021; Rbar of the paper's Eq. 11-15): ``1 - C(n-c, k) / C(n, k)``, over
+    the elementwise-broadcast integer arrays ``n`` (samples), ``c`` (correct samples), ``k``.
+
+    Stable product form: ``C(n-c, k)/C(n, k) = prod_{t < min(k, c)} (1 - max(k, c) / (n - t))``; the logs of
+    the factors are summed with Kahan compensation and ``1 - exp(.)`` is taken with ``expm1``, so the float32
+    result is accurate to a few ulp for any n (no ``comb`` overflow past n ~ 1030). ``n - c < k`` gives
+    exactly 1. Invalid entries (k < 1, k > n, c < 0, c > n) raise ValueError when the inputs are concrete and
+    give NaN under ``jit``."""
+    n, c, k = jnp.broadcast_arrays(*(jnp.asarray(x, jnp.int32) for x in (n, c, k)))
+    if not any(isinstance(x, jax.core.Tracer) for x in (n, c, k)):
+        for bad, what in (((k < 1) | (k > n), "k must satisfy 1 <= k <= n"),
+                          ((c < 0) | (c > n), "c must satisfy 0 <= c <= n")):
+            if np.any(np.asarray(bad)):
+                i = np.unravel_index(int(np.argmax(np.asarray(bad))), bad.shape)
+                raise ValueError(f"pass_at_k: {what}, got n={int(n[i])}, c={int(c[i])}, k={int(k[i])}.")
+    return _pass_at_k(n, c, k)
+
+
+@jax.jit
+def _pass_at_k(n: Array, c: Array, k: Array) -> Array:
+    certain = n - c < k
+    terms = jnp.where(certain, 0, jnp.minimum(k, c))
+    big = jnp.maximum(k, c).astype(jnp.float32)
+    nf = n.astype(jnp.float32)
+
+    def body(t, carry):
+        total, comp = carry
+        term = jnp.where(t < terms, jnp.log1p(-big / jnp.maximum(nf - t, 1.0)), 0.0)
+        y = term - comp
+        new = total + y
+        return new, (new - total) - y
+
+    zeros = jnp.zeros(n.shape, jnp.float32)
+    log_q, _ = lax.fori_loop(0, jnp.max(terms, initial=0), body, (zeros, zeros))
+    out = jnp.where(certain, 1.0, 0.0 - jnp.expm1(log_q))  # 0.0 - : no -0.0 for c = 0
+    return jnp.where((k < 1) | (k > n) | (c < 0) | (c > n), jnp.nan, out)
+
+
+def pass_at_k_curve(correct, ks: Sequence[int]) -> dict[str, np.ndarray]:
+    """Mean unbiased pass@k over prompts for each k, and its standard error over prompts.
+
+    ``correct`` is bool[P, n] (one row per prompt). Returns ``{"k": int[K], "mean": f64[K], "stderr":
+    f64[K]}`` with ``stderr = std(ddof=1) / sqrt(P)`` (0 when P = 1)."""
+    correct = np.asarray(correct, bool)
+    if correct.ndim != 2:
+        raise ValueError(f"pass_at_k_curve: correct must be bool[P, n], got shape {correct.shape}.")
+    p, n = correct.shape
+    ks = np.asarray(ks, np.int32).reshape(-1)
+    vals = np.asarray(pass_at_k(n, correct.sum(axis=1)[None, :], ks[:, None]), np.float64)  # [K, P]
+    stderr = vals.std(axis=1, ddof=1) / np.sqrt(p) if p > 1 else np.zeros(len(ks))
+    return {"k": ks, "mean": vals.mean(axis=1), "stderr": stderr}
+
+
+def eta(n: int, k: int, estimator: str | Callable[[Array], Array] = "passk_analytic",
+        **options) -> np.ndarray:
+    """The paper's Section 4 diagnostic: ``eta(N_pos) = N_pos |A_pos| + N_neg |A_neg|`` for N_pos = 0..n.
+
+    Evaluated with the actual estimator on binary rewards (one prompt per N_pos, as the sum of |A_i|): a
+    registry name (``options`` and e.g. ``key=`` are passed to ``advantages.compute``) or a callable
+    ``rewards f32[P, n] -> f32[P, n]``. Returns f64[n + 1]."""
+    rewards = (np.arange(n)[None, :] < np.arange(n + 1)[:, None]).astype(np.float32)
+    if callable(estimator):
+        adv = estimator(jnp.asarray(rewards))
+    else:
+        adv = advantages.compute(estimator, rewards, k=k, **options)
+    return np.abs(np.asarray(adv, np.float64)).sum(axis=1)
