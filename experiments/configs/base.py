@@ -29,8 +29,8 @@ def get_config() -> ConfigDict:
     c.task.name = "maze"
     c.task.options = ConfigDict({
         "template": "compact",
-        "train_sizes": (5, 7),
-        "test_sizes": (5, 7),
+        "train_sizes": (5,),
+        "test_sizes": (5,),
     })
     c.task.num_train = 4000           # training problems generated (or the first rows of train_files)
     c.task.verifier_workers = 1
@@ -39,7 +39,7 @@ def get_config() -> ConfigDict:
     c.rollout = ConfigDict()
     c.rollout.prompts_per_step = 16   # P
     c.rollout.num_samples = 16        # N_rollout
-    c.rollout.max_new_tokens = 40
+    c.rollout.max_new_tokens = 24
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
