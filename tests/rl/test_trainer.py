@@ -178,3 +178,14 @@ def test_sigterm_saves_checkpoint_and_resumes(runs):
     assert proc.returncode == 143, "".join(seen) + rest
     steps = sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit())
     assert steps and steps[-1] >= 2
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_every_named_config_validates(name):
+    c = configs.get(name)
+    if c.model.preset == "hf":
+        with pytest.raises(ValueError, match="hf_path"):
+            trainer.validate(c)
+    else:
+        plan = trainer.validate(c)
+        assert sum(steps for steps, _ in plan) == c.train.steps
