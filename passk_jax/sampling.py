@@ -1,0 +1,264 @@
+"""Group rollouts: one jitted prefill per prompt batch, one jitted `lax.while_loop` decode over P*n rows.
+
+Pass@k Training (paper Sec. 2-3) draws n responses per prompt and scores them as a group; the
+policy-gradient step needs each response's tokens and their log-probabilities under the sampling policy.
+
+Flow of `Sampler.sample` (rows are prompt-major, row = p * n + j):
+
+1. host: validate, pick the smallest length bucket >= the longest prompt, LEFT-pad the P prompts to it
+   (per-row positions 0..len-1, so every row's last prompt token sits in the last column and all rows share
+   the cache write slot during decode);
+2. `prefill` (jit): run the P prompts (not P*n) through the model once -> prompt cache and next-token logits;
+3. `decode` (jit): repeat the prompt cache n times, sample the first token from the prefill logits, then
+   `lax.while_loop`s feeding one token per step that stop as soon as every row has emitted an EOS id or
+   max_new_tokens tokens.  The loop runs in a few phases (`decode_phases`) whose cache only has the slots
+   that phase can fill, so attention does not scan the whole empty tail.  Tokens after a row's EOS are
+   `pad_id`, masked, with log-probability 0; the EOS is part of the completion.
+
+temperature / top_p / top_k / eos_ids are traced, so changing them never recompiles; one compilation per
+(bucket, P, n, max_new_tokens).  `Sampler.trace_counts` counts traces of each jitted function for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+
+from passk_jax import parallel
+from passk_jax.models.transformer import CACHE_LOGICAL_AXES, KVCache, ModelConfig, forward, init_cache
+from passk_jax.sampling_ops import select_tokens
+
+MAX_EOS_IDS = 8  # eos_ids are padded to this many (traced), so changing them does not recompile
+
+
+class SampleOutput(NamedTuple):
+    """Completions of P prompts x n samples, rows prompt-major (row = p * n + j); T = max_new_tokens."""
+
+    tokens: jax.Array        # i32[P*n, T]  completion tokens, pad_id after the EOS
+    logprobs: jax.Array      # f32[P*n, T]  log-prob under the sampling distribution (T, top-p, top-k); 0 masked
+    logprobs_raw: jax.Array  # f32[P*n, T]  log-prob under the unmodified policy at temperature 1; 0 masked
+    mask: jax.Array          # bool[P*n, T] completion tokens, EOS included
+    lengths: jax.Array       # i32[P*n]     number of completion tokens (EOS included)
+    truncated: jax.Array     # bool[P*n]    no EOS within max_new_tokens
+    prompt_index: jax.Array  # i32[P*n]     p for each row
+
+
+def decode_phases(max_new_tokens: int, first: int = 32, max_phases: int = 4) -> tuple[int, ...]:
+    """Step counts at which the decode cache grows: first, 2*first, 4*first, ..., max_new_tokens, keeping the
+    last `max_phases` (each phase is one while loop in the program; attention spans only the slots the phase
+    can have filled, about 3/4 of a fixed full-length cache's work for long completions)."""
+    ends, end = [], first
+    while end < max_new_tokens:
+        ends.append(end)
+        end *= 2
+    return tuple(ends + [max_new_tokens])[-max_phases:]
+
+
+def default_buckets(max_len: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two >= `smallest` below `max_len`, then `max_len` itself."""
+    out, b = [], smallest
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_len,)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-pad prompts to `length`: tokens i32[P, length], positions i32[P, length], mask bool[P, length].
+
+    Real tokens get positions 0..len-1; padding gets position 0 and mask False."""
+    n = len(prompts)
+    tokens = np.full((n, length), pad_id, np.int32)
+    mask = np.zeros((n, length), bool)
+    lens = np.array([len(p) for p in prompts], np.int32)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, length - len(p):] = p
+            mask[i, length - len(p):] = True
+    positions = np.maximum(np.arange(length, dtype=np.int32)[None] - (length - lens)[:, None], 0)
+    return tokens, positions.astype(np.int32), mask
+
+
+def as_prompt_list(prompts: Any) -> list[list[int]]:
+    """Accept a list of token-id sequences, a 2-D array of full prompts, or a (tokens, mask) pair of 2-D
+    arrays (any padding side; mask marks the real tokens)."""
+    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+        toks, mask = np.asarray(prompts[0]), np.asarray(prompts[1], bool)
+        return [row[m].tolist() for row, m in zip(toks, mask)]
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        if np.ndim(prompts) != 2:
+            raise ValueError(f"prompt array must be 2-D [P, L], got shape {np.shape(prompts)}.")
+        return np.asarray(prompts).tolist()
+    return [list(map(int, p)) for p in prompts]
+
+
+class Sampler:
+    """Jitted KV-cache sampler for one model graph; `params` are passed per call (they change in training).
+
+    Args:
+      graphdef, cfg: from `nnx.split(model)` / the model's ModelConfig.
+      mesh: optional Mesh with axes ('data', 'fsdp', 'tensor'); rows are sharded over ('data', 'fsdp')
+        (where they divide the row count), params keep their own shardings (see parallel.shard_params).
+      buckets: allowed padded prompt lengths (default: powers of two >= 16 up to the model context).
+      pad_id: token written after EOS and used for prompt padding.
+      phase_start, max_phases: decode phase schedule (see `decode_phases`); phase_start >= max_new_tokens
+        gives a single loop over a full-length cache.
+    """
+
+    def __init__(self, graphdef: Any, cfg: ModelConfig, *, mesh: Mesh | None = None,
+                 buckets: Sequence[int] | None = None, pad_id: int = 0, phase_start: int = 32,
+                 max_phases: int = 4):
+        self.graphdef, self.cfg, self.mesh, self.pad_id = graphdef, cfg, mesh, int(pad_id)
+        self.context = int(cfg.max_position_embeddings)
+        self.buckets = tuple(sorted(set(int(b) for b in (buckets or default_buckets(self.context)))))
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be positive lengths, got {buckets}.")
+        if not 0 <= self.pad_id < cfg.vocab_size:
+            raise ValueError(f"pad_id {pad_id} is outside the vocabulary [0, {cfg.vocab_size}).")
+        self.phase_start, self.max_phases = int(phase_start), int(max_phases)
+        if self.phase_start < 1 or self.max_phases < 1:
+            raise ValueError(f"phase_start and max_phases must be >= 1, got {phase_start}, {max_phases}.")
+        self.trace_counts = {"prefill": 0, "decode": 0}
+        self._prefill = jax.jit(self._prefill_fn)
+        # No donation: the P*n-row decode cache is created (and grown per phase) inside `decode`, where XLA
+        # updates it in place; only the n-times smaller P-row prompt cache crosses the jit boundary.
+        self._decode = jax.jit(self._decode_fn, static_argnames=("num_samples", "max_new_tokens"))
+
+    # ---------------------------------------------------------------- host side
+    def compile_count(self) -> int:
+        """Number of compiled variants held by the jit caches of prefill and decode."""
+        return self._prefill._cache_size() + self._decode._cache_size()
+
+    def _rows(self, x: np.ndarray) -> jax.Array:
+        """Place a host array with rows over ('data', 'fsdp') (default placement without a mesh)."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, parallel.logical_sharding(self.mesh, ("batch",), x.shape))
+
+    def _constrain_rows(self, x: jax.Array) -> jax.Array:
+        return parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+    def _constrain_cache(self, cache: KVCache) -> KVCache:
+        return KVCache(*(parallel.constrain(x, axes) for x, axes in zip(cache, CACHE_LOGICAL_AXES)))
+
+    def validate(self, prompts: list[list[int]], *, num_samples: int, max_new_tokens: int,
+                 temperature: float, top_p: float, top_k: int, eos_ids: Sequence[int]) -> int:
+        """Eager checks (one clear ValueError each, before anything compiles); returns the bucket length."""
+        vocab = self.cfg.vocab_size
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: need at least one prompt.")
+        if int(num_samples) < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if not float(temperature) >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+        if not 0 < float(top_p) <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+        if int(top_k) < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}.")
+        if len(eos_ids) > MAX_EOS_IDS or any(not 0 <= int(e) < vocab for e in eos_ids):
+            raise ValueError(f"eos_ids must be at most {MAX_EOS_IDS} ids in [0, {vocab}), got {eos_ids}.")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) == 0:
+            raise ValueError(f"prompt {lengths.index(0)} is empty: every prompt needs at least one token.")
+        longest = max(lengths)
+        if longest > self.buckets[-1]:
+            raise ValueError(f"prompt {lengths.index(longest)} has {longest} tokens, longer than the "
+                             f"largest bucket {self.buckets[-1]}.")
+        if longest + int(max_new_tokens) > self.context:
+            raise ValueError(f"prompt {lengths.index(longest)} ({longest} tokens) + max_new_tokens "
+                             f"{max_new_tokens} exceeds the model context {self.context}.")
+        for i, p in enumerate(prompts):
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"prompt {i} has a token id outside the vocabulary [0, {vocab}).")
+        return next(b for b in self.buckets if b >= longest)
+
+    def sample(self, params: Any, prompts: Any, *, num_samples: int, max_new_tokens: int,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+               eos_ids: Sequence[int] = (), key: jax.Array) -> SampleOutput:
+        """Sample `num_samples` completions of each prompt; see SampleOutput.  temperature 0 = greedy."""
+        prompts = as_prompt_list(prompts)
+        eos_ids = tuple(int(e) for e in np.atleast_1d(np.asarray(eos_ids, np.int64)))
+        bucket = self.validate(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids)
+        n = int(num_samples)
+        tokens, positions, mask = left_pad(prompts, bucket, self.pad_id)
+        next_pos = np.repeat(mask.sum(1).astype(np.int32), n)  # position of each row's first new token
+        eos = np.full((MAX_EOS_IDS,), -1, np.int32)
+        eos[:len(eos_ids)] = eos_ids
+        with self._mesh_context():
+            cache, logits = self._prefill(params, self._rows(tokens), self._rows(positions), self._rows(mask))
+            out = self._decode(params, cache, logits, self._rows(next_pos), jnp.asarray(eos),
+                               jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), key,
+                               num_samples=n, max_new_tokens=int(max_new_tokens))
+        prompt_index = self._rows(np.repeat(np.arange(len(prompts), dtype=np.int32), n))
+        return SampleOutput(*out, prompt_index=prompt_index)
+
+    def _mesh_context(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    # ---------------------------------------------------------------- jitted
+    def _prefill_fn(self, params, tokens, positions, mask):
+        """Prompts i32[P, S] (left-padded) -> (prompt cache: P rows x S slots, next-token logits f32[P, V])."""
+        self.trace_counts["prefill"] += 1
+        n_prompts, s = tokens.shape
+        cache = self._constrain_cache(init_cache(self.cfg, n_prompts, s))
+        if s > 1:  # all but the last column: only the cache is kept, so the LM head is dead code
+            _, cache = forward(self.graphdef, params, tokens[:, :-1], positions[:, :-1], mask[:, :-1], cache)
+        logits, cache = forward(self.graphdef, params, tokens[:, -1:], positions[:, -1:], mask[:, -1:], cache)
+        return cache, logits[:, -1].astype(jnp.float32)
+
+    def _grow(self, cache: KVCache, length: int, repeat: int = 1) -> KVCache:
+        """Repeat each row `repeat` times (prompt-major) and pad the slots (invalid) up to `length`."""
+        def grow(x, axis):
+            x = jnp.repeat(x, repeat, axis=axis - 1) if repeat > 1 else x
+            return jnp.pad(x, [(0, 0)] * axis + [(0, length - x.shape[axis])] + [(0, 0)] * (x.ndim - axis - 1))
+        return self._constrain_cache(cache._replace(k=grow(cache.k, 2), v=grow(cache.v, 2),
+                                                    valid=grow(cache.valid, 1)))
+
+    def _decode_fn(self, params, cache, logits, next_pos, eos, temperature, top_p, top_k, key,
+                   *, num_samples: int, max_new_tokens: int):
+        """Decode P*n rows from the P-row prompt cache; returns the SampleOutput fields but prompt_index."""
+        self.trace_counts["decode"] += 1
+        steps, prompt_len = max_new_tokens, cache.valid.shape[1]
+        logits = self._constrain_rows(jnp.repeat(logits, num_samples, axis=0))
+        rows = logits.shape[0]
+        is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)
+
+        def pick(t, logits, done):
+            tok, lp, raw = select_tokens(jax.random.fold_in(key, t), logits, temperature, top_p, top_k)
+            return (jnp.where(done, self.pad_id, tok), jnp.where(done, 0.0, lp), jnp.where(done, 0.0, raw))
+
+        tok, lp, raw = pick(0, logits, jnp.zeros((rows,), bool))
+        buf = lambda fill, dtype, first: self._constrain_rows(
+            jnp.full((rows, steps), fill, dtype).at[:, 0].set(first))
+        state = dict(t=jnp.int32(1), cache=cache, tok=tok, done=is_eos(tok), length=jnp.ones((rows,), jnp.int32),
+                     tokens=buf(self.pad_id, jnp.int32, tok), lp=buf(0.0, jnp.float32, lp),
+                     raw=buf(0.0, jnp.float32, raw))
+
+        def body(s):  # step t feeds token t-1 (slot prompt_len + t - 1) and samples token t
+            t, done = s["t"], s["done"]
+            pos = (next_pos + t - 1)[:, None]
+            logits, cache = forward(self.graphdef, params, s["tok"][:, None], pos, ~done[:, None], s["cache"])
+            tok, lp, raw = pick(t, logits[:, 0].astype(jnp.float32), done)
+            put = lambda b, x: self._constrain_rows(lax.dynamic_update_slice_in_dim(b, x[:, None], t, axis=1))
+            return dict(t=t + 1, cache=self._constrain_cache(cache), tok=tok, done=done | is_eos(tok),
+                        length=s["length"] + (~done).astype(jnp.int32),
+                        tokens=put(s["tokens"], tok), lp=put(s["lp"], lp), raw=put(s["raw"], raw))
+
+        phases = decode_phases(steps, self.phase_start, self.max_phases)
+        for i, end in enumerate(phases):  # each phase stops early too once every row is done
+            state["cache"] = self._grow(state["cache"], prompt_len + end - 1, num_samples if i == 0 else 1)
+            state = lax.while_loop(lambda s, end=end: (s["t"] < end) & ~jnp.all(s["done"]), body, state)
+        mask = jnp.arange(steps)[None, :] < state["length"][:, None]
+        # A row is done exactly when it emitted an EOS (pad fills only after that), so ~done = truncated.
+        return state["tokens"], state["lp"], state["raw"], mask, state["length"], ~state["done"]

@@ -1,0 +1,107 @@
+"""Token selection from next-token logits: temperature, exact top-k / top-p, greedy, log-probabilities.
+
+Everything here is pure `jnp` on logits `f32[B, V]` with the sampling knobs as *traced* scalars, so one
+compiled program serves every temperature / top-p / top-k.  Definitions (all on the scaled logits
+z = logits / T, processors applied in the order temperature -> top-k -> top-p, as in `transformers`):
+
+* temperature T > 0 samples from softmax(z); T == 0 is greedy: the first argmax of the raw logits, and the
+  "modified" distribution is the point mass on it (its log-probability is 0).
+* top-k (k >= 1, k < V) keeps every token whose z is >= the k-th largest z.  Ties with the k-th value are all
+  kept, so the set never depends on token ids (deterministic, permutation invariant); k == 0 or k >= V off.
+* top-p (0 < p < 1) keeps, among the top-k survivors, every token whose mass of *strictly* more probable
+  tokens is < p (probabilities renormalised over the top-k set).  That is the usual nucleus (smallest
+  prefix of the sorted distribution whose mass reaches p) extended by the tokens tied with its last member.
+  p == 1 is off.  The argmax always survives, so the kept set is never empty.
+
+The log-probability of a selected token is returned twice: under the modified distribution (the one it
+was drawn from) and under the raw policy softmax(logits) at temperature 1, which the policy-gradient step
+uses (paper Sec. 2, Eq. 1: the policy is pi_theta itself).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _cutoff_mask(z: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """bool[B, V]: tokens surviving top-k then top-p truncation of scaled logits z f32[B, V] (one sort)."""
+    vocab = z.shape[-1]
+    zs = -jnp.sort(-z, axis=-1)  # descending
+    # top-k: threshold at the k-th largest value (k == 0 or k >= V keeps everything).
+    k_on = (top_k > 0) & (top_k < vocab)
+    kth = jnp.take(zs, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)[:, None]
+    k_thresh = jnp.where(k_on, kth, -jnp.inf)
+    zs = jnp.where(zs >= k_thresh, zs, -jnp.inf)  # sorted top-k survivors, a prefix with its ties
+    # top-p over the renormalised top-k distribution, in sorted order.
+    ps = jax.nn.softmax(zs, axis=-1)
+    mass_before = jnp.cumsum(ps, axis=-1) - ps  # exclusive cumulative mass; non-decreasing
+    n_keep = jnp.sum((mass_before < top_p) & (zs > -jnp.inf), axis=-1, keepdims=True)  # >= 1
+    p_val = jnp.take_along_axis(zs, jnp.maximum(n_keep - 1, 0), axis=-1)
+    p_thresh = jnp.where(top_p < 1.0, p_val, -jnp.inf)
+    return (z >= k_thresh) & (z >= p_thresh)
+
+
+def modified_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                    top_k: jax.Array) -> jax.Array:
+    """Scaled, truncated logits f32[B, V] (-inf outside the kept set) for temperature > 0.
+
+    For temperature <= 0 the scale is 1 and no truncation is applied (greedy ignores this distribution).
+    The sort only runs when truncation is on (`lax.cond` on the traced knobs)."""
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+    top_k = jnp.asarray(top_k, jnp.int32)
+    greedy = temperature <= 0
+    z = logits / jnp.where(greedy, 1.0, temperature)
+    truncate = ~greedy & (((top_k > 0) & (top_k < vocab)) | (top_p < 1.0))
+    return lax.cond(truncate,
+                    lambda z: jnp.where(_cutoff_mask(z, top_p, top_k), z, -jnp.inf),
+                    lambda z: z, z)
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """i32[...]: index of the first maximum along the last axis (= jnp.argmax for finite input), as two
+    plain reductions, which XLA:CPU runs several times faster than argmax's variadic reduce."""
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), iota, x.shape[-1] - 1), axis=-1)
+    return first.astype(jnp.int32)
+
+
+def select_tokens(key: jax.Array, logits: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                  top_k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draw one token per row.
+
+    Args: key (one PRNG key for the whole batch), logits f32[B, V], traced scalars temperature (0 = greedy),
+      top_p in (0, 1], top_k >= 0 (0 = off).
+    Returns: tokens i32[B], logprob f32[B] under the modified distribution (0 for greedy),
+      logprob_raw f32[B] under softmax(logits) (temperature 1, no truncation).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.asarray(temperature, jnp.float32) <= 0
+    z = modified_logits(logits, temperature, top_p, top_k)
+    tokens = lax.cond(greedy, lambda: first_argmax(logits),  # Gumbel-max draw from softmax(z) otherwise
+                      lambda: first_argmax(z + jax.random.gumbel(key, z.shape, jnp.float32)))
+    take = lambda a: jnp.take_along_axis(a, tokens[:, None], axis=-1)[:, 0]
+    logprob = jnp.where(greedy, 0.0, take(jax.nn.log_softmax(z, axis=-1)))
+    logprob_raw = take(jax.nn.log_softmax(logits, axis=-1))
+    return tokens, logprob, logprob_raw
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                   top_k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Log-probabilities of given tokens i32[...] under logits f32[..., V]: (modified, raw).
+
+    Teacher-forced counterpart of `select_tokens` (same definitions, greedy -> 0 where the token is the
+    argmax and -inf elsewhere); used to check the sampler and by the train step's recomputation."""
+    shape = tokens.shape
+    logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
+    tokens = tokens.reshape(-1, 1)
+    z = modified_logits(logits, temperature, top_p, top_k)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tokens, axis=-1)[:, 0]
+    greedy_lp = jnp.where(jnp.argmax(logits, axis=-1) == tokens[:, 0], 0.0, -jnp.inf)
+    lp = jnp.where(jnp.asarray(temperature) <= 0, greedy_lp, lp)
+    raw = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens, axis=-1)[:, 0]
+    return lp.reshape(shape), raw.reshape(shape)
