@@ -89,6 +89,7 @@ def get_config() -> ConfigDict:
     c.sft.demos_per_example = 1
     c.sft.cache = True
     c.sft.cache_dir = "runs/.sft_cache"
+    c.sft.seed = -1                   # SFT data order / cache key; -1 = the run's seed (a study shares one)
 
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     return c

@@ -145,7 +145,8 @@ def build_model(config: ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
 def warm_start(config, graphdef, params, mesh, task, tokenizer, train_examples, model_cfg):
     """SFT on demonstrations, cached under sft.cache_dir keyed by everything that determines the result."""
     s = config.sft
-    key = sft.cache_key(str(model_cfg), config.task.to_dict(), s.to_dict(), config.seed,
+    seed = config.seed if s.seed < 0 else s.seed
+    key = sft.cache_key(str(model_cfg), config.task.to_dict(), s.to_dict(), seed,
                         config.rollout.max_new_tokens, config.model.hf_path)
     if s.cache:
         cached = sft.cached_params(s.cache_dir, key, params)
@@ -155,7 +156,7 @@ def warm_start(config, graphdef, params, mesh, task, tokenizer, train_examples, 
     t0 = time.perf_counter()
     data = sft.build_dataset(task, tokenizer, train_examples[:s.num_examples],
                              demos_per_example=s.demos_per_example,
-                             max_new_tokens=config.rollout.max_new_tokens, seed=config.seed)
+                             max_new_tokens=config.rollout.max_new_tokens, seed=seed)
     bar = tqdm(total=s.steps, desc="warm start (SFT)", leave=False, disable=jax.process_index() != 0)
 
     def progress(i, loss):
@@ -164,7 +165,7 @@ def warm_start(config, graphdef, params, mesh, task, tokenizer, train_examples, 
         bar.refresh()
 
     params, history = sft.train(graphdef, params, mesh, data, steps=s.steps, batch_size=s.batch_size,
-                                learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, seed=config.seed,
+                                learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, seed=seed,
                                 log=progress)
     bar.close()
     if s.cache and jax.process_index() == 0:
