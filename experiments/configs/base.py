@@ -43,6 +43,7 @@ def get_config() -> ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
+    c.rollout.sample_prompts = 0      # prompts per sampler call (0 = all; big models need chunks: KV cache)
     c.rollout.dynamic_sampling = False
     c.rollout.max_refills = 4         # extra prompt batches to draw per step under dynamic sampling
 
@@ -79,6 +80,7 @@ def get_config() -> ConfigDict:
     c.eval.temperature = 1.0
     c.eval.top_p = 0.95
     c.eval.greedy = True
+    c.eval.sample_prompts = 64        # prompts per sampler call during evaluation
 
     c.sft = ConfigDict()
     c.sft.steps = 300

@@ -19,6 +19,7 @@ def get_config():
     c.rollout.prompts_per_step = 128
     c.rollout.num_samples = 32
     c.rollout.max_new_tokens = 2048
+    c.rollout.sample_prompts = 32     # decode KV cache of 32 x 32 rows fits 8xH100 (experiments/PLAN_RESULTS.md)
     c.step.learning_rate = 1e-6
     c.step.warmup_steps = 10
     c.step.num_minibatches = 4
@@ -30,6 +31,7 @@ def get_config():
     c.train.checkpoint_every = 10
     c.eval.num_prompts = 775          # the paper's test split: 75 (7x7) + 7 x 100
     c.eval.num_samples = 32
+    c.eval.sample_prompts = 32
     c.sft.steps = 0                   # instruct models start from their own policy
     c.mesh.data = 1
     c.mesh.fsdp = -1

@@ -57,7 +57,8 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
              examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
              temperature: float = 1.0, top_p: float = 0.95, greedy: bool = True, batch_prompts: int = 64,
              threshold: float = 0.5, prefix: str = "eval/") -> tuple[dict[str, float], np.ndarray]:
-    """Sample and score the held-out examples; returns (metrics, correct bool[P, n])."""
+    """Sample and score the held-out examples, ``batch_prompts`` per sampler call; returns
+    (metrics, correct bool[P, n])."""
     parts = []
     for i, start in enumerate(range(0, len(examples), batch_prompts)):
         parts.append(rollout.generate(

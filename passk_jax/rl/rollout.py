@@ -63,22 +63,33 @@ class Rollouts:
 
 def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: VerifierPool,
              examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> Rollouts:
-    """Sample ``num_samples`` completions per example and score them with the task's verifier."""
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             chunk_prompts: int = 0) -> Rollouts:
+    """Sample ``num_samples`` completions per example and score them with the task's verifier.
+
+    ``chunk_prompts`` > 0 samples at most that many prompts per sampler call (the decode KV cache grows
+    with prompts x samples; large models need chunks), chunk c drawing with ``fold_in(key, c)``.
+    """
     t0 = time.perf_counter()
     prompts = [encode_prompt(tokenizer, task.render(ex)) for ex in examples]
-    out: SampleOutput = sampler.sample(
-        params, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, top_k=top_k, eos_ids=eos_ids(tokenizer), key=key)
-    host = jax.device_get(out)  # one transfer of the whole SampleOutput
+    size = chunk_prompts if 0 < chunk_prompts < len(prompts) else len(prompts)
+    outs = []
+    for c, start in enumerate(range(0, len(prompts), size)):
+        out: SampleOutput = sampler.sample(
+            params, prompts[start:start + size], num_samples=num_samples, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids(tokenizer),
+            key=key if size == len(prompts) else jax.random.fold_in(key, c))
+        outs.append(jax.device_get(out))  # one transfer per chunk
+    host = SampleOutput(*(np.concatenate([np.asarray(getattr(o, f)) for o in outs])
+                          for f in SampleOutput._fields))
     t1 = time.perf_counter()
     texts = [decode_response(tokenizer, row[m]) for row, m in zip(host.tokens, host.mask)]
     per_row = [ex for ex in examples for _ in range(num_samples)]
     rewards = pool.score(task.score, per_row, texts).reshape(len(examples), num_samples)
     t2 = time.perf_counter()
-    return Rollouts(list(examples), prompts, np.asarray(host.tokens), np.asarray(host.logprobs),
-                    np.asarray(host.mask), np.asarray(host.lengths), np.asarray(host.truncated), texts,
-                    np.asarray(rewards, np.float32), {"time/sample": t1 - t0, "time/score": t2 - t1})
+    return Rollouts(list(examples), prompts, host.tokens, host.logprobs, host.mask, host.lengths,
+                    host.truncated, texts, np.asarray(rewards, np.float32),
+                    {"time/sample": t1 - t0, "time/score": t2 - t1})
 
 
 def eos_ids(tokenizer: Any) -> tuple[int, ...]:

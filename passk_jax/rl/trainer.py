@@ -65,6 +65,8 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
     need(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}.")
     need(r.num_samples >= 1, f"rollout.num_samples must be >= 1, got {r.num_samples}.")
     need(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}.")
+    need(r.sample_prompts >= 0, f"rollout.sample_prompts must be >= 0 (0 = all at once), got {r.sample_prompts}.")
+    need(e.sample_prompts >= 1, f"eval.sample_prompts must be >= 1, got {e.sample_prompts}.")
     need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
     need(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}.")
     need(e.num_samples >= 1 and e.num_prompts >= 1, "eval.num_samples and eval.num_prompts must be >= 1.")
@@ -190,7 +192,8 @@ def collect(config, sampler, params, task, tokenizer, pool, stream, position, ke
     """One step's rollouts (with dynamic sampling when enabled); returns (rollouts, new position)."""
     r_cfg, P = config.rollout, config.rollout.prompts_per_step
     kwargs = dict(num_samples=r_cfg.num_samples, max_new_tokens=r_cfg.max_new_tokens,
-                  temperature=r_cfg.temperature, top_p=r_cfg.top_p, top_k=r_cfg.top_k)
+                  temperature=r_cfg.temperature, top_p=r_cfg.top_p, top_k=r_cfg.top_k,
+                  chunk_prompts=r_cfg.sample_prompts)
     r = rollout.generate(sampler, params, task, tokenizer, pool, stream.take(position, P), key=key, **kwargs)
     position += P
     if not r_cfg.dynamic_sampling:
@@ -253,7 +256,8 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
 
     root = jax.random.PRNGKey(config.seed)
     eval_kwargs = dict(num_samples=config.eval.num_samples, max_new_tokens=config.rollout.max_new_tokens,
-                       temperature=config.eval.temperature, top_p=config.eval.top_p, greedy=config.eval.greedy)
+                       temperature=config.eval.temperature, top_p=config.eval.top_p, greedy=config.eval.greedy,
+                       batch_prompts=config.eval.sample_prompts)
     state = step_fns(0)[0](params, jax.random.fold_in(root, 1))
     restored = ckpt.restore_latest(_state_tree(state))
     summary: dict[str, Any] = {"workdir": workdir}
