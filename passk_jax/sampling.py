@@ -219,11 +219,11 @@ class Sampler:
 
     def _grow(self, cache: KVCache, length: int, repeat: int = 1) -> KVCache:
         """Repeat each row `repeat` times (prompt-major) and pad the slots (invalid) up to `length`."""
-        def grow(x, axis):
-            x = jnp.repeat(x, repeat, axis=axis - 1) if repeat > 1 else x
+        def grow(x, axis, batch_axis):
+            x = jnp.repeat(x, repeat, axis=batch_axis) if repeat > 1 else x
             return jnp.pad(x, [(0, 0)] * axis + [(0, length - x.shape[axis])] + [(0, 0)] * (x.ndim - axis - 1))
-        return self._constrain_cache(cache._replace(k=grow(cache.k, 2), v=grow(cache.v, 2),
-                                                    valid=grow(cache.valid, 1)))
+        return self._constrain_cache(cache._replace(k=grow(cache.k, 3, 1), v=grow(cache.v, 3, 1),
+                                                    valid=grow(cache.valid, 1, 0)))
 
     def _decode_fn(self, params, cache, logits, next_pos, eos, temperature, top_p, top_k, key,
                    *, num_samples: int, max_new_tokens: int):

@@ -103,23 +103,24 @@ class ModelConfig:
 
 
 class KVCache(NamedTuple):
-    """k, v: [layers, batch, max_len, kv_heads, head_dim] (RoPE already applied to k); valid: bool[batch,
-    max_len]; index: int32 scalar, the next slot to write (shared by all rows: prompts are left-padded)."""
+    """k, v: [layers, batch, kv_heads, max_len, head_dim] (RoPE already applied to k; heads before slots so
+    decode attention reads each layer's cache without a transposed copy); valid: bool[batch, max_len]; index:
+    int32 scalar, the next slot to write (shared by all rows: prompts are left-padded)."""
     k: jax.Array
     v: jax.Array
     valid: jax.Array
     index: jax.Array
 
 
-CACHE_LOGICAL_AXES = KVCache(k=("layers", "batch", "length", "kv_heads", "head_dim"),
-                             v=("layers", "batch", "length", "kv_heads", "head_dim"),
+CACHE_LOGICAL_AXES = KVCache(k=("layers", "batch", "kv_heads", "length", "head_dim"),
+                             v=("layers", "batch", "kv_heads", "length", "head_dim"),
                              valid=("batch", "length"), index=())
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
     """Empty cache (valid all False, index 0); `dtype` defaults to the compute dtype (e.g. "bfloat16")."""
     dt = DTYPES[dtype or cfg.dtype]
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), valid=jnp.zeros((batch, max_len), bool),
                    index=jnp.zeros((), jnp.int32))
 
@@ -228,14 +229,20 @@ def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B,S,H,hd], k/v [B,T,KV,hd], mask bool[B,S,T] -> [B,S,H,hd]; softmax in float32."""
+    """q [B,S,H,hd], k/v [B,KV,T,hd], mask bool[B,S,T] -> [B,S,H,hd]; softmax in float32.
+
+    Batch-leading einsums over [B, KV, S*G, .] so k/v (the cache layout) are read without a transpose."""
     B, S, H, hd = q.shape
-    KV = k.shape[2]
-    q = q.reshape(B, S, KV, H // KV, hd)  # query head h = n * G + g uses kv head n (HF repeat_kv)
-    scores = jnp.einsum("bsngk,btnk->bngst", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bngst,btnk->bsngk", probs, v).reshape(B, S, H, hd)
+    KV = k.shape[1]
+    G = H // KV
+    # query head h = n * G + g uses kv head n (HF repeat_kv); rows of the merged axis are (s, g)
+    q = jnp.swapaxes(q.reshape(B, S, KV, G, hd), 1, 2).reshape(B, KV, S * G, hd)
+    scores = jnp.einsum("bnqk,bntk->bnqt", q, k, preferred_element_type=jnp.float32) * hd ** -0.5
+    scores = scores.reshape(B, KV, S, G, -1)
+    scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, KV, S * G, -1)
+    out = jnp.einsum("bnqt,bntk->bnqk", probs, v).reshape(B, KV, S, G, hd)
+    return jnp.swapaxes(out, 1, 2).reshape(B, S, H, hd)
 
 
 def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Array, sin: jax.Array,
@@ -254,12 +261,12 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
         q, k = _rms_norm(q, p["q_norm"], cfg.rms_norm_eps), _rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
-    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    k = constrain(jnp.swapaxes(k, 1, 2), ("batch", "kv_heads", "length", "head_dim"))  # cache layout [B,KV,S,hd]
+    v = constrain(jnp.swapaxes(v, 1, 2), ("batch", "kv_heads", "length", "head_dim"))
     if kv is not None:
         k_all, v_all, layer, index = kv
         zero = jnp.zeros((), jnp.int32)
-        start = (layer, zero, index, zero, zero)
+        start = (layer, zero, zero, index, zero)
         k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
         v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
         k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
