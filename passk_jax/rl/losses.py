@@ -1,0 +1,244 @@
+"""Per-token policy-gradient losses for RLVR: clipped surrogate, KL, entropy, aggregation.
+
+Everything here is a pure function of per-token arrays ``[B, S]`` (rows x positions) plus a boolean
+``mask`` of the tokens that count (completion tokens of valid rollouts). Losses are *aggregated* into a
+``(sum, denominator)`` pair: sums and denominators both add across micro-batches and devices, so the
+mini-batch loss ``global_sum / global_denominator`` is identical for every micro-batch partition and every
+data-parallel size (the loss-normalisation bug of verl #5625 cannot happen by construction).
+
+The paper (Sec. 1 of ``reference/paper.md``) trains with DAPO's clip-higher (eps_low 0.2, eps_high 0.28)
+and the token-level loss, no KL and no entropy bonus; the other options are the peers' usual ones.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
+
+
+# ----------------------------------------------------------------------------- logits -> per token
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(targets[b, s] | logits[b, s]) for logits f32[B, S, V], targets i32[B, S] -> f32[B, S].
+
+    Uses ``logit[target] - logsumexp`` so no second [B, S, V] log-softmax array is needed.
+    """
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - lse
+
+
+def entropy_from_logits(logits: jax.Array) -> jax.Array:
+    """Shannon entropy (nats) of softmax(logits) per position: f32[B, S, V] -> f32[B, S]."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - lse)
+    return lse[..., 0] - jnp.sum(probs * logits, axis=-1)
+
+
+def shifted_logprobs_and_entropy(
+    logits: jax.Array, tokens: jax.Array, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """Next-token view aligned with ``tokens``: out[b, s] scores tokens[b, s] given tokens[b, :s].
+
+    logits f32[B, S, V] from a causal forward over tokens i32[B, S]; position 0 has no prediction and gets 0.
+    ``temperature`` divides the logits first (the policy that sampled at temperature T is softmax(z / T)).
+    Returns (logprobs f32[B, S], entropy f32[B, S]).
+    """
+    z = logits[:, :-1].astype(jnp.float32)
+    if temperature != 1.0:
+        z = z / temperature
+    lp = token_logprobs(z, tokens[:, 1:])
+    ent = entropy_from_logits(z)
+    pad = jnp.zeros_like(lp[:, :1])
+    return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _row_counts(mask: jax.Array) -> jax.Array:
+    return jnp.sum(mask.astype(jnp.float32), axis=-1)
+
+
+def loss_denominator(mask: jax.Array, mode: str, norm_length: int | None = None) -> jax.Array:
+    """The denominator of ``aggregate`` alone (depends on the mask only, never on the parameters).
+
+    token_mean: number of valid tokens.  seq_mean_token_mean: number of rows with >= 1 valid token.
+    seq_mean_token_sum_norm (Dr.GRPO): rows with >= 1 valid token x ``norm_length`` (default S, the
+    padded width: a constant generation budget, as Dr.GRPO prescribes).
+    """
+    _check_mode(mode)
+    counts = _row_counts(mask)
+    if mode == "token_mean":
+        return jnp.sum(counts)
+    rows = jnp.sum((counts > 0).astype(jnp.float32))
+    if mode == "seq_mean_token_mean":
+        return rows
+    length = mask.shape[-1] if norm_length is None else norm_length
+    return rows * jnp.float32(length)
+
+
+def aggregate_sum(values: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
+    """The numerator of ``aggregate``; additive over any split of the rows."""
+    _check_mode(mode)
+    m = mask.astype(jnp.float32)
+    row_sums = jnp.sum(values * m, axis=-1)
+    if mode == "seq_mean_token_mean":
+        row_sums = row_sums / jnp.maximum(_row_counts(mask), 1.0)
+    return jnp.sum(row_sums)
+
+
+def aggregate(
+    values: jax.Array, mask: jax.Array, mode: str, norm_length: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Aggregate per-token values f32[B, S] under ``mask`` into a (sum, denominator) pair.
+
+    - ``token_mean`` (DAPO, the paper's default): sum over all valid tokens / number of valid tokens.
+    - ``seq_mean_token_mean`` (GRPO): per-row token mean, then mean over rows that have tokens.
+    - ``seq_mean_token_sum_norm`` (Dr.GRPO): per-row token sum, / (rows x norm_length).
+    Both parts add over row partitions; the loss is ``finalize(sum_total, denominator_total)``.
+    """
+    return aggregate_sum(values, mask, mode), loss_denominator(mask, mode, norm_length)
+
+
+def finalize(total: jax.Array, denominator: jax.Array) -> jax.Array:
+    """total / denominator, and exactly 0 when nothing was counted (never NaN)."""
+    return jnp.where(denominator > 0, total / jnp.maximum(denominator, 1e-30), 0.0)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation {mode!r} is unknown; choose one of {AGGREGATIONS}.")
+
+
+# ----------------------------------------------------------------------------- surrogate
+def log_ratio(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    mask: jax.Array,
+    *,
+    ratio_level: str = "token",
+    log_ratio_clip: float | None = 20.0,
+) -> jax.Array:
+    """log(pi / pi_old) per token, clamped to +-``log_ratio_clip`` (gradient 0 outside the clamp).
+
+    ``ratio_level="sequence"`` is GSPO-token (Zheng et al. 2025): every token of row i gets the value of
+    the length-normalised sequence log-ratio mean_t(log pi - log pi_old) with the gradient of its own
+    log pi, i.e. ``sg(seq) + logp - sg(logp)``; with ``seq_mean_token_mean`` this is exactly GSPO.
+    """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level {ratio_level!r} is unknown; choose one of {RATIO_LEVELS}.")
+    lr = logp - old_logp
+    if ratio_level == "sequence":
+        m = mask.astype(jnp.float32)
+        seq = jnp.sum(lr * m, axis=-1, keepdims=True) / jnp.maximum(jnp.sum(m, -1, keepdims=True), 1.0)
+        lr = jax.lax.stop_gradient(seq) + logp - jax.lax.stop_gradient(logp)
+    if log_ratio_clip is not None:
+        lr = jnp.clip(lr, -log_ratio_clip, log_ratio_clip)
+    return lr
+
+
+def clipped_surrogate(
+    log_ratio_: jax.Array,
+    advantages: jax.Array,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token PPO loss with clip-higher and optional dual-clip (to be minimised).
+
+    loss = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)); with dual clip c > 1 and A < 0 the loss is
+    additionally capped at -c A (Ye et al. 2020). Returns (loss f32[B, S], flags) where the flags
+    (float 0/1 per token) mark where a clip is active: ``clip_low`` (A < 0, r < 1 - eps_low),
+    ``clip_high`` (A > 0, r > 1 + eps_high), ``clip_dual`` (A < 0, r > c).
+    """
+    ratio = jnp.exp(log_ratio_)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = jnp.maximum(unclipped, clipped)
+    flags = {
+        "clip_low": ((advantages < 0) & (ratio < 1.0 - eps_low)).astype(jnp.float32),
+        "clip_high": ((advantages > 0) & (ratio > 1.0 + eps_high)).astype(jnp.float32),
+    }
+    if dual_clip is not None:
+        capped = jnp.minimum(loss, -advantages * dual_clip)
+        loss = jnp.where(advantages < 0, capped, loss)
+        flags["clip_dual"] = ((advantages < 0) & (ratio > dual_clip)).astype(jnp.float32)
+    else:
+        flags["clip_dual"] = jnp.zeros_like(loss)
+    return loss, flags
+
+
+# ----------------------------------------------------------------------------- KL
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3", clip: float = 20.0) -> jax.Array:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman 2020).
+
+    k1 = log(pi / pi_ref); k2 = 0.5 log(pi / pi_ref)^2; k3 = pi_ref/pi - 1 - log(pi_ref/pi) (unbiased,
+    non-negative, low variance). The log-ratio is clamped to +-``clip`` before exponentiating.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator {estimator!r} is unknown; choose one of {KL_ESTIMATORS}.")
+    lr = jnp.clip(logp - ref_logp, -clip, clip)
+    if estimator == "k1":
+        return lr
+    if estimator == "k2":
+        return 0.5 * jnp.square(lr)
+    return jnp.exp(-lr) - 1.0 + lr
+
+
+def approx_kl(logp: jax.Array, old_logp: jax.Array) -> jax.Array:
+    """Per-token k3 estimate of KL(pi_old || pi) (r - 1 - log r, r = pi / pi_old): the policy-drift diagnostic."""
+    return kl_penalty(old_logp, logp, "k3")
+
+
+# ----------------------------------------------------------------------------- total
+def per_token_objective(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = None,
+    log_ratio_clip: float | None = 20.0,
+    ratio_level: str = "token",
+    entropy: jax.Array | None = None,
+    entropy_coef: float = 0.0,
+    ref_logp: jax.Array | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token total loss ``pg + kl_coef * kl - entropy_coef * entropy`` and per-token diagnostics.
+
+    All inputs are [B, S]; ``advantages`` is broadcast per token and treated as a constant. The returned
+    dict holds per-token ``pg``, ``kl`` (0 without a reference), ``approx_kl`` (old vs current), the clip
+    flags and ``entropy`` (when given). Aggregate each with ``aggregate``/``aggregate_sum``.
+    """
+    advantages = jax.lax.stop_gradient(advantages)
+    old_logp = jax.lax.stop_gradient(old_logp)
+    lr = log_ratio(logp, old_logp, mask, ratio_level=ratio_level, log_ratio_clip=log_ratio_clip)
+    pg, flags = clipped_surrogate(lr, advantages, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+    total = pg
+    stats = dict(flags, pg=pg, approx_kl=jax.lax.stop_gradient(approx_kl(logp, old_logp)))
+    if ref_logp is not None:
+        kl = kl_penalty(logp, jax.lax.stop_gradient(ref_logp), kl_estimator)
+        total = total + kl_coef * kl
+        stats["kl"] = kl
+    else:
+        if kl_coef != 0.0:
+            raise ValueError("kl_coef is non-zero but no reference log-probabilities were given.")
+        stats["kl"] = jnp.zeros_like(pg)
+    if entropy is not None:
+        if entropy_coef != 0.0:
+            total = total - entropy_coef * entropy
+        stats["entropy"] = entropy
+    elif entropy_coef != 0.0:
+        raise ValueError("entropy_coef is non-zero but no entropy was given.")
+    return total, stats

@@ -1,0 +1,411 @@
+"""The jitted, sharded policy-gradient step: one compiled program per batch shape.
+
+``train_step(state, batch) -> (state, metrics)`` runs, inside one XLA program (see DESIGN.md, "Data flow"):
+
+1. old-policy log-probabilities and per-prompt mean token entropy: a forward of the current parameters under
+   ``stop_gradient``, one micro-batch of logits at a time (``old_logprobs="recompute"``), or the batch's
+   sampler log-probabilities, whose negative mean is then the entropy estimate (``"sampler"``);
+2. advantages ``advantages.compute(estimator, rewards [P, n], valid, k=..., key=..., entropy=...)`` (paper
+   Alg. 1-3, Eq. 11-18), broadcast to the completion tokens of each row under ``stop_gradient``;
+3. a ``lax.scan`` over mini-batches (contiguous blocks of prompts with all their n rows; the paper's 128
+   prompts = 4 x 32), each an AdamW update from gradients accumulated over micro-batches by an inner
+   ``lax.scan``. Every micro-batch loss is ``sum / D`` with ``D`` the denominator of the *whole mini-batch*
+   (``losses.loss_denominator``), so accumulation is exact for every partition and device count.
+
+Rows are prompt-major (row = p * n + j) and sharded over ('data', 'fsdp'); parameters follow the logical
+rules of ``passk_jax.parallel``. The optimiser schedule counts optimiser updates (num_minibatches per step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from passk_jax import advantages, parallel
+from passk_jax.metrics import pass_at_k
+from passk_jax.models.transformer import forward
+from passk_jax.rl import losses
+
+BATCH = ("batch", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Everything the step needs besides the model; ``validate()`` checks it before anything compiles."""
+
+    # advantages (passk_jax.advantages registry)
+    estimator: str = "grpo"
+    k: int = 1
+    estimator_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # surrogate (paper: DAPO clip-higher, token-level loss, no KL, no entropy bonus)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float | None = None
+    log_ratio_clip: float | None = 20.0
+    ratio_level: str = "token"  # "token" | "sequence" (GSPO)
+    aggregation: str = "token_mean"
+    norm_length: int | None = None  # Dr.GRPO constant length; None = padded width S
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    temperature: float = 1.0  # the trained policy is softmax(logits / temperature)
+    old_logprobs: str = "recompute"  # "recompute" | "sampler"
+    # batch split (paper: 4 mini-batches of 32 prompts)
+    num_minibatches: int = 1
+    num_microbatches: int = 1
+    # optimiser (paper: lr 1e-6, 10 warm-up steps)
+    learning_rate: float = 1e-6
+    warmup_steps: int = 10
+    lr_schedule: str = "constant"  # "constant" | "cosine"
+    total_updates: int | None = None  # cosine horizon in optimiser updates
+    final_lr_ratio: float = 0.0
+    weight_decay: float = 0.01  # weight matrices only (see weight_decay_mask)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip_norm: float | None = 1.0
+    success_threshold: float = 0.5  # reward > threshold counts as a pass for the rollout pass@k metric
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StepConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown step config field(s) {unknown}; known fields are {sorted(names)}.")
+        return cls(**dict(d))
+
+    def validate(self) -> None:
+        """Eager checks of every field that does not depend on the batch shape."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+        need(self.estimator in advantages.names(),
+             f"estimator {self.estimator!r} is not registered; choose one of {advantages.names()}.")
+        need(0 <= self.eps_low < 1 and self.eps_high >= 0, "eps_low must be in [0, 1) and eps_high >= 0.")
+        need(self.dual_clip is None or self.dual_clip > 1.0, "dual_clip must be None or > 1.")
+        need(self.ratio_level in losses.RATIO_LEVELS, f"ratio_level must be one of {losses.RATIO_LEVELS}.")
+        need(self.aggregation in losses.AGGREGATIONS, f"aggregation must be one of {losses.AGGREGATIONS}.")
+        need(self.kl_estimator in losses.KL_ESTIMATORS, f"kl_estimator must be one of {losses.KL_ESTIMATORS}.")
+        need(self.temperature > 0, "temperature must be > 0.")
+        need(self.old_logprobs in ("recompute", "sampler"), "old_logprobs must be 'recompute' or 'sampler'.")
+        need(self.num_minibatches >= 1 and self.num_microbatches >= 1,
+             "num_minibatches and num_microbatches must be >= 1.")
+        need(self.learning_rate >= 0 and self.warmup_steps >= 0, "learning_rate and warmup_steps must be >= 0.")
+        need(self.lr_schedule in ("constant", "cosine"), "lr_schedule must be 'constant' or 'cosine'.")
+        need(self.lr_schedule != "cosine" or (self.total_updates or 0) > self.warmup_steps,
+             "lr_schedule='cosine' needs total_updates > warmup_steps.")
+        need(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm must be None or > 0.")
+
+
+class Batch(NamedTuple):
+    """Group rollouts of P prompts x n samples; R = P * n rows, prompt-major (row = p * n + j)."""
+
+    tokens: jax.Array            # i32[R, S] prompt (left-padded) + completion (right-padded)
+    positions: jax.Array         # i32[R, S]
+    token_mask: jax.Array        # bool[R, S] real tokens (attention)
+    loss_mask: jax.Array         # bool[R, S] completion tokens (the ones that are trained)
+    sampler_logprobs: jax.Array  # f32[R, S] log-prob of tokens[r, s] under the sampler; 0 off loss_mask
+    #                              (old_logprobs="sampler" needs them at the trained policy: same temperature,
+    #                              no top-p / top-k)
+    rewards: jax.Array           # f32[P, n]
+    valid: jax.Array             # bool[P, n] rollout validity (invalid rows train nothing, count nowhere)
+
+
+class TrainState(NamedTuple):
+    step: jax.Array        # i32[] train steps taken
+    params: Any
+    opt_state: Any
+    key: jax.Array         # u32[2] base key; step t uses fold_in(key, t) (bootstrap advantages)
+    ref_params: Any = None  # frozen reference policy, only when kl_coef != 0
+
+
+def validate_batch(cfg: StepConfig, num_prompts: int, n: int, rows: int, mesh: Mesh | None = None) -> None:
+    """Batch arithmetic, checked before compiling; each error is one sentence naming the fields."""
+    dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows != num_prompts * n:
+        raise ValueError(f"batch.tokens has {rows} rows but rewards [P={num_prompts}, n={n}] needs P*n = "
+                         f"{num_prompts * n}.")
+    if num_prompts % cfg.num_minibatches:
+        raise ValueError(f"num_prompts P={num_prompts} is not divisible by num_minibatches="
+                         f"{cfg.num_minibatches}.")
+    mb_rows = rows // cfg.num_minibatches
+    if mb_rows % cfg.num_microbatches:
+        raise ValueError(f"mini-batch rows ({mb_rows} = P*n/num_minibatches) are not divisible by "
+                         f"num_microbatches={cfg.num_microbatches}.")
+    micro_rows = mb_rows // cfg.num_microbatches
+    if micro_rows % dp:
+        raise ValueError(f"micro-batch rows ({micro_rows} = P*n/num_minibatches/num_microbatches) are not "
+                         f"divisible by the data-parallel size data*fsdp={dp}.")
+    advantages.validate(cfg.estimator, n, cfg.k, **cfg.estimator_options)
+
+
+def learning_rate_schedule(cfg: StepConfig) -> Callable[[jax.Array], jax.Array]:
+    """lr * min(1, (u + 1) / warmup) x (1 or cosine decay to final_lr_ratio), u = optimiser update index."""
+    def schedule(count: jax.Array) -> jax.Array:
+        u = jnp.asarray(count, jnp.float32)
+        warm = jnp.minimum(1.0, (u + 1.0) / max(cfg.warmup_steps, 1))
+        if cfg.lr_schedule == "constant":
+            return cfg.learning_rate * warm
+        span = max(cfg.total_updates - cfg.warmup_steps, 1)
+        progress = jnp.clip((u - cfg.warmup_steps) / span, 0.0, 1.0)
+        cos = 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        return cfg.learning_rate * warm * (cfg.final_lr_ratio + (1.0 - cfg.final_lr_ratio) * cos)
+    return schedule
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for weight matrices; False for norms and biases (named ``*norm*`` / ``*bias*``: the decoder stacks
+    layers, so a stacked norm scale is 2-D and ndim alone cannot tell) and for vectors."""
+    def decay(path, x) -> bool:
+        name = jax.tree_util.keystr(path).lower()
+        return x.ndim >= 2 and "norm" not in name and "bias" not in name
+    return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW(schedule), weight decay on weight matrices only."""
+    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                        weight_decay=cfg.weight_decay, mask=weight_decay_mask)
+    if cfg.grad_clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+
+
+def batch_shardings(mesh: Mesh) -> Batch:
+    """Rows over ('data', 'fsdp'); rewards / valid (tiny) replicated."""
+    rows = parallel.logical_sharding(mesh, BATCH)
+    rep = NamedSharding(mesh, PartitionSpec())
+    return Batch(rows, rows, rows, rows, rows, rep, rep)
+
+
+def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: jax.Array,
+                    token_mask: jax.Array, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """Forward + next-token log-probs and entropies aligned with ``tokens`` (f32[B, S] each)."""
+    logits, _ = forward(graphdef, params, tokens, positions, token_mask)
+    return losses.shifted_logprobs_and_entropy(logits, tokens, temperature)
+
+
+def make_loss_and_grads(graphdef: Any, cfg: StepConfig) -> Callable[..., tuple[jax.Array, Any, dict]]:
+    """``loss_and_grads(params, mb) -> (loss, grads, sums)`` for one mini-batch ``mb`` split as [K, rows, S].
+
+    ``mb`` is a dict with tokens, positions, token_mask, mask, old_logp, adv (per row), sampler_logp and,
+    with KL, ref_logp. Gradients are accumulated over the K micro-batches (``lax.scan``), each micro-batch
+    loss divided by the whole mini-batch's denominator. ``sums`` are token sums of the diagnostics.
+    """
+    def micro_loss(params, micro, denom):
+        lp, ent = policy_logprobs(graphdef, params, micro["tokens"], micro["positions"], micro["token_mask"],
+                                  cfg.temperature)
+        mask = micro["mask"]
+        total, stats = losses.per_token_objective(
+            lp, micro["old_logp"], micro["adv"][:, None], mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+            dual_clip=cfg.dual_clip, log_ratio_clip=cfg.log_ratio_clip, ratio_level=cfg.ratio_level,
+            entropy=ent, entropy_coef=cfg.entropy_coef, ref_logp=micro.get("ref_logp"),
+            kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
+        loss = losses.aggregate_sum(total, mask, cfg.aggregation) / denom
+        m = mask.astype(jnp.float32)
+        sums = {name: jnp.sum(v * m) for name, v in stats.items()}
+        sums["pg"] = losses.aggregate_sum(stats["pg"], mask, cfg.aggregation)
+        sums["kl"] = losses.aggregate_sum(stats["kl"], mask, cfg.aggregation)
+        diff = jnp.abs(jax.lax.stop_gradient(lp) - micro["sampler_logp"]) * m
+        sums["lp_diff_sum"], sums["lp_diff_max"] = jnp.sum(diff), jnp.max(diff)
+        return loss, sums
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def loss_and_grads(params, mb):
+        flat_mask = mb["mask"].reshape(-1, mb["mask"].shape[-1])
+        denom = losses.loss_denominator(flat_mask, cfg.aggregation, cfg.norm_length)
+        safe = jnp.maximum(denom, 1e-30)
+
+        def body(acc, micro):
+            (loss, sums), g = grad_fn(params, micro, safe)
+            return jax.tree.map(jnp.add, acc, g), (loss, sums)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (loss, sums) = jax.lax.scan(body, zeros, mb)
+        sums = {k: (jnp.max(v) if k == "lp_diff_max" else jnp.sum(v)) for k, v in sums.items()}
+        sums["denom"] = denom
+        return jnp.sum(loss), grads, sums
+
+    return loss_and_grads
+
+
+def make_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
+                    ) -> tuple[Callable[[Any, jax.Array | None], TrainState], Callable[[TrainState, Batch], Any]]:
+    """Build ``(init_state, train_step)`` for a model and a mesh.
+
+    ``params`` (concrete or abstract, e.g. ``nnx.eval_shape``) fixes the parameter structure and shardings.
+    ``init_state(params, key=None) -> TrainState`` places a *copy* of the parameters (and, with KL, a frozen
+    reference copy) on the mesh. ``train_step(state, batch) -> (state, metrics)`` is ``jax.jit`` with the
+    state donated; metrics are replicated f32 scalars plus ``advantages`` f32[P, n] and ``prompt_entropy``
+    f32[P] (the in-graph inputs of the estimator, for logging and analysis).
+    """
+    cfg.validate()
+    tx = make_optimizer(cfg)
+    use_ref = cfg.kl_coef != 0.0
+    p_sh = parallel.param_shardings(params, mesh)
+    rep = NamedSharding(mesh, PartitionSpec())
+    state_sh = TrainState(rep, p_sh, parallel.param_shardings(jax.eval_shape(tx.init, params), mesh), rep,
+                          p_sh if use_ref else None)
+    row_spec = parallel.logical_spec(BATCH, mesh)
+    row_axes = row_spec[0] if len(row_spec) else None
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    M, K = cfg.num_minibatches, cfg.num_microbatches
+    loss_and_grads = make_loss_and_grads(graphdef, cfg)
+
+    def _init(params, key):
+        own = jax.tree.map(jnp.copy, params)
+        ref = jax.tree.map(jnp.copy, params) if use_ref else None
+        return TrainState(jnp.zeros((), jnp.int32), own, tx.init(own), key, ref)
+
+    init_jit = jax.jit(_init, out_shardings=state_sh)
+
+    def init_state(params: Any, key: jax.Array | None = None) -> TrainState:
+        key = jax.random.PRNGKey(0) if key is None else key
+        return init_jit(jax.device_put(params, p_sh), jax.device_put(key, rep))
+
+    def split_rows(x: jax.Array) -> jax.Array:
+        """[R, ...] rows over (data, fsdp) -> [M, K, R/(M K), ...], the last row axis sharded.
+
+        Going through [M K, dp, rows/dp] makes the move one all-to-all (a plain reshape makes XLA replicate).
+        """
+        C, tail = M * K, x.shape[1:]
+        rest = (None,) * len(tail)
+        y = x.reshape((C, dp, x.shape[0] // (C * dp)) + tail)
+        y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, PartitionSpec(None, row_axes, None, *rest)))
+        y = y.reshape((M, K, x.shape[0] // C) + tail)
+        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, PartitionSpec(None, None, row_axes, *rest)))
+
+    def old_policy_pass(state: TrainState, data: dict) -> dict:
+        """Log-probs (and entropies) of the old policy and the reference, one micro-batch of logits at a time."""
+        models = {}
+        if cfg.old_logprobs == "recompute":
+            models["old"] = jax.lax.stop_gradient(state.params)
+        if use_ref:
+            models["ref"] = state.ref_params
+        if not models:
+            return {}
+
+        def chunk(x):
+            return {name: policy_logprobs(graphdef, p, x["tokens"], x["positions"], x["token_mask"],
+                                          cfg.temperature) for name, p in models.items()}
+
+        inputs = {name: data[name].reshape((M * K,) + data[name].shape[2:])
+                  for name in ("tokens", "positions", "token_mask")}
+        out = jax.lax.map(chunk, inputs)
+        return jax.tree.map(lambda x: x.reshape((M, K) + x.shape[1:]), out)
+
+    def minibatch_update(carry, mb):
+        params, opt_state = carry
+        loss, grads, sums = loss_and_grads(params, mb)
+        grads = jax.lax.with_sharding_constraint(grads, p_sh)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = sums["denom"] > 0  # a mini-batch without tokens must not move the parameters
+        pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(keep, x, y), a, b)  # noqa: E731
+        sums["grad_norm"] = optax.global_norm(grads)
+        return (pick(new_params, params), pick(new_opt, opt_state)), (loss, sums)
+
+    def _step(state: TrainState, batch: Batch):
+        num_prompts, n = batch.rewards.shape
+        rows = batch.tokens.shape[0]
+        validate_batch(cfg, num_prompts, n, rows, mesh)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            mask = batch.loss_mask & batch.token_mask & batch.valid.reshape(rows)[:, None]
+            data = {"tokens": split_rows(batch.tokens), "positions": split_rows(batch.positions),
+                    "token_mask": split_rows(batch.token_mask), "mask": split_rows(mask),
+                    "sampler_logp": split_rows(jnp.where(mask, batch.sampler_logprobs, 0.0))}
+            m = data["mask"].astype(jnp.float32)
+            # 1. old-policy log-probs and per-token entropy
+            pre = old_policy_pass(state, data)
+            if "old" in pre:
+                data["old_logp"], ent_tok = pre["old"][0], pre["old"][1] * m
+                lp_diff = jnp.abs(data["old_logp"] - data["sampler_logp"]) * m
+            else:  # sampler log-probs; -log pi of sampled tokens is an unbiased estimate of the entropy
+                data["old_logp"], ent_tok, lp_diff = data["sampler_logp"], -data["sampler_logp"], None
+            if use_ref:
+                data["ref_logp"] = pre["ref"][0]
+            # 2. advantages in-graph from the rewards, validity and per-prompt mean token entropy
+            tok_per_row = jnp.sum(m, axis=-1).reshape(num_prompts, n)
+            prompt_entropy = jnp.sum(jnp.sum(ent_tok, -1).reshape(num_prompts, n), -1) / jnp.maximum(
+                jnp.sum(tok_per_row, -1), 1.0)
+            key = jax.random.fold_in(state.key, state.step)
+            adv = advantages.compute(cfg.estimator, batch.rewards, batch.valid, k=cfg.k, key=key,
+                                     entropy=prompt_entropy, **cfg.estimator_options)
+            adv = jax.lax.stop_gradient(jnp.where(batch.valid, adv, 0.0).astype(jnp.float32))
+            data["adv"] = split_rows(adv.reshape(rows))
+            # 3. mini-batch updates, each from gradients accumulated over micro-batches
+            (params, opt_state), (mb_loss, mb_sums) = jax.lax.scan(
+                minibatch_update, (state.params, state.opt_state), data)
+            metrics = _metrics(cfg, mb_loss, mb_sums, lp_diff, m, adv, batch, tok_per_row, prompt_entropy)
+            metrics["lr"] = learning_rate_schedule(cfg)(state.step * M + M - 1)  # of the step's last update
+        return TrainState(state.step + 1, params, opt_state, state.key, state.ref_params), metrics
+
+    train_step = jax.jit(_step, in_shardings=(state_sh, batch_shardings(mesh)), out_shardings=(state_sh, rep),
+                         donate_argnums=(0,))
+    return init_state, train_step
+
+
+def _metrics(cfg, mb_loss, mb_sums, lp_diff, m, adv, batch, tok_per_row, ent_per_prompt) -> dict[str, jax.Array]:
+    """Scalar diagnostics of the step (token means over the whole batch unless stated)."""
+    tokens = jnp.maximum(jnp.sum(m), 1.0)
+    denom = mb_sums["denom"]
+    out = {
+        "loss": jnp.mean(mb_loss),
+        "pg_loss": jnp.mean(losses.finalize(mb_sums["pg"], denom)),
+        "kl": jnp.mean(losses.finalize(mb_sums["kl"], denom)),
+        "grad_norm": jnp.mean(mb_sums["grad_norm"]),
+        "entropy": jnp.sum(mb_sums["entropy"]) / tokens,
+        "approx_kl": jnp.sum(mb_sums["approx_kl"]) / tokens,
+        "prompt_entropy_mean": jnp.mean(ent_per_prompt),
+    }
+    for name in ("clip_low", "clip_high", "clip_dual"):
+        out[f"{name}_frac"] = jnp.sum(mb_sums[name]) / tokens
+    if lp_diff is not None:  # recomputed old log-probs vs the sampler's, every token
+        out["sampler_lp_diff_mean"] = jnp.sum(lp_diff) / tokens
+        out["sampler_lp_diff_max"] = jnp.max(lp_diff)
+    else:  # the first mini-batch's forward, before its update, is the trainer at the sampling parameters
+        out["sampler_lp_diff_mean"] = mb_sums["lp_diff_sum"][0] / jnp.maximum(jnp.sum(m[0]), 1.0)
+        out["sampler_lp_diff_max"] = mb_sums["lp_diff_max"][0]
+    out.update(rollout_metrics(adv, batch.rewards, batch.valid, tok_per_row, cfg.k, cfg.success_threshold))
+    out["advantages"], out["prompt_entropy"] = adv, ent_per_prompt
+    return out
+
+
+def rollout_metrics(adv: jax.Array, rewards: jax.Array, valid: jax.Array, tok_per_row: jax.Array, k: int,
+                    threshold: float) -> dict[str, jax.Array]:
+    """Advantage, reward, group pass@k and response-length statistics over the valid rollouts."""
+    v = valid.astype(jnp.float32)
+    nv = jnp.maximum(jnp.sum(v), 1.0)
+    adv_mean = jnp.sum(adv * v) / nv
+    any_valid = jnp.any(valid)
+    return {
+        "adv_mean": adv_mean,
+        "adv_std": jnp.sqrt(jnp.sum(jnp.square(adv - adv_mean) * v) / nv),
+        "adv_abs_mean": jnp.sum(jnp.abs(adv) * v) / nv,
+        "adv_zero_prompt_frac": jnp.mean(jnp.all(adv == 0, axis=-1).astype(jnp.float32)),
+        "reward_mean": jnp.sum(rewards * v) / nv,
+        "rollout_pass@k": jnp.mean(group_pass_at_k(rewards > threshold, valid, k)),
+        "response_length_mean": jnp.sum(tok_per_row * v) / nv,
+        "response_length_max": jnp.max(jnp.where(valid, tok_per_row, 0.0)),
+        "response_length_min": jnp.where(any_valid, jnp.min(jnp.where(valid, tok_per_row, jnp.inf)), 0.0),
+        "valid_frac": jnp.mean(v),
+    }
+
+
+def group_pass_at_k(correct: jax.Array, valid: jax.Array, k: int) -> jax.Array:
+    """Unbiased pass@k per prompt from its valid samples (``passk_jax.metrics.pass_at_k``, Chen et al. 2021).
+
+    correct, valid bool[P, n] -> f32[P]; a prompt with fewer than k valid samples scores whether any is correct.
+    """
+    m = jnp.sum(valid, axis=-1).astype(jnp.int32)
+    c = jnp.sum(correct & valid, axis=-1).astype(jnp.int32)
+    enough = m >= k
+    exact = pass_at_k(jnp.where(enough, m, k), jnp.where(enough, c, 0), k)
+    return jnp.where(enough, exact, (c > 0).astype(jnp.float32))
