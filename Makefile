@@ -17,7 +17,7 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 run: $(STAMP)
 	$(PY) -m experiments.run --config=$(CONFIG)
