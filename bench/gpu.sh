@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One-command accelerator benchmark (see bench/README.md):  bash bench/gpu.sh [--cpu-smoke] [--out FILE]
+# Runs `python -m bench.gpu` from the repository root with the repo's .venv python if present, else python3.
+# No network access is needed: random weights, synthetic prompts and rewards.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
+for a in "$@"; do
+  if [[ "$a" == "--cpu-smoke" ]]; then export JAX_PLATFORMS=cpu; fi
+done
+exec "$PY" -m bench.gpu "$@"
