@@ -82,8 +82,12 @@ def make_sft_step(graphdef: Any, cfg: StepConfig, mesh: jax.sharding.Mesh, param
 
 def train(graphdef: Any, params: Any, mesh: jax.sharding.Mesh, data: tuple[np.ndarray, ...], *, steps: int,
           batch_size: int, learning_rate: float, warmup_steps: int, seed: int,
-          log: Callable[[int, float], None] | None = None) -> tuple[Any, list[float]]:
-    """Run ``steps`` SFT updates over ``data`` (shuffled each epoch with ``seed``); returns (params, losses)."""
+          log: Callable[[int, float], None] | None = None, should_stop: Callable[[], bool] | None = None
+          ) -> tuple[Any, list[float]]:
+    """Run ``steps`` SFT updates over ``data`` (shuffled each epoch with ``seed``); returns (params, losses).
+
+    ``should_stop`` is polled before every update (preemption): when it returns True training stops early.
+    """
     tokens, loss_mask, token_mask = data
     if batch_size > len(tokens):
         raise ValueError(f"sft.batch_size={batch_size} exceeds the {len(tokens)} demonstrations available.")
@@ -95,6 +99,8 @@ def train(graphdef: Any, params: Any, mesh: jax.sharding.Mesh, data: tuple[np.nd
     rng = np.random.default_rng(seed)
     order, pos, history = rng.permutation(len(tokens)), 0, []
     for i in range(steps):
+        if should_stop is not None and should_stop():
+            break
         if pos + batch_size > len(order):
             order, pos = rng.permutation(len(tokens)), 0
         idx = order[pos:pos + batch_size]

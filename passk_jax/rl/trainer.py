@@ -144,8 +144,10 @@ def build_model(config: ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     return graphdef, params, cfg, tokenizer
 
 
-def warm_start(config, graphdef, params, mesh, task, tokenizer, train_examples, model_cfg):
-    """SFT on demonstrations, cached under sft.cache_dir keyed by everything that determines the result."""
+def warm_start(config, graphdef, params, mesh, task, tokenizer, train_examples, model_cfg, guard=None):
+    """SFT on demonstrations, cached under sft.cache_dir keyed by everything that determines the result.
+
+    A preemption signal (``guard.requested``) stops SFT early; the partial result is not cached."""
     s = config.sft
     seed = config.seed if s.seed < 0 else s.seed
     key = sft.cache_key(str(model_cfg), config.task.to_dict(), s.to_dict(), seed,
@@ -168,8 +170,10 @@ def warm_start(config, graphdef, params, mesh, task, tokenizer, train_examples, 
 
     params, history = sft.train(graphdef, params, mesh, data, steps=s.steps, batch_size=s.batch_size,
                                 learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, seed=seed,
-                                log=progress)
+                                log=progress, should_stop=None if guard is None else (lambda: guard.requested))
     bar.close()
+    if guard is not None and guard.requested:
+        return params, {}
     if s.cache and jax.process_index() == 0:
         sft.save_cached_params(s.cache_dir, key, params)
     return params, {"sft/final_loss": history[-1], "sft/time_s": time.perf_counter() - t0,
@@ -266,7 +270,10 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
             start, position = 0, 0
             if config.sft.steps > 0:
                 params, sft_metrics = warm_start(config, graphdef, params, mesh, task, tokenizer,
-                                                 train_examples, model_cfg)
+                                                 train_examples, model_cfg, guard)
+                if guard.requested:  # preempted during the warm start: nothing worth a checkpoint yet
+                    summary.update(status="preempted", step=0, signal=guard.signal_name)
+                    return summary
                 writer.write(0, sft_metrics)
                 state = step_fns(0)[0](params, jax.random.fold_in(root, 1))
             initial, _ = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
