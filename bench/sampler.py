@@ -12,7 +12,6 @@ busy machine OpenMP spin-waiting can make the default several times slower); the
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import jax
@@ -20,33 +19,18 @@ import numpy as np
 import torch
 import transformers
 
-from passk_jax.models import hf
-from passk_jax.models.transformer import ModelConfig, split
+from bench.common import best_time, twin_models
 from passk_jax.sampling import Sampler
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def bench_preset(preset: str, n_prompts: int, n_samples: int, new: int, repeats: int) -> dict:
-    cfg = getattr(ModelConfig, preset)()
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf.config_to_hf(cfg))).eval()
+    model, graphdef, params, cfg = twin_models(preset)
+    model.eval()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, cfg.vocab_size, rng.integers(16, 33)).tolist() for _ in range(n_prompts)]
     rows_tokens = n_prompts * n_samples * new
 
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        jmodel, jcfg = hf.load_pretrained(d)
-    graphdef, params = split(jmodel)
-    sampler = Sampler(graphdef, jcfg)
+    sampler = Sampler(graphdef, cfg)
     keys = iter(range(1000))
 
     def run_jax():
@@ -79,9 +63,9 @@ def bench_preset(preset: str, n_prompts: int, n_samples: int, new: int, repeats:
     for n_threads in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(n_threads)
         run_hf(4)  # warm-up
-        t_hf[n_threads] = _best(run_hf, repeats)
+        t_hf[n_threads] = best_time(run_hf, repeats)
     torch.set_num_threads(threads)
-    t_jax = _best(run_jax, repeats)
+    t_jax = best_time(run_jax, repeats)
     return dict(preset=preset, params=cfg.num_params(), jax=rows_tokens / t_jax, jax_first=jax_first,
                 hf={k: rows_tokens / v for k, v in t_hf.items()})
 

@@ -16,7 +16,6 @@ so achieved FLOP/s = FLOPs/token x tokens/s, and MFU = that / peak on an acceler
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import jax
@@ -25,9 +24,9 @@ import numpy as np
 import torch
 import transformers
 
+from bench.common import best_time, twin_models
 from passk_jax import parallel
-from passk_jax.models import hf
-from passk_jax.models.transformer import ModelConfig, forward, split
+from passk_jax.models.transformer import ModelConfig, forward
 from passk_jax.rl import step as st
 
 EPS_LOW, EPS_HIGH, LR, CLIP = 0.2, 0.28, 1e-6, 1.0
@@ -58,24 +57,9 @@ def make_batch(cfg: ModelConfig, P: int, n: int, prompt_len: int, completion_len
     return tokens, positions, token_mask, loss_mask, rewards
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def bench_preset(preset: str, P: int, n: int, prompt_len: int, completion_len: int, repeats: int,
                  microbatches: int = 1) -> dict:
-    cfg = getattr(ModelConfig, preset)()
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf.config_to_hf(cfg)))
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        jmodel, jcfg = hf.load_pretrained(d)
-    graphdef, params = split(jmodel)
+    model, graphdef, params, cfg = twin_models(preset)
     tokens, positions, token_mask, loss_mask, rewards = make_batch(cfg, P, n, prompt_len, completion_len)
     R, S = tokens.shape
 
@@ -103,7 +87,7 @@ def bench_preset(preset: str, P: int, n: int, prompt_len: int, completion_len: i
     t0 = time.perf_counter()
     run_jax()
     jax_first = time.perf_counter() - t0
-    t_jax = _best(run_jax, repeats)
+    t_jax = best_time(run_jax, repeats)
 
     # ---- PyTorch eager, same weights and loss
     model.train()
@@ -127,7 +111,7 @@ def bench_preset(preset: str, P: int, n: int, prompt_len: int, completion_len: i
         opt.zero_grad(set_to_none=True)
 
     run_torch()  # warm-up
-    t_torch = _best(run_torch, repeats)
+    t_torch = best_time(run_torch, repeats)
     tokens_per_step = R * S
     return dict(preset=preset, params=cfg.num_params(), flops=flops_per_token(cfg, S),
                 torch=tokens_per_step / t_torch, jax=tokens_per_step / t_jax, jax_first=jax_first)
