@@ -32,7 +32,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from passk_jax import parallel
-from passk_jax.models.transformer import CACHE_LOGICAL_AXES, KVCache, ModelConfig, forward, init_cache
+from passk_jax.models.transformer import KVCache, ModelConfig, forward, init_cache, map_cache
 from passk_jax.sampling_ops import select_tokens
 
 MAX_EOS_IDS = 8  # eos_ids are padded to this many (traced), so changing them does not recompile
@@ -147,7 +147,7 @@ class Sampler:
         return parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
     def _constrain_cache(self, cache: KVCache) -> KVCache:
-        return KVCache(*(parallel.constrain(x, axes) for x, axes in zip(cache, CACHE_LOGICAL_AXES)))
+        return map_cache(parallel.constrain, cache)
 
     def validate(self, prompts: list[list[int]], *, num_samples: int, max_new_tokens: int,
                  temperature: float, top_p: float, top_k: int, eos_ids: Sequence[int]) -> int:
@@ -219,11 +219,13 @@ class Sampler:
 
     def _grow(self, cache: KVCache, length: int, repeat: int = 1) -> KVCache:
         """Repeat each row `repeat` times (prompt-major) and pad the slots (invalid) up to `length`."""
-        def grow(x, axis, batch_axis):
+        def grow(x, axes):
+            if "length" not in axes:  # the index
+                return x
+            batch_axis, axis = axes.index("batch"), axes.index("length")
             x = jnp.repeat(x, repeat, axis=batch_axis) if repeat > 1 else x
             return jnp.pad(x, [(0, 0)] * axis + [(0, length - x.shape[axis])] + [(0, 0)] * (x.ndim - axis - 1))
-        return self._constrain_cache(cache._replace(k=grow(cache.k, 3, 1), v=grow(cache.v, 3, 1),
-                                                    valid=grow(cache.valid, 1, 0)))
+        return self._constrain_cache(map_cache(grow, cache))
 
     def _decode_fn(self, params, cache, logits, next_pos, eos, temperature, top_p, top_k, key,
                    *, num_samples: int, max_new_tokens: int):

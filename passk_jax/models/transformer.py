@@ -3,7 +3,8 @@
 Pre-norm blocks (RMSNorm -> grouped-query attention with RoPE -> residual, RMSNorm -> SwiGLU -> residual).
 Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm on q and k, Llama 3.x the "llama3" RoPE frequency scaling.
 Every block parameter is stacked on a leading "layers" axis and the blocks run under one `lax.scan`, so the
-compiled program (and compile time) does not grow with depth. Hot paths use the pure `forward` on
+compiled program (and compile time) does not grow with depth; `scan_layers=False` unrolls the stack instead
+(faster on CPU: no stacked residual buffers to fill and slice). Hot paths use the pure `forward` on
 `(graphdef, params)` from `split`; parameters carry logical axis names (`out_sharding` metadata) that
 `passk_jax.parallel` maps onto the mesh.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = True
     family: str = "qwen2"
 
     def __post_init__(self):
@@ -104,8 +106,11 @@ class ModelConfig:
 
 class KVCache(NamedTuple):
     """k, v: [layers, batch, kv_heads, max_len, head_dim] (RoPE already applied to k; heads before slots so
-    decode attention reads each layer's cache without a transposed copy); valid: bool[batch, max_len]; index:
-    int32 scalar, the next slot to write (shared by all rows: prompts are left-padded)."""
+    decode attention reads each layer's cache without a transposed copy) -- or, for an unrolled layer stack
+    (`scan_layers=False`), a tuple of one [batch, kv_heads, max_len, head_dim] array per layer, which each
+    layer updates in place and attends over without slicing a copy out of a stacked buffer;
+    valid: bool[batch, max_len]; index: int32 scalar, the next slot to write (shared by all rows: prompts
+    are left-padded)."""
     k: jax.Array
     v: jax.Array
     valid: jax.Array
@@ -118,16 +123,28 @@ CACHE_LOGICAL_AXES = KVCache(k=("layers", "batch", "kv_heads", "length", "head_d
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
-    """Empty cache (valid all False, index 0); `dtype` defaults to the compute dtype (e.g. "bfloat16")."""
+    """Empty cache (valid all False, index 0); `dtype` defaults to the compute dtype (e.g. "bfloat16").
+    Stacked k/v for `scan_layers`, else one array per layer (see `KVCache`)."""
     dt = DTYPES[dtype or cfg.dtype]
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), valid=jnp.zeros((batch, max_len), bool),
-                   index=jnp.zeros((), jnp.int32))
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    if cfg.scan_layers:
+        k, v = jnp.zeros((cfg.num_layers, *shape), dt), jnp.zeros((cfg.num_layers, *shape), dt)
+    else:
+        k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+    return KVCache(k=k, v=v, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+def map_cache(fn: Callable[[jax.Array, tuple], Any], cache: KVCache) -> KVCache:
+    """Apply fn(array, logical axes) to every array of the cache (stacked or per-layer k/v)."""
+    def field(x, axes):
+        return tuple(fn(a, axes[1:]) for a in x) if isinstance(x, (tuple, list)) else fn(x, axes)
+    return KVCache(*(field(x, axes) for x, axes in zip(cache, CACHE_LOGICAL_AXES)))
 
 
 def cache_shardings(mesh: jax.sharding.Mesh, cache: KVCache) -> KVCache:
-    """NamedSharding for each cache field (batch over data/fsdp, kv heads over tensor)."""
-    return KVCache(*(logical_sharding(mesh, axes, x.shape) for axes, x in zip(CACHE_LOGICAL_AXES, cache)))
+    """NamedSharding for each cache array (batch over data/fsdp, kv heads over tensor)."""
+    return map_cache(lambda x, axes: logical_sharding(mesh, axes, x.shape), cache)
 
 
 LAYER_PARAMS = ("input_norm", "q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias", "q_norm",
@@ -245,6 +262,15 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax
     return jnp.swapaxes(out, 1, 2).reshape(B, S, H, hd)
 
 
+def _dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+    """x [..., *w.shape[:contract]] @ w -> [..., *w.shape[contract:]] as ONE 2-D matmul: XLA's CPU backward of
+    the equivalent batched einsum materialises transposed copies of the activation gradients."""
+    lead = x.shape[:x.ndim - contract]
+    k = math.prod(w.shape[:contract])
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1))
+    return y.reshape(*lead, *w.shape[contract:])
+
+
 def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Array, sin: jax.Array,
            mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None):
     """One decoder block on one layer's params. kv = (k_all, v_all, layer, index) writes this layer's
@@ -252,9 +278,9 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
     dt = x.dtype
     p = {name: w.astype(dt) for name, w in p.items()}
     h = _rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("bsd,dhk->bshk", h, p["q_proj"])
-    k = jnp.einsum("bsd,dhk->bshk", h, p["k_proj"])
-    v = jnp.einsum("bsd,dhk->bshk", h, p["v_proj"])
+    q = _dense(h, p["q_proj"])
+    k = _dense(h, p["k_proj"])
+    v = _dense(h, p["v_proj"])
     if cfg.attention_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if cfg.qk_norm:
@@ -266,19 +292,25 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
     if kv is not None:
         k_all, v_all, layer, index = kv
         zero = jnp.zeros((), jnp.int32)
-        start = (layer, zero, zero, index, zero)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-        k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
-        v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+        if layer is None:  # this layer's own cache [B, KV, T, hd]: updated in place, attended directly
+            start = (zero, zero, index, zero)
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), start)
+            k, v = k_all.astype(dt), v_all.astype(dt)
+        else:
+            start = (layer, zero, zero, index, zero)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
         kv = (k_all, v_all)
     attn = _attention(q, k, v, mask)
-    x = x + jnp.einsum("bshk,hkd->bsd", attn, p["o_proj"])
+    x = x + _dense(attn, p["o_proj"], contract=2)
     x = constrain(x, ("batch", "length", "embed"))
     h = _rms_norm(x, p["post_attn_norm"], cfg.rms_norm_eps)
-    gate = constrain(jnp.einsum("bsd,df->bsf", h, p["gate_proj"]), ("batch", "length", "mlp"))
-    up = constrain(jnp.einsum("bsd,df->bsf", h, p["up_proj"]), ("batch", "length", "mlp"))
-    x = x + jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, p["down_proj"])
+    gate = constrain(_dense(h, p["gate_proj"]), ("batch", "length", "mlp"))
+    up = constrain(_dense(h, p["up_proj"]), ("batch", "length", "mlp"))
+    x = x + _dense(jax.nn.silu(gate) * up, p["down_proj"])
     return constrain(x, ("batch", "length", "embed")), kv
 
 
@@ -325,8 +357,26 @@ class Transformer(nnx.Module):
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        kv0 = None if cache is None else (cache.k, cache.v)
-        (x, kv, _), _ = jax.lax.scan(body, (x, kv0, jnp.zeros((), jnp.int32)), self.layers.stacked())
+        if cfg.scan_layers:
+            kv0 = None if cache is None else (cache.k, cache.v)
+            (x, kv, _), _ = jax.lax.scan(body, (x, kv0, jnp.zeros((), jnp.int32)), self.layers.stacked())
+        else:  # unrolled: no stacked residual buffers to fill and slice (faster on CPU, slower to compile)
+            if cache is not None and not isinstance(cache.k, (tuple, list)):
+                raise ValueError("an unrolled layer stack (scan_layers=False) needs a per-layer cache from "
+                                 "init_cache of the same config.")
+            def block(x, p, layer_kv):
+                return _block(cfg, x, p, cos, sin, mask, layer_kv)
+
+            if cfg.remat != "none":
+                block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+            stacked, ks, vs = self.layers.stacked(), [], []
+            for i in range(cfg.num_layers):
+                layer_kv = None if cache is None else (cache.k[i], cache.v[i], None, index)
+                x, out = block(x, {name: w[i] for name, w in stacked.items()}, layer_kv)
+                if out is not None:
+                    ks.append(out[0])
+                    vs.append(out[1])
+            kv = None if cache is None else (tuple(ks), tuple(vs))
         x = _rms_norm(x, self.norm[...], cfg.rms_norm_eps)
         head = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("bsd,dv->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)

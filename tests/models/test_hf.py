@@ -86,6 +86,15 @@ def checkpoint(tmp_path_factory):
     return build
 
 
+def test_parity_with_unrolled_layers(checkpoint):
+    name = sorted(HF_CONFIGS)[0]
+    path, ref = checkpoint(name)
+    tokens, positions, mask = _batch()
+    model, cfg = hf.load_pretrained(path, scan_layers=False)
+    assert not cfg.scan_layers
+    assert np.abs(_our_logits(model, tokens, positions, mask) - ref)[mask].max() <= 1e-4
+
+
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 def test_parity_and_export_round_trip(checkpoint, name, tmp_path):
     path, ref = checkpoint(name)

@@ -167,3 +167,25 @@ def test_stacked_layers_keep_one_scan_in_the_program():
         jaxpr = jax.make_jaxpr(lambda p, g=graphdef: T.forward(g, p, tokens, positions, mask))(params)
         sizes.append(len(str(jaxpr)))
     assert sizes[0] == sizes[1]
+
+
+def test_unrolled_layers_match_the_scan(setup):
+    """scan_layers=False (the CPU default of the trainer) computes the same logits, cache and gradients."""
+    graphdef, params, (tokens, positions, mask), full = setup
+    unrolled = dataclasses.replace(CFG, scan_layers=False)
+    graphdef_u, _ = T.split(nnx.eval_shape(lambda: T.Transformer(unrolled)))
+    valid = np.asarray(mask)
+    logits, _ = _forward(graphdef_u, params, tokens, positions, mask)
+    assert np.abs(np.asarray(logits - full))[valid].max() <= 1e-5
+    _, steps, _ = _decode(graphdef_u, params, tokens, positions, mask, T.init_cache(unrolled, B, P + N))
+    assert max(np.abs(np.asarray(s - full[:, P + i])).max() for i, s in enumerate(steps)) <= 1e-5
+
+    def loss(p, g):
+        out, _ = T.forward(g, p, tokens, positions, mask)
+        return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(out), 0.0))
+
+    g_scan = jax.jit(jax.grad(loss), static_argnums=1)(params, graphdef)
+    g_unrolled = jax.jit(jax.grad(loss), static_argnums=1)(params, graphdef_u)
+    diff = jax.tree.map(lambda a, b: np.abs(np.asarray(a - b)).max() / (np.abs(np.asarray(a)).max() + 1e-12),
+                        g_scan, g_unrolled)
+    assert max(jax.tree.leaves(diff)) <= 1e-5
