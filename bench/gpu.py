@@ -75,15 +75,15 @@ GPU_ESTIMATE_S = {"sampler": 60.0, "train_step": 75.0, "rl_step": 45.0}
 SMOKE_ESTIMATE_S = {"sampler": 5.0, "train_step": 8.0, "rl_step": 5.0}
 
 
-def model_config(name: str, param_dtype: str = "bfloat16"):
+def model_config(name: str, param_dtype: str = "bfloat16", scan_layers: bool = True):
     from passk_jax.models.transformer import ModelConfig
     if name == "tiny":
-        return ModelConfig.tiny(vocab_size=512, dtype="bfloat16", param_dtype=param_dtype)
+        return ModelConfig.tiny(vocab_size=512, dtype="bfloat16", param_dtype=param_dtype, scan_layers=scan_layers)
     d, f, layers, heads, kv = QWEN25[name]
     return ModelConfig(vocab_size=151936, hidden_size=d, intermediate_size=f, num_layers=layers,
                        num_heads=heads, num_kv_heads=kv, rope_theta=1e6, rms_norm_eps=1e-6,
                        tie_word_embeddings=True, attention_bias=True, max_position_embeddings=32768,
-                       dtype="bfloat16", param_dtype=param_dtype, family="qwen2")
+                       dtype="bfloat16", param_dtype=param_dtype, scan_layers=scan_layers, family="qwen2")
 
 
 def matmul_params(cfg) -> int:
@@ -113,6 +113,7 @@ class Child:
         self.device = jax.devices()[0]
         self.peak_flops, self.peak_bw = card_peaks(self.device.device_kind)
         self.rng_seed = 0
+        self.scan = args.scan_layers == "true"
         self.state = None  # train state shared by train_step and rl_step
         self.train_fn = None
 
@@ -137,7 +138,7 @@ class Child:
         from passk_jax.models.transformer import init
         from passk_jax.sampling import Sampler, left_pad
         jax, s = self.jax, self.sizes
-        cfg = model_config(self.args.model, "bfloat16")
+        cfg = model_config(self.args.model, "bfloat16", self.scan)
         graphdef, params = init(cfg, seed=0)
         sampler = Sampler(graphdef, cfg)
         prompts = self.prompts(s.sample_prompts, s.sample_prompt_len, 1)
@@ -217,7 +218,7 @@ class Child:
         from passk_jax.models.transformer import init
         from passk_jax.rl import step as st
         jax, s = self.jax, self.sizes
-        cfg = model_config(self.args.model, "float32")
+        cfg = model_config(self.args.model, "float32", self.scan)
         graphdef, params = init(cfg, seed=0)
         step_cfg = st.StepConfig(estimator="grpo", old_logprobs="sampler", learning_rate=1e-6, warmup_steps=0,
                                  num_microbatches=s.microbatches)
@@ -294,7 +295,7 @@ class Child:
                     pass_rate=float(np.mean(batch.rewards)), util=None)
 
     def run(self) -> None:
-        self.cfg = model_config(self.args.model, "float32")
+        self.cfg = model_config(self.args.model, "float32", self.scan)
         deadline = self.args.deadline
         estimates = json.loads(self.args.estimates)
         with open(self.args.results, "a") as f:
@@ -397,6 +398,7 @@ def parent(args) -> int:
                 continue
             cmd = [sys.executable, "-m", "bench.gpu", "--child", "--model", model, "--results", results,
                    "--deadline", str(deadline), "--estimates", json.dumps(est), "--phases", ",".join(phases)]
+            cmd += ["--scan-layers", args.scan_layers]
             if args.cpu_smoke:
                 cmd.append("--cpu-smoke")
             proc = subprocess.Popen(cmd, env=env)
@@ -431,7 +433,7 @@ def parent(args) -> int:
     flops, bw = card_peaks(kind)
     peaks = "no peak numbers for this device" if flops is None else \
         f"peak {flops / 1e12:.0f} TFLOP/s bf16, {bw / 1e12:.2f} TB/s HBM"
-    header = (f"passk_jax bench.gpu | {kind} | {peaks} | jax {jax.__version__} | "
+    header = (f"passk_jax bench.gpu | {kind} | {peaks} | jax {jax.__version__} | scan_layers {args.scan_layers} | "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | {time.time() - start:.0f}s total")
     out = table(rows, header)
     if args.out:
@@ -449,6 +451,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="total wall-clock budget")
     ap.add_argument("--models", default=None, help="comma list of: tiny, " + ", ".join(QWEN25))
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list of: " + ", ".join(PHASES))
+    ap.add_argument("--scan-layers", choices=("true", "false"), default="true",
+                    help="lax.scan over the layer stack (true) or unrolled layers with per-layer KV caches")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--results", help=argparse.SUPPRESS)

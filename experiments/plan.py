@@ -143,7 +143,8 @@ flags.DEFINE_integer("buffers", 0, "Also list this many of the largest temporary
 def model_config(config, name: str) -> tuple[ModelConfig, str]:
     """(ModelConfig, description) from --model, the config's hf_path, or its preset."""
     m = config.model
-    numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                    scan_layers=str(m.get("scan_layers", False)).lower() == "true")
     if not name and m.hf_path:
         path = os.path.join(m.hf_path, "config.json")
         if not os.path.isfile(path):

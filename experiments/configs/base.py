@@ -23,6 +23,7 @@ def get_config() -> ConfigDict:
     c.model.dtype = "float32"       # compute dtype ("bfloat16" on accelerators)
     c.model.param_dtype = "float32"
     c.model.remat = "none"
+    c.model.scan_layers = False     # True: lax.scan over layers (fast compile); False: unrolled (fast steps)
     c.model.max_len = 256           # context length of a fresh model (prompt + completion)
 
     c.task = ConfigDict()
