@@ -1,0 +1,188 @@
+"""End-to-end phase profile of a training run: where the wall-clock time of `trainer.train` goes.
+
+    python -m bench.profile_run [--config=passk_k4] [--config.train.steps=10 ...] [--workdir=DIR] [--keep-sft]
+
+Runs the named config (any `--config.a.b=value` override works, as with `experiments.run`) in a fresh
+workdir and times every phase by wrapping the functions the trainer calls (no change to the trainer):
+
+  warm start (SFT)     `trainer.warm_start`
+  prompt preparation   rendering + tokenising prompts (`rollout.encode_prompt`)
+  prefill / decode     the sampler's two jitted programs, each waited on (this adds one sync between them)
+  fetch to host        the rest of `rollout.generate`'s sampling time (device -> host copy, padding)
+  detokenise           `rollout.decode_response`
+  score                `VerifierPool.score` (the verifier, in worker processes or in-process)
+  batch assembly       `rollout.to_batch`
+  update               the jitted train step (advantage kernel, old-policy pass, loss, backward, AdamW),
+                       waited on
+  eval                 held-out evaluation (its sampling and scoring included)
+  checkpoint           `Checkpointer.save` and `.wait` (async Orbax: the wait is where a save costs)
+  logging              `MetricWriter.write` (JSONL + TensorBoard)
+  other                wall time minus the phases: compilation outside the timed calls, report, export
+
+A call nested in another phase is charged to the innermost one, except inside eval and the warm start,
+which keep everything they call (their sampling is not RL-step sampling). The
+share of "host-only" phases (prompt preparation, detokenise, score, batch assembly, logging) is the time
+the accelerator would sit idle on a GPU/TPU. By default the SFT cache is disabled so the warm start is
+measured; `--keep-sft` reuses `runs/.sft_cache` instead.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+from experiments import configs
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory (default: a fresh temporary directory, removed after).")
+flags.DEFINE_bool("keep_sft", False, "Reuse the SFT cache (runs/.sft_cache) instead of measuring the warm start.")
+
+ABSORBING = ("eval", "warm start (SFT)")  # phases that keep the time of everything they call
+HOST_ONLY = ("prompt preparation", "detokenise", "score", "batch assembly", "logging")
+ORDER = ("warm start (SFT)", "prompt preparation", "prefill", "decode", "fetch to host", "detokenise", "score",
+         "batch assembly", "update", "eval", "checkpoint", "logging", "other")
+
+
+class Profiler:
+    """Exclusive wall time per phase: a nested phase's time is subtracted from its parent's."""
+
+    def __init__(self):
+        self.total = collections.Counter()
+        self.calls = collections.Counter()
+        self.first: dict[str, float] = {}  # the first call of a jitted phase includes its compilation
+        self.stack: list[list] = []  # [name, start, child time]
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if any(entry[0] in ABSORBING for entry in self.stack):  # inside eval / SFT: charged to them
+            yield
+            return
+        self.stack.append([name, time.perf_counter(), 0.0])
+        try:
+            yield
+        finally:
+            _, start, child = self.stack.pop()
+            elapsed = time.perf_counter() - start
+            self.total[name] += elapsed - child
+            self.calls[name] += 1
+            if self.calls[name] == 1:
+                self.first[name] = elapsed - child
+            if self.stack:
+                self.stack[-1][2] += elapsed
+
+    def wrap(self, owner, attr: str, name: str, block: bool = False):
+        import jax
+        fn = getattr(owner, attr)
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            with self.phase(name):
+                out = fn(*args, **kwargs)
+                if block:
+                    jax.block_until_ready(out)
+                return out
+
+        setattr(owner, attr, wrapped)
+
+
+def instrument(prof: Profiler) -> None:
+    from passk_jax.checkpoint import Checkpointer
+    from passk_jax.logging import MetricWriter
+    from passk_jax.rl import evaluation, rollout, trainer
+    from passk_jax.sampling import Sampler
+    from passk_jax.tasks.pool import VerifierPool
+
+    prof.wrap(trainer, "warm_start", "warm start (SFT)")
+    prof.wrap(rollout, "encode_prompt", "prompt preparation")
+    prof.wrap(rollout, "decode_response", "detokenise")
+    prof.wrap(VerifierPool, "score", "score")
+    prof.wrap(rollout, "generate", "fetch to host")  # the remainder once prefill/decode/prep are nested
+    prof.wrap(rollout, "to_batch", "batch assembly")
+    prof.wrap(evaluation, "evaluate", "eval")
+    prof.wrap(Checkpointer, "save", "checkpoint")
+    prof.wrap(Checkpointer, "wait", "checkpoint")
+    prof.wrap(MetricWriter, "write", "logging")
+
+    init = Sampler.__init__
+
+    def sampler_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        prof.wrap(self, "_prefill", "prefill", block=True)
+        prof.wrap(self, "_decode", "decode", block=True)
+
+    Sampler.__init__ = sampler_init
+
+    make = trainer.make_train_step
+
+    def make_train_step(*args, **kwargs):
+        init_state, step = make(*args, **kwargs)
+
+        def timed(state, batch):
+            import jax
+            with prof.phase("update"):
+                out = step(state, batch)
+                jax.block_until_ready(out)
+                return out
+
+        return init_state, timed
+
+    trainer.make_train_step = make_train_step
+
+
+def table(prof: Profiler, wall: float, rl_steps: int) -> str:
+    other = wall - sum(prof.total.values())
+    rows = [(name, prof.total.get(name, 0.0) if name != "other" else other, prof.calls.get(name, 0))
+            for name in ORDER]
+    host = sum(t for name, t, _ in rows if name in HOST_ONLY)
+    lines = [f"wall {wall:.1f} s, {rl_steps} RL steps; host-only phases {host:.1f} s ({100 * host / wall:.1f}%)",
+             "| phase | total (s) | share | calls | first call (s) | later calls, mean (ms) | per RL step (ms) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, t, calls in rows:
+        first = prof.first.get(name)
+        later = (t - first) / (calls - 1) if first is not None and calls > 1 else None
+        lines.append(f"| {name} | {t:.2f} | {100 * t / wall:.1f}% | {calls} | "
+                     f"{'-' if first is None else f'{first:.2f}'} | {'-' if later is None else f'{1e3 * later:.1f}'} | "
+                     f"{1e3 * t / max(rl_steps, 1):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import logging
+
+    from absl import logging as absl_logging
+
+    logging.basicConfig(level=logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    config = configs.config_flag_value()
+    workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="passk_profile_")
+    sft_dir = None
+    if not FLAGS.keep_sft:
+        sft_dir = tempfile.mkdtemp(prefix="passk_profile_sft_")
+        config.sft.cache_dir = sft_dir
+    prof = Profiler()
+    instrument(prof)
+    from passk_jax.rl import trainer
+
+    t0 = time.perf_counter()
+    summary = trainer.train(config, workdir)
+    wall = time.perf_counter() - t0
+    print(f"config {configs.selected_name()}: status {summary.get('status')}, workdir {workdir}", file=sys.stderr)
+    print(table(prof, wall, int(summary.get("step", 0))))
+    if FLAGS.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if sft_dir:
+        shutil.rmtree(sft_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    configs.define_config_flag()
+    app.run(main)
