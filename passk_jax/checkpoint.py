@@ -7,6 +7,10 @@ A checkpoint step directory holds two items:
 Orbax writes each step to a temporary directory and renames it when complete, so a crash mid-save leaves
 no step behind. A step that exists but cannot be read (truncated files, bad JSON) is reported and skipped:
 ``restore_latest`` falls back to the newest step that does load.
+
+Multi-process runs: every process calls ``save`` / ``restore`` / ``wait`` with the same arguments (Orbax
+writes each array's shards from the processes that hold them and lets the primary process finalise the
+step); ``restore_latest`` skips a step on every process when any process fails to read it.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+
+from passk_jax import parallel
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +76,12 @@ class Checkpointer:
         for step in reversed(self.steps()):
             try:
                 state, meta = self.restore(step, abstract_state)
+                failure = None
             except Exception as err:  # noqa: BLE001 - any read failure means "this step is unusable"
-                log.warning(
-                    "Checkpoint step %d in %s is unreadable (%s: %s); trying the previous one.",
-                    step, self.directory, type(err).__name__, err,
-                )
+                failure = f"{type(err).__name__}: {err}"
+            if parallel.process_any(failure is not None):  # all processes resume from the same step
+                log.warning("Checkpoint step %d in %s is unreadable (%s); trying the previous one.",
+                            step, self.directory, failure or "on another process")
                 continue
             return step, state, meta
         return None

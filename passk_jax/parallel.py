@@ -1,13 +1,20 @@
-"""Device mesh, logical-axis rules and host <-> global array helpers.
+"""Device mesh, logical-axis rules, multi-process start-up and host <-> global array helpers.
 
 One mesh with axes ('data', 'fsdp', 'tensor') serves every phase. Parameters and activations carry logical
 axis names ("batch", "embed", "heads", ...); `LOGICAL_RULES` maps each onto mesh axes. A mesh axis is used
 at most once per array (the first logical axis that asks for it wins) and is dropped for a dimension it does
 not divide, so the same rules work for every model size and on a single device.
+
+Multi-process runs are plain multi-controller JAX: every process runs the same programs over the global
+mesh. Host-side work on per-row results (detokenising, scoring) is split by `row_owners`: each process
+fetches (`fetch_rows`) and handles only the rows it owns, and `gather_rows` assembles the per-row results
+on every process; `allgather`, `process_max` / `process_sum` and `process_any` reduce host values so every
+process computes the same scalars and takes the same branches. With one process all of them are identities
+that run no collective.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -163,3 +170,113 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         jax.distributed.initialize()
         return True
     return False
+
+
+# --------------------------------------------------------------------------------------------- multi-process
+def is_multiprocess() -> bool:
+    return jax.process_count() > 1
+
+
+def allgather(x: Any) -> np.ndarray:
+    """Every process's host value ``x`` (same shape and dtype everywhere), stacked: [process_count, *shape].
+
+    The bytes travel, so float64 / int64 / structured values arrive exactly without jax_enable_x64."""
+    x = np.asarray(x)  # (np.ascontiguousarray would turn a 0-d value into 1-d)
+    count = jax.process_count()
+    if count == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    raw = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    if raw.size == 0:
+        return np.zeros((count,) + x.shape, x.dtype)
+    out = np.asarray(multihost_utils.process_allgather(raw))
+    return np.ascontiguousarray(out).view(x.dtype).reshape((count,) + x.shape)
+
+
+def process_any(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (e.g. a preemption signal that reached one host)."""
+    return bool(flag) if not is_multiprocess() else bool(allgather(np.bool_(flag)).any())
+
+
+def _reduce(values: Mapping[str, float], op: Any) -> dict[str, float]:
+    if not is_multiprocess():
+        return dict(values)
+    keys = sorted(values)
+    table = allgather(np.array([float(values[k]) for k in keys], np.float64))  # [processes, keys]
+    return {k: float(v) for k, v in zip(keys, op(table, axis=0))}
+
+
+def process_max(values: Mapping[str, float]) -> dict[str, float]:
+    """Per-key maximum over processes (wall-clock timings: the slowest process sets the pace)."""
+    return _reduce(values, np.max)
+
+
+def process_sum(values: Mapping[str, float]) -> dict[str, float]:
+    """Per-key sum over processes (counters such as verifier errors)."""
+    return _reduce(values, np.sum)
+
+
+def put_global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host value that is the same on every process (each places its own shards).
+
+    Unlike ``jax.device_put``, which checks across processes that a host value is identical (a collective
+    and a compilation per shape), this trusts the caller."""
+    x = np.asarray(x)
+    if not is_multiprocess():
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def row_owners(x: jax.Array) -> np.ndarray:
+    """i32[R]: the process that handles each row of the global array ``x`` (R = x.shape[0]).
+
+    A row belongs to the lowest-indexed process that holds it in an addressable shard, so the owners
+    partition the rows, and a row replicated over processes is handled once."""
+    rows = x.shape[0]
+    if getattr(x, "is_fully_addressable", True):
+        return np.full(rows, jax.process_index(), np.int32)
+    owner = np.full(rows, np.iinfo(np.int32).max, np.int32)
+    for device, index in x.sharding.devices_indices_map(x.shape).items():
+        held = np.arange(rows)[index[0]]
+        owner[held] = np.minimum(owner[held], device.process_index)
+    return owner
+
+
+def fetch_rows(x: jax.Array, rows: np.ndarray) -> np.ndarray:
+    """``x[rows]`` as numpy, copied only from this process's addressable shards (every row must be held
+    here, with all its columns: e.g. the rows ``row_owners`` gives this process)."""
+    rows = np.asarray(rows, np.int64)
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))[rows]
+    out = np.zeros((len(rows),) + x.shape[1:], x.dtype)
+    filled = np.zeros(len(rows), bool)
+    for shard in x.addressable_shards:
+        if shard.data.shape[1:] != x.shape[1:]:
+            raise ValueError(f"fetch_rows needs whole rows but a shard of {x.shape} holds {shard.data.shape}.")
+        start, stop, _ = shard.index[0].indices(x.shape[0])
+        take = ~filled & (rows >= start) & (rows < stop)
+        if take.any():
+            out[take] = np.asarray(shard.data)[rows[take] - start]
+            filled |= take
+    if not filled.all():
+        raise ValueError(f"rows {rows[~filled][:8].tolist()} of a {x.shape} array are not held by process "
+                         f"{jax.process_index()}.")
+    return out
+
+
+def gather_rows(local: Mapping[str, np.ndarray], owners: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-row host results computed by their owners, assembled on every process (one collective).
+
+    ``local[name]`` holds the rows r with ``owners[r] == jax.process_index()``, in increasing r; returns the
+    full [R, ...] arrays (bit-exact: each row is copied from its owner, nothing is summed)."""
+    if not is_multiprocess():
+        return {name: np.asarray(v) for name, v in local.items()}
+    mine = owners == jax.process_index()
+    dtype = np.dtype([(name, np.asarray(v).dtype, np.asarray(v).shape[1:]) for name, v in local.items()])
+    packed = np.zeros(len(owners), dtype)
+    for name, v in local.items():
+        packed[name][mine] = v
+    table = allgather(packed)  # [processes, R]
+    picked = table[owners, np.arange(len(owners))]
+    return {name: np.ascontiguousarray(picked[name]) for name in local}

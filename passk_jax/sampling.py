@@ -141,7 +141,7 @@ class Sampler:
         """Place a host array with rows over ('data', 'fsdp') (default placement without a mesh)."""
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(x, parallel.logical_sharding(self.mesh, ("batch",), x.shape))
+        return parallel.put_global(x, parallel.logical_sharding(self.mesh, ("batch",), x.shape))
 
     def _constrain_rows(self, x: jax.Array) -> jax.Array:
         return parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1))

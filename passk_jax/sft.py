@@ -56,11 +56,12 @@ def build_dataset(task: Task, tokenizer: Any, examples: Sequence[Example], *, de
 
 def make_sft_step(graphdef: Any, cfg: StepConfig, mesh: jax.sharding.Mesh, params: Any
                   ) -> tuple[optax.GradientTransformation, Callable]:
-    """``sft_step(params, opt_state, tokens, loss_mask, token_mask) -> (params, opt_state, loss)`` (jitted)."""
+    """``sft_step(params, opt_state, tokens, loss_mask, token_mask) -> (params, opt_state, loss)`` (jitted;
+    the rows must already be placed with ``sft_rows_sharding(mesh)``, or be numpy on a single process)."""
     tx = make_optimizer(cfg)
     p_sh = parallel.param_shardings(params, mesh)
     o_sh = parallel.param_shardings(jax.eval_shape(tx.init, params), mesh)
-    rows = parallel.logical_sharding(mesh, ("batch", None))
+    rows = sft_rows_sharding(mesh)
     rep = NamedSharding(mesh, PartitionSpec())
 
     def loss_fn(p, tokens, loss_mask, token_mask):
@@ -80,6 +81,11 @@ def make_sft_step(graphdef: Any, cfg: StepConfig, mesh: jax.sharding.Mesh, param
     return tx, jitted
 
 
+def sft_rows_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Demonstration rows over ('data', 'fsdp')."""
+    return parallel.logical_sharding(mesh, ("batch", None))
+
+
 def train(graphdef: Any, params: Any, mesh: jax.sharding.Mesh, data: tuple[np.ndarray, ...], *, steps: int,
           batch_size: int, learning_rate: float, warmup_steps: int, seed: int,
           log: Callable[[int, float], None] | None = None, should_stop: Callable[[], bool] | None = None
@@ -87,6 +93,7 @@ def train(graphdef: Any, params: Any, mesh: jax.sharding.Mesh, data: tuple[np.nd
     """Run ``steps`` SFT updates over ``data`` (shuffled each epoch with ``seed``); returns (params, losses).
 
     ``should_stop`` is polled before every update (preemption): when it returns True training stops early.
+    Every process holds the whole (small) dataset and draws the same batches; each places its own rows.
     """
     tokens, loss_mask, token_mask = data
     if batch_size > len(tokens):
@@ -95,9 +102,12 @@ def train(graphdef: Any, params: Any, mesh: jax.sharding.Mesh, data: tuple[np.nd
                      lr_schedule="cosine", total_updates=max(steps, warmup_steps + 1), final_lr_ratio=0.1)
     tx, step = make_sft_step(graphdef, cfg, mesh, params)
     params = jax.device_put(jax.tree.map(jnp.copy, params), parallel.param_shardings(params, mesh))
-    opt_state = jax.jit(tx.init)(params)
+    # placed like the step's outputs, so the second step does not trace and compile again
+    o_sh = parallel.param_shardings(jax.eval_shape(tx.init, params), mesh)
+    opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
     rng = np.random.default_rng(seed)
     order, pos, history = rng.permutation(len(tokens)), 0, []
+    rows = sft_rows_sharding(mesh)
     for i in range(steps):
         if should_stop is not None and should_stop():
             break
@@ -105,7 +115,10 @@ def train(graphdef: Any, params: Any, mesh: jax.sharding.Mesh, data: tuple[np.nd
             order, pos = rng.permutation(len(tokens)), 0
         idx = order[pos:pos + batch_size]
         pos += batch_size
-        params, opt_state, loss = step(params, opt_state, tokens[idx], loss_mask[idx], token_mask[idx])
+        batch = (tokens[idx], loss_mask[idx], token_mask[idx])
+        if parallel.is_multiprocess():  # jit takes no host numpy for a sharding that spans processes
+            batch = tuple(parallel.put_global(x, rows) for x in batch)
+        params, opt_state, loss = step(params, opt_state, *batch)
         if log is not None and (i % 25 == 0 or i == steps - 1):
             history.append(float(loss))
             log(i, history[-1])
@@ -119,30 +132,37 @@ def cache_key(*parts: Any) -> str:
 
 
 def cached_params(cache_dir: str, key: str, abstract_params: Any) -> Any | None:
-    """Restore cached warm-start params, or None when absent/unreadable."""
+    """Restore cached warm-start params, or None when absent/unreadable (every process must call it; all
+    get the same answer: process 0's view of the cache decides, and a failed read anywhere means None)."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.path.join(cache_dir, key))
-    if not os.path.isdir(path):
+    if not parallel.allgather(np.bool_(os.path.isdir(path)))[0]:
         return None
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore(path, jax.tree.map(
+            params = ckpt.restore(path, jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                 abstract_params))
     except Exception:  # noqa: BLE001 - an unreadable cache entry is rebuilt
-        return None
+        params = None
+    return None if parallel.process_any(params is None) else params
 
 
 def save_cached_params(cache_dir: str, key: str, params: Any) -> None:
+    """Save warm-start params under ``cache_dir/key`` (every process must call it; Orbax writes the shards,
+    process 0 moves the finished directory into place)."""
     import orbax.checkpoint as ocp
 
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.abspath(os.path.join(cache_dir, key))
-    tmp = f"{path}.tmp{int(time.time() * 1e6)}"
+    stamp = int(parallel.allgather(np.int64(time.time() * 1e6))[0])  # one temporary name for all processes
+    tmp = f"{path}.tmp{stamp}"
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(tmp, params)
         ckpt.wait_until_finished()
+    if jax.process_index() != 0:
+        return
     if os.path.isdir(path):  # a concurrent run finished first: keep theirs
         import shutil
 

@@ -29,10 +29,12 @@ def powers_of_two(n: int) -> list[int]:
     return ks + [n]
 
 
-def summarize(correct: np.ndarray, sources: Sequence[str], rewards: np.ndarray, texts: Sequence[str],
+def summarize(correct: np.ndarray, sources: Sequence[str], rewards: np.ndarray, texts: Sequence[Any],
               prefix: str = "eval/") -> dict[str, float]:
     """pass@k (mean and standard error over prompts) for k in powers_of_two(n), overall and per source,
-    plus the mean reward and the number of distinct wrong answers per prompt (the paper's diversity)."""
+    plus the mean reward and the number of distinct wrong answers per prompt (the paper's diversity).
+
+    ``texts`` only need to compare equal when the responses do (``Rollouts.text_keys()``)."""
     num_prompts, n = correct.shape
     ks = powers_of_two(n)
     out: dict[str, float] = {f"{prefix}reward_mean": float(rewards.mean())}
@@ -58,7 +60,8 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
              temperature: float = 1.0, top_p: float = 0.95, greedy: bool = True, batch_prompts: int = 64,
              threshold: float = 0.5, prefix: str = "eval/") -> tuple[dict[str, float], np.ndarray]:
     """Sample and score the held-out examples, ``batch_prompts`` per sampler call; returns
-    (metrics, correct bool[P, n])."""
+    (metrics, correct bool[P, n]). With several processes each scores its own rows and every process
+    returns the same metrics (see ``rollout.generate``)."""
     parts = []
     for i, start in enumerate(range(0, len(examples), batch_prompts)):
         parts.append(rollout.generate(
@@ -67,7 +70,7 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
             temperature=temperature, top_p=top_p))
     r = rollout.Rollouts.concat(parts)
     correct = r.rewards > threshold
-    out = summarize(correct, [ex.data_source for ex in examples], r.rewards, r.texts, prefix)
+    out = summarize(correct, [ex.data_source for ex in examples], r.rewards, r.text_keys(), prefix)
     out[f"{prefix}length_mean"] = float(r.lengths.mean())
     if greedy:
         hits = []

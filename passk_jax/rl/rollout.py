@@ -3,41 +3,102 @@
 Row layout everywhere is prompt-major (row = p * n + j). The batch a train step consumes is the prompt,
 left-padded to the sampler's bucket, followed by the completion, right-padded to ``max_new_tokens``; the
 sampler's log-probabilities sit at the completion columns, aligned with the tokens they score.
+
+Multi-process runs: every process samples the same global prompt batch (one program over the global mesh),
+fetches only the sampler rows it owns (``parallel.row_owners``), detokenises and scores only those, and
+``parallel.gather_rows`` assembles rewards, lengths, truncation flags and text ids on every process. The
+completions themselves stay on the devices (``DeviceRows``); ``to_batch`` gathers them into the train
+step's row layout in one compiled program. One process takes the host-numpy path throughout.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import time
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from passk_jax.rl.step import Batch
+from passk_jax import parallel
+from passk_jax.rl.step import Batch, batch_shardings
 from passk_jax.sampling import Sampler, SampleOutput, left_pad
 from passk_jax.tasks import Example, Task
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tasks.tokenizer import decode_response, encode_prompt
 
 
+class DeviceRows:
+    """Rows of global device arrays [R_c, T] (one per sampler call), selected lazily: row i is row
+    ``index[i]`` of the parts' concatenation. Selecting and concatenating only touch the host index;
+    ``to_batch`` gathers the rows on the devices (multi-process rollouts never fetch other processes' rows).
+    """
+
+    def __init__(self, parts: Sequence[jax.Array], index: np.ndarray | None = None):
+        self.parts = tuple(parts)
+        total = sum(p.shape[0] for p in self.parts)
+        self.index = np.arange(total) if index is None else np.asarray(index, np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index),) + tuple(self.parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows: np.ndarray) -> DeviceRows:
+        return DeviceRows(self.parts, self.index[rows])
+
+    @staticmethod
+    def concat(items: Sequence[DeviceRows]) -> DeviceRows:
+        parts, index, offset = [], [], 0
+        for item in items:
+            parts.extend(item.parts)
+            index.append(item.index + offset)
+            offset += sum(p.shape[0] for p in item.parts)
+        return DeviceRows(parts, np.concatenate(index))
+
+
+Rows = np.ndarray | DeviceRows
+
+
+def _concat_rows(items: Sequence[Rows]) -> Rows:
+    if isinstance(items[0], DeviceRows):
+        return DeviceRows.concat(items)
+    return np.concatenate(items)
+
+
 @dataclasses.dataclass
 class Rollouts:
-    """Everything sampled and scored for P prompts x n samples (host numpy, prompt-major rows)."""
+    """Everything sampled and scored for P prompts x n samples (prompt-major rows).
+
+    One process: host numpy throughout. Several processes: ``tokens`` / ``logprobs`` / ``mask`` are
+    ``DeviceRows``, ``texts`` holds only this process's rows (None elsewhere), ``text_ids`` (a hash of every
+    row's text) stands in for the texts in statistics; the other fields are complete on every process.
+    """
 
     examples: list[Example]
     prompts: list[list[int]]      # token ids per prompt
-    tokens: np.ndarray            # i32[P*n, T] completion tokens
-    logprobs: np.ndarray          # f32[P*n, T] sampler log-probs (behaviour policy)
-    mask: np.ndarray              # bool[P*n, T]
+    tokens: Rows                  # i32[P*n, T] completion tokens
+    logprobs: Rows                # f32[P*n, T] sampler log-probs (behaviour policy)
+    mask: Rows                    # bool[P*n, T]
     lengths: np.ndarray           # i32[P*n]
     truncated: np.ndarray         # bool[P*n]
-    texts: list[str]              # decoded completions
+    texts: list[str | None]       # decoded completions
     rewards: np.ndarray           # f32[P, n]
     timings: dict[str, float]
+    text_ids: np.ndarray | None = None  # i64[P*n] text hashes (multi-process); None: texts are complete
 
     @property
     def num_samples(self) -> int:
         return self.rewards.shape[1]
+
+    def text_keys(self) -> Sequence[Any]:
+        """Per row, something equal exactly when the texts are equal (the texts, or their ids)."""
+        return self.texts if self.text_ids is None else self.text_ids.tolist()
 
     def select(self, keep: np.ndarray) -> Rollouts:
         """The prompts where ``keep`` (bool[P]) is True, with their rows."""
@@ -46,7 +107,8 @@ class Rollouts:
                         [p for p, k in zip(self.prompts, keep) if k],
                         self.tokens[rows], self.logprobs[rows], self.mask[rows], self.lengths[rows],
                         self.truncated[rows], [t for t, k in zip(self.texts, rows) if k],
-                        self.rewards[keep], dict(self.timings))
+                        self.rewards[keep], dict(self.timings),
+                        None if self.text_ids is None else self.text_ids[rows])
 
     @staticmethod
     def concat(parts: Sequence[Rollouts]) -> Rollouts:
@@ -54,11 +116,13 @@ class Rollouts:
         for part in parts:
             for key, value in part.timings.items():
                 timings[key] = timings.get(key, 0.0) + value
+        ids = [p.text_ids for p in parts]
         return Rollouts(sum((p.examples for p in parts), []), sum((p.prompts for p in parts), []),
-                        *(np.concatenate([getattr(p, f) for p in parts]) for f in
+                        *(_concat_rows([getattr(p, f) for p in parts]) for f in
                           ("tokens", "logprobs", "mask", "lengths", "truncated")),
                         sum((p.texts for p in parts), []),
-                        np.concatenate([p.rewards for p in parts]), timings)
+                        np.concatenate([p.rewards for p in parts]), timings,
+                        None if any(i is None for i in ids) else np.concatenate(ids))
 
 
 def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: VerifierPool,
@@ -79,7 +143,12 @@ def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
             params, prompts[start:start + size], num_samples=num_samples, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids(tokenizer),
             key=key if size == len(prompts) else jax.random.fold_in(key, c))
-        outs.append(jax.device_get(out))  # one transfer per chunk
+        if parallel.is_multiprocess():
+            outs.append(out)
+        else:
+            outs.append(jax.device_get(out))  # one transfer per chunk
+    if parallel.is_multiprocess():
+        return _generate_multiprocess(outs, examples, prompts, task, tokenizer, pool, num_samples, t0)
     host = SampleOutput(*(np.concatenate([np.asarray(getattr(o, f)) for o in outs])
                           for f in SampleOutput._fields))
     t1 = time.perf_counter()
@@ -92,6 +161,44 @@ def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
                     {"time/sample": t1 - t0, "time/score": t2 - t1})
 
 
+def _generate_multiprocess(outs: Sequence[SampleOutput], examples: Sequence[Example], prompts: list[list[int]],
+                           task: Task, tokenizer: Any, pool: VerifierPool, num_samples: int,
+                           t0: float) -> Rollouts:
+    """``generate`` after sampling, several processes: each fetches, detokenises and scores only the rows it
+    owns; per-row results are then assembled on every process."""
+    owners, local = [], {"tokens": [], "mask": [], "lengths": [], "truncated": []}
+    for out in outs:
+        owner = parallel.row_owners(out.tokens)
+        mine = np.flatnonzero(owner == jax.process_index())
+        for name in local:
+            local[name].append(parallel.fetch_rows(getattr(out, name), mine))
+        owners.append(owner)
+    owners = np.concatenate(owners)
+    local = {name: np.concatenate(v) for name, v in local.items()}
+    t1 = time.perf_counter()
+    mine = np.flatnonzero(owners == jax.process_index())
+    texts = [decode_response(tokenizer, row[m]) for row, m in zip(local["tokens"], local["mask"])]
+    per_row = [examples[r // num_samples] for r in mine]
+    rewards = np.asarray(pool.score(task.score, per_row, texts), np.float32).reshape(len(mine))
+    full = parallel.gather_rows({"rewards": rewards, "lengths": local["lengths"].astype(np.int32),
+                                 "truncated": local["truncated"].astype(bool),
+                                 "text_ids": np.array([text_id(t) for t in texts], np.int64)}, owners)
+    all_texts: list[str | None] = [None] * len(owners)
+    for r, text in zip(mine, texts):
+        all_texts[r] = text
+    t2 = time.perf_counter()
+    heavy = {f: DeviceRows([getattr(o, f) for o in outs]) for f in ("tokens", "logprobs", "mask")}
+    return Rollouts(list(examples), prompts, heavy["tokens"], heavy["logprobs"], heavy["mask"], full["lengths"],
+                    full["truncated"], all_texts, full["rewards"].reshape(len(examples), num_samples),
+                    {"time/sample": t1 - t0, "time/score": t2 - t1}, full["text_ids"])
+
+
+def text_id(text: str) -> int:
+    """A 64-bit hash of a text, the same in every process (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "little", signed=True)
+
+
 def eos_ids(tokenizer: Any) -> tuple[int, ...]:
     """End-of-sequence ids of a tokenizer (its eos token, plus Qwen-style <|im_end|> / <|endoftext|>)."""
     ids = [tokenizer.eos_token_id]
@@ -102,28 +209,52 @@ def eos_ids(tokenizer: Any) -> tuple[int, ...]:
 
 
 def to_batch(r: Rollouts, *, bucket: int, pad_id: int) -> Batch:
-    """Pack rollouts into the train step's ``Batch`` (host numpy; the step places it on the mesh)."""
-    n = r.num_samples
+    """Pack rollouts into the train step's ``Batch``: host numpy (the step places it on the mesh), or, for
+    multi-process ``DeviceRows`` rollouts, global arrays already laid out as the step wants them."""
     p_tokens, p_pos, p_mask = left_pad(r.prompts, bucket, pad_id)
-    rep = lambda x: np.repeat(x, n, axis=0)  # noqa: E731 - prompt rows -> sample rows
+    if isinstance(r.tokens, DeviceRows):
+        mesh = r.tokens.parts[0].sharding.mesh
+        rep = NamedSharding(mesh, PartitionSpec())
+        host = [p_tokens, p_pos, p_mask, r.tokens.index.astype(np.int32), r.rewards.astype(np.float32)]
+        return _batch_program(mesh, r.num_samples, pad_id)(
+            r.tokens.parts, r.logprobs.parts, r.mask.parts, *(parallel.put_global(x, rep) for x in host))
+    return _assemble(np, p_tokens, p_pos, p_mask, r.tokens, r.logprobs, r.mask, r.rewards, r.num_samples, pad_id)
+
+
+def _assemble(xp: Any, p_tokens, p_pos, p_mask, tokens, logprobs, mask, rewards, n: int, pad_id: int) -> Batch:
+    """The batch from prompt arrays [P, bucket] and completion rows [P*n, T], with numpy or jax.numpy."""
+    rep = lambda x: xp.repeat(x, n, axis=0)  # noqa: E731 - prompt rows -> sample rows
     prompt_len = rep(p_mask.sum(1).astype(np.int32))
-    t = r.tokens.shape[1]
-    c_pos = prompt_len[:, None] + np.arange(t, dtype=np.int32)[None]
-    zeros = np.zeros((r.tokens.shape[0], bucket), np.float32)
+    t = tokens.shape[1]
+    c_pos = prompt_len[:, None] + xp.arange(t, dtype=np.int32)[None]
+    zeros = xp.zeros((tokens.shape[0], p_tokens.shape[1]), np.float32)
     return Batch(
-        tokens=np.concatenate([rep(p_tokens), np.where(r.mask, r.tokens, pad_id)], 1).astype(np.int32),
-        positions=np.concatenate([rep(p_pos), np.where(r.mask, c_pos, 0)], 1).astype(np.int32),
-        token_mask=np.concatenate([rep(p_mask), r.mask], 1),
-        loss_mask=np.concatenate([np.zeros_like(rep(p_mask)), r.mask], 1),
-        sampler_logprobs=np.concatenate([zeros, np.where(r.mask, r.logprobs, 0.0)], 1).astype(np.float32),
-        rewards=r.rewards.astype(np.float32),
-        valid=np.ones(r.rewards.shape, bool),
+        tokens=xp.concatenate([rep(p_tokens), xp.where(mask, tokens, pad_id)], 1).astype(np.int32),
+        positions=xp.concatenate([rep(p_pos), xp.where(mask, c_pos, 0)], 1).astype(np.int32),
+        token_mask=xp.concatenate([rep(p_mask), mask], 1),
+        loss_mask=xp.concatenate([xp.zeros_like(rep(p_mask)), mask], 1),
+        sampler_logprobs=xp.concatenate([zeros, xp.where(mask, logprobs, 0.0)], 1).astype(np.float32),
+        rewards=rewards.astype(np.float32),
+        valid=xp.ones(rewards.shape, bool),
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _batch_program(mesh: jax.sharding.Mesh, n: int, pad_id: int):
+    """One jitted program: gather the rollout rows from the sampler outputs and assemble the Batch with the
+    train step's shardings (XLA moves rows between processes where the layouts differ)."""
+    def build(tokens, logprobs, mask, p_tokens, p_pos, p_mask, index, rewards):
+        rows = lambda parts: jnp.concatenate(parts)[index]  # noqa: E731
+        return _assemble(jnp, p_tokens, p_pos, p_mask, rows(tokens), rows(logprobs), rows(mask), rewards, n,
+                         pad_id)
+
+    return jax.jit(build, out_shardings=batch_shardings(mesh))
 
 
 def rollout_metrics(r: Rollouts, prefix: str = "rollout/") -> dict[str, float]:
     """Host-side statistics of a rollout batch (reward, lengths, truncation, zero-variance groups)."""
     spread = r.rewards.max(1) - r.rewards.min(1)
+    keys = r.text_keys()
     return {
         f"{prefix}reward_mean": float(r.rewards.mean()),
         f"{prefix}reward_std": float(r.rewards.std()),
@@ -134,5 +265,5 @@ def rollout_metrics(r: Rollouts, prefix: str = "rollout/") -> dict[str, float]:
         f"{prefix}solved_all_frac": float((r.rewards.min(1) >= 1).mean()),
         f"{prefix}zero_variance_frac": float((spread == 0).mean()),
         f"{prefix}distinct_texts_per_prompt": float(np.mean(
-            [len(set(r.texts[i * r.num_samples:(i + 1) * r.num_samples])) for i in range(len(r.examples))])),
+            [len(set(keys[i * r.num_samples:(i + 1) * r.num_samples])) for i in range(len(r.examples))])),
     }

@@ -5,6 +5,13 @@
 the newest readable one; resuming is exact (bit-identical on CPU) because every random draw is derived from
 (seed, step) and the data order from (seed, position), and both are saved. SIGTERM / SIGINT save a
 checkpoint and stop cleanly (preemption).
+
+Multi-process runs (``parallel.initialize_distributed``) are one multi-controller job: every process runs
+this same loop and the same compiled programs over the global mesh; each scores only its own rollout rows
+(``rollout.generate``); host-side decisions (stop, resume, cache hits) and metrics (timings: max over
+processes, verifier counters: sum) are agreed across processes; only process 0 writes config.json,
+metrics.jsonl / TensorBoard, eval_*.json, report.md and the tokenizer; checkpoints and the Hugging Face
+export are written by all processes together (Orbax / ``hf.save_pretrained`` coordinate the files).
 """
 from __future__ import annotations
 
@@ -71,6 +78,8 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
     need(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}.")
     need(e.num_samples >= 1 and e.num_prompts >= 1, "eval.num_samples and eval.num_prompts must be >= 1.")
     need(config.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
+    need(str(config.model.get("scan_layers", False)).lower() in ("true", "false"),
+         f"model.scan_layers must be true or false, got {config.model.get('scan_layers')!r}.")
     need(config.train.eval_every >= 0, "train.eval_every must be >= 0 (0 = only before and after).")
     need(config.model.hf_path or config.model.preset != "hf",
          "this config loads a Hugging Face checkpoint: set --config.model.hf_path=/path/to/model_dir.")
@@ -121,17 +130,25 @@ class DataStream:
 
 
 # --------------------------------------------------------------------------------------------- setup
+def scan_layers(config: ConfigDict) -> bool:
+    """``model.scan_layers`` (default False: the unrolled stack steps faster on CPU and on an H100, and
+    compiles slower; see BUILD_NOTES)."""
+    return str(config.model.get("scan_layers", False)).lower() == "true"
+
+
 def build_model(config: ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     """(graphdef, params, ModelConfig, tokenizer): a local HF checkpoint, or a fresh char-level model."""
     m = config.model
     if m.hf_path:
-        model, cfg = hf.load_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
+        model, cfg = hf.load_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
+                                        remat=m.remat, scan_layers=scan_layers(config))
         from passk_jax.models.transformer import split
 
         graphdef, params = split(model)
         return graphdef, params, cfg, hf.load_tokenizer(m.hf_path)
     tok_dir = os.path.join(workdir, "tokenizer")
-    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+    # process 0's view decides, so no process reads the file while process 0 is writing it
+    if parallel.allgather(np.bool_(os.path.exists(os.path.join(tok_dir, "tokenizer.json"))))[0]:
         tokenizer = load_tokenizer(tok_dir)
     else:
         tokenizer = build_char_tokenizer()
@@ -139,7 +156,7 @@ def build_model(config: ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
             tokenizer.save_pretrained(tok_dir)
     preset = getattr(ModelConfig, m.preset)
     cfg = preset(vocab_size=len(tokenizer), max_position_embeddings=m.max_len, dtype=m.dtype,
-                 param_dtype=m.param_dtype, remat=m.remat)
+                 param_dtype=m.param_dtype, remat=m.remat, scan_layers=scan_layers(config))
     graphdef, params = init_model(cfg, seed=config.seed, mesh=mesh)
     return graphdef, params, cfg, tokenizer
 
@@ -147,7 +164,9 @@ def build_model(config: ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
 def warm_start(config, graphdef, params, mesh, task, tokenizer, train_examples, model_cfg, guard=None):
     """SFT on demonstrations, cached under sft.cache_dir keyed by everything that determines the result.
 
-    A preemption signal (``guard.requested``) stops SFT early; the partial result is not cached."""
+    A preemption signal (``guard.requested``, on any process) stops SFT early; the partial result is not
+    cached."""
+    stop = (lambda: False) if guard is None else (lambda: parallel.process_any(guard.requested))
     s = config.sft
     seed = config.seed if s.seed < 0 else s.seed
     key = sft.cache_key(str(model_cfg), config.task.to_dict(), s.to_dict(), seed,
@@ -170,14 +189,14 @@ def warm_start(config, graphdef, params, mesh, task, tokenizer, train_examples, 
 
     params, history = sft.train(graphdef, params, mesh, data, steps=s.steps, batch_size=s.batch_size,
                                 learning_rate=s.learning_rate, warmup_steps=s.warmup_steps, seed=seed,
-                                log=progress, should_stop=None if guard is None else (lambda: guard.requested))
+                                log=progress, should_stop=stop)
     bar.close()
-    if guard is not None and guard.requested:
+    if stop():
         return params, {}
-    if s.cache and jax.process_index() == 0:
+    if s.cache:
         sft.save_cached_params(s.cache_dir, key, params)
-    return params, {"sft/final_loss": history[-1], "sft/time_s": time.perf_counter() - t0,
-                    "sft/examples": float(len(data[0]))}
+    elapsed = parallel.process_max({"sft/time_s": time.perf_counter() - t0})
+    return params, {"sft/final_loss": history[-1], **elapsed, "sft/examples": float(len(data[0]))}
 
 
 def _state_tree(state: TrainState) -> dict:
@@ -265,13 +284,14 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
     state = step_fns(0)[0](params, jax.random.fold_in(root, 1))
     restored = ckpt.restore_latest(_state_tree(state))
     summary: dict[str, Any] = {"workdir": workdir}
+    preempted = lambda: parallel.process_any(guard.requested)  # noqa: E731 - the same answer on every process
     try:
         if restored is None:
             start, position = 0, 0
             if config.sft.steps > 0:
                 params, sft_metrics = warm_start(config, graphdef, params, mesh, task, tokenizer,
                                                  train_examples, model_cfg, guard)
-                if guard.requested:  # preempted during the warm start: nothing worth a checkpoint yet
+                if preempted():  # preempted during the warm start: nothing worth a checkpoint yet
                     summary.update(status="preempted", step=0, signal=guard.signal_name)
                     return summary
                 writer.write(0, sft_metrics)
@@ -287,9 +307,10 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
             writer.truncate_after(start)
             log.info("resumed from checkpoint step %d in %s", start, ckpt.directory)
         bar = tqdm(total=total_steps, initial=start, desc="RL", disable=not is_main, dynamic_ncols=True)
-        step = start
+        step = saved = start
+        stopping = preempted()
         while step < total_steps:
-            if guard.requested or (stop_after is not None and step >= stop_after):
+            if stopping or (stop_after is not None and step >= stop_after):
                 break
             stage = stage_of(step)
             t0 = time.perf_counter()
@@ -308,10 +329,12 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
                        if np.ndim(v) == 0}
             scalars.update(rollout.rollout_metrics(r))
             scalars.update(extra)
-            scalars.update(r.timings)
-            scalars.update(pool.metrics())
+            times = parallel.process_max({**r.timings, "time/update": t2 - t1, "time/step": t2 - t0})
+            scalars.update({name: times[name] for name in r.timings})
+            scalars.update(parallel.process_sum(pool.metrics()))
             tokens = float(r.lengths.sum())
-            scalars.update({"time/update": t2 - t1, "time/step": t2 - t0, "perf/tokens_per_s": tokens / (t2 - t0),
+            scalars.update({"time/update": times["time/update"], "time/step": times["time/step"],
+                            "perf/tokens_per_s": tokens / times["time/step"],
                             "train/stage": float(stage), "train/data_position": float(position)})
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
                 ev, _ = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
@@ -321,15 +344,17 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
             bar.update(1)
             if is_main and step % config.train.log_every == 0:
                 bar.write(console_line(step, total_steps, scalars, CONSOLE_KEYS))
-            stopping = guard.requested or step == stop_after
-            if step % config.train.checkpoint_every == 0 or step == total_steps or stopping:
+            stopping = preempted()
+            if step % config.train.checkpoint_every == 0 or step == total_steps or stopping or step == stop_after:
                 ckpt.save(step, _state_tree(state), {"data_position": position, "stage": stage})
+                saved = step
         bar.close()
-        if guard.requested or step < total_steps:
-            if step > 0 and step not in ckpt.steps():
+        stopping = stopping or preempted()
+        if stopping or step < total_steps:
+            if step > 0 and step != saved:
                 ckpt.save(step, _state_tree(state), {"data_position": position, "stage": stage_of(step - 1)})
             ckpt.wait()
-            status = "preempted" if guard.requested else "stopped"
+            status = "preempted" if stopping else "stopped"
             summary.update(status=status, step=step, signal=guard.signal_name)
             log.warning("%s: checkpoint saved at step %d", guard.signal_name or "stop_after", step)
             return summary
@@ -337,10 +362,10 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
                                        key=jax.random.fold_in(root, 2), **eval_kwargs)
         writer.write(total_steps, final)
         ckpt.wait()
+        if config.train.export_hf:  # every process joins the parameter gathers; process 0 writes
+            export(graphdef, state.params, model_cfg, tokenizer, os.path.join(workdir, "hf_export"))
         if is_main:
             _dump(os.path.join(workdir, "eval_final.json"), final)
-            if config.train.export_hf:
-                export(graphdef, state.params, model_cfg, tokenizer, os.path.join(workdir, "hf_export"))
             report.write(workdir, config)
         summary.update(status="done", step=step, final=final)
         return summary
@@ -352,9 +377,12 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
 
 
 def export(graphdef: Any, params: Any, model_cfg: ModelConfig, tokenizer: Any, out_dir: str) -> None:
-    """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer) of ``params``."""
+    """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer) of ``params``.
+
+    Every process must call it (the parameters are gathered); process 0 writes."""
     hf.save_pretrained((graphdef, params), model_cfg, out_dir)
-    tokenizer.save_pretrained(out_dir)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(out_dir)
 
 
 def _dump(path: str, obj: dict) -> None:
