@@ -210,12 +210,13 @@ def _best_of(fn, repeats: int):
 
 
 def layer_stack_override(platform: str) -> dict:
-    """The trainer's ``model.scan_layers="auto"``: scan the layer stack except on CPU, where the unrolled stack
-    is faster (only where this checkout's ModelConfig has the field)."""
+    """The trainer's default ``model.scan_layers=False`` (the unrolled layer stack; only where this checkout's
+    ModelConfig has the field). ``platform`` is kept for callers; the choice no longer depends on it."""
     from passk_jax.models.transformer import ModelConfig
+    del platform
     if "scan_layers" not in {f.name for f in dataclasses.fields(ModelConfig)}:
         return {}
-    return dict(scan_layers=platform != "cpu")
+    return dict(scan_layers=False)
 
 
 def run_ours(workdir: str | Path) -> dict:
