@@ -41,8 +41,12 @@ from absl import app, flags
 from experiments import configs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory (default: a fresh temporary directory, removed after).")
-flags.DEFINE_bool("keep_sft", False, "Reuse the SFT cache (runs/.sft_cache) instead of measuring the warm start.")
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when run as a program, so importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "Run directory (default: a fresh temporary directory, removed after).")
+    flags.DEFINE_bool("keep_sft", False, "Reuse the SFT cache (runs/.sft_cache) instead of measuring the warm start.")
 
 ABSORBING = ("eval", "warm start (SFT)")  # phases that keep the time of everything they call
 HOST_ONLY = ("prompt preparation", "detokenise", "score", "batch assembly", "logging")
@@ -184,5 +188,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     configs.define_config_flag()
     app.run(main)
