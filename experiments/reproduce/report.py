@@ -148,6 +148,15 @@ def study_section(s: dict[str, Any]) -> list[str]:
     if quick:
         out += ["> **Quick mode** (`--quick`): a smoke test of the pipeline with tiny sizes, a couple of RL "
                 "steps and one seed. The numbers below carry no information about the claims.", ""]
+    else:
+        from experiments.reproduce.study import FULL, METHODS
+        missing = [m.label for m in METHODS if m.key not in rows]
+        if missing or seeds < FULL.seeds:
+            out += [f"> **Partial study:** {seeds} of {FULL.seeds} seeds"
+                    + (f"; not yet run: {', '.join(missing)}" if missing else "")
+                    + ". With one seed every verdict below is inconclusive by construction (no standard error); "
+                    "rerun `python -m experiments.reproduce --study` to complete it (finished runs are "
+                    "skipped).", ""]
     o = spec["overrides"]
     out += ["**Setup.** Tiny character-level transformer (`ModelConfig.tiny`, ~1M parameters) on mazes; "
             f"train sizes {', '.join(f'{t}×{t}' for t in spec['train_sizes'])}, held-out test sizes "
