@@ -79,6 +79,7 @@ def test_judge():
     assert report.judge((0.5, 0.01), (0.2, 0.01), 3)[1] == "reproduced"
     assert report.judge((0.2, 0.01), (0.5, 0.01), 3)[1] == "contradicted"
     assert report.judge((0.21, 0.05), (0.2, 0.05), 3)[1].startswith("inconclusive")
+    assert "2 SE = 7.07)" in report.judge((0.21, 0.025), (0.2, 0.025), 3, scale=100.0)[1]  # printed in the unit of Δ
     assert report.judge((0.2, float("nan")), (0.2, float("nan")), 1)[1].startswith("single seed")
 
 

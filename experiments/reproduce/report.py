@@ -122,9 +122,10 @@ def _metric_key(study: dict[str, Any], metric: str) -> str:
             "diversity": "eval/distinct_wrong_per_prompt"}[metric]
 
 
-def judge(a: tuple[float, float], b: tuple[float, float], seeds: int) -> tuple[float, str]:
+def judge(a: tuple[float, float], b: tuple[float, float], seeds: int, scale: float = 1.0) -> tuple[float, str]:
     """(difference a - b, verdict): 'reproduced' when a - b > 2 SE of the difference, 'contradicted' when
-    a - b < -2 SE, 'inconclusive' otherwise; with one seed only the direction is reported."""
+    a - b < -2 SE, 'inconclusive' otherwise; with one seed only the direction is reported. ``scale`` only
+    changes the unit the verdict prints (100 for percentages), never the verdict."""
     diff = a[0] - b[0]
     if seeds < 2:
         direction = "same direction" if diff > 0 else "opposite direction" if diff < 0 else "no difference"
@@ -134,7 +135,7 @@ def judge(a: tuple[float, float], b: tuple[float, float], seeds: int) -> tuple[f
         return diff, "reproduced"
     if diff < -2 * se:
         return diff, "contradicted"
-    return diff, f"inconclusive (|difference| ≤ 2 SE = {2 * se:.3g})"
+    return diff, f"inconclusive (|difference| ≤ 2 SE = {2 * se * scale:.2f})"
 
 
 def study_section(s: dict[str, Any]) -> list[str]:
@@ -150,7 +151,15 @@ def study_section(s: dict[str, Any]) -> list[str]:
                 "steps and one seed. The numbers below carry no information about the claims.", ""]
     else:
         from experiments.reproduce.study import FULL, METHODS
-        missing = [m.label for m in METHODS if m.key not in rows]
+        requested = spec.get("methods", [m.key for m in METHODS])
+        missing = [m.label for m in METHODS if m.key in requested and m.key not in rows]
+        left_out = [m.label for m in METHODS if m.key not in requested]
+        if left_out:
+            out += [f"> **Subset study** (`--methods`): {', '.join(left_out)} not included.", ""]
+        steps = spec["overrides"].get("train.steps")
+        if steps != FULL.overrides["train.steps"]:
+            out += [f"> **Budget changed** (`--steps`): {steps} RL steps per run (default study: "
+                    f"{FULL.overrides['train.steps']}).", ""]
         if missing or seeds < FULL.seeds:
             out += [f"> **Partial study:** {seeds} of {FULL.seeds} seeds"
                     + (f"; not yet run: {', '.join(missing)}" if missing else "")
@@ -219,10 +228,43 @@ def study_section(s: dict[str, Any]) -> list[str]:
         key = _metric_key(s, metric)
         sa, sb = rows[a]["stats"][key], rows[b]["stats"][key]
         scale = 100.0 if key.startswith("eval/pass") else 1.0
-        diff, verdict = judge(tuple(sa), tuple(sb), seeds)
+        diff, verdict = judge(tuple(sa), tuple(sb), seeds, scale)
         out.append(f"| {text} | {paper} | {_pm(sa, scale, 2)} vs {_pm(sb, scale, 2)} "
                    f"(Δ = {diff * scale:+.2f}) | {verdict} |")
-    out += [""]
+    out += [""] + findings(s, rows, seeds)
+    return out
+
+
+def findings(s: dict[str, Any], rows: dict[str, Any], seeds: int) -> list[str]:
+    """Section 2.4: what moved from the warm start, and how many claims point the paper's way."""
+    kmax = s["ks"][-1]
+    w = rows["warm_start"]["stats"]
+    keys = ("eval/pass@1", f"eval/pass@{kmax}", "entropy_final")
+    out = ["### 2.4 What the numbers say", "",
+           f"Change from the warm start (points of pass@1 and pass@{kmax}; nats of token entropy), mean over "
+           "seeds:", "", f"| training | Δ pass@1 | Δ pass@{kmax} | Δ entropy |", "|---|---|---|---|"]
+    for r in s["rows"]:
+        if r["method"] == "warm_start":
+            continue
+        st = r["stats"]
+        d = [st[k][0] - w[k][0] for k in keys]
+        out.append(f"| {r['label']} | {d[0] * 100:+.1f} | {d[1] * 100:+.1f} | {d[2]:+.3f} |")
+    same = total = 0
+    verdicts: dict[str, int] = {}
+    for _, a, b, metric, _ in CLAIMS:
+        if a not in rows or b not in rows:
+            continue
+        key = _metric_key(s, metric)
+        diff, verdict = judge(tuple(rows[a]["stats"][key]), tuple(rows[b]["stats"][key]), seeds)
+        total += 1
+        same += diff > 0
+        word = verdict.split(" ")[0]
+        verdicts[word] = verdicts.get(word, 0) + 1
+    summary = ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items()))
+    out += ["", f"Of {total} claims, {same} have point estimates in the paper's direction ({summary}). Read the "
+            "size of each Δ against the standard errors above and the entropy column: a policy whose entropy "
+            "has barely moved has not yet reached the regime (Pass@1 converging to a narrow, confident policy) "
+            "where the paper's differences open up.", ""]
     return out
 
 
