@@ -1,0 +1,177 @@
+"""Attention kernels of the decoder, in plain XLA.
+
+* ``plain(q, k, v, mask)``: one einsum-softmax-einsum over the whole [S, T] score matrix. Used with a KV cache
+  (prefill and decode) and, by default, on accelerators, where XLA fuses it well.
+* ``blocked_causal(q, k, v, mask)``: the no-cache (training / scoring) path on CPU. FlashAttention-style: a
+  ``custom_vjp`` whose forward and backward walk blocks of rows (``lax.map``) and, inside a block, chunks of
+  queries that only read the keys at or before the chunk (causal: later keys are masked anyway). Each block's
+  f32 scores stay small enough for the CPU caches, the backward recomputes the probabilities from the saved
+  log-sum-exp instead of storing them, and the masked upper triangle is never computed. Same results as
+  ``plain`` to float32 rounding wherever a query has at least one visible key.
+
+Layouts: q [B,S,H,hd], k/v [B,KV,T,hd] (the cache layout), mask bool[B,S,T]; query head h uses kv head
+h // (H / KV) (HF ``repeat_kv``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+# A finite "minus infinity": a query that sees no key gets a uniform distribution instead of NaN (its output
+# is ignored: such positions are padding).
+_NEG = float(jnp.finfo(jnp.float32).min)
+# f32 bytes of one block's scores that stay in a 2-core CPU's caches well (measured: 0.5-4 MiB all similar).
+_BLOCK_BYTES = 2 << 20
+_MAX_CHUNKS = 16
+
+
+def _merge_groups(q: jax.Array, kv_heads: int) -> jax.Array:
+    """q [B,S,H,hd] -> [B,KV,S*G,hd] (rows of the merged axis are (s, g))."""
+    B, S, H, hd = q.shape
+    return jnp.swapaxes(q.reshape(B, S, kv_heads, H // kv_heads, hd), 1, 2).reshape(B, kv_heads, S * (H // kv_heads), hd)
+
+
+def _split_groups(o: jax.Array, S: int) -> jax.Array:
+    """[B,KV,S*G,hd] -> [B,S,H,hd]."""
+    B, KV, SG, hd = o.shape
+    return jnp.swapaxes(o.reshape(B, KV, S, SG // S, hd), 1, 2).reshape(B, S, KV * (SG // S), hd)
+
+
+def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """q [b,KV,S*G,hd], k [b,KV,T,hd], mask [b,S,T] -> masked f32 scores [b,KV,S,G,T]."""
+    b, KV, SG, _ = q.shape
+    S = mask.shape[1]
+    s = jnp.einsum("bnqk,bntk->bnqt", q, k, preferred_element_type=jnp.float32) * scale
+    s = s.reshape(b, KV, S, SG // S, -1)
+    return jnp.where(mask[:, None, :, None], s, _NEG)
+
+
+def plain(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B,S,H,hd], k/v [B,KV,T,hd], mask bool[B,S,T] -> [B,S,H,hd]; softmax in float32.
+
+    Batch-leading einsums over [B, KV, S*G, .] so k/v (the cache layout) are read without a transpose."""
+    B, S, H, hd = q.shape
+    KV = k.shape[1]
+    s = _scores(_merge_groups(q, KV), k, mask, hd ** -0.5)
+    probs = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(B, KV, S * (H // KV), -1)
+    return _split_groups(jnp.einsum("bnqt,bntk->bnqk", probs, v), S)
+
+
+# ------------------------------------------------------------------------------------------ blocked causal
+def _chunks(S: int, C: int) -> list[tuple[int, int]]:
+    c = -(-S // C)
+    return [(i * c, min((i + 1) * c, S)) for i in range(C) if i * c < S]
+
+
+def _fwd_chunk(q, k, v, mask, scale):
+    s = _scores(q, k, mask, scale)
+    m = jnp.max(s, -1, keepdims=True)
+    e = jnp.exp(s - m)
+    total = jnp.sum(e, -1, keepdims=True)
+    b, KV, S, G, T = s.shape
+    o = jnp.einsum("bnqt,bntk->bnqk", (e / total).reshape(b, KV, S * G, T).astype(v.dtype), v)
+    return o, (m + jnp.log(total))[..., 0].reshape(b, KV, S * G)
+
+
+def _bwd_chunk(q, k, v, mask, o, lse, do, scale):
+    s = _scores(q, k, mask, scale)
+    b, KV, S, G, T = s.shape
+    p = jnp.exp(s.reshape(b, KV, S * G, T) - lse[..., None])
+    dv = jnp.einsum("bnqt,bnqk->bntk", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bnqk,bntk->bnqt", do, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True)
+    ds = (p * (dp - delta) * scale).astype(q.dtype)
+    dq = jnp.einsum("bnqt,bntk->bnqk", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bnqt,bnqk->bntk", ds, q, preferred_element_type=jnp.float32)
+    return dq, dk, dv
+
+
+def _fwd_block(q, k, v, mask, scale, chunks):
+    G = q.shape[2] // mask.shape[1]
+    outs = [_fwd_chunk(q[:, :, lo * G:hi * G], k[:, :, :hi], v[:, :, :hi], mask[:, lo:hi, :hi], scale)
+            for lo, hi in chunks]
+    return jnp.concatenate([o for o, _ in outs], 2), jnp.concatenate([lse for _, lse in outs], 2)
+
+
+def _bwd_block(q, k, v, mask, o, lse, do, scale, chunks):
+    G = q.shape[2] // mask.shape[1]
+    dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for lo, hi in chunks:
+        rows = slice(lo * G, hi * G)
+        dq_c, dk_c, dv_c = _bwd_chunk(q[:, :, rows], k[:, :, :hi], v[:, :, :hi], mask[:, lo:hi, :hi],
+                                      o[:, :, rows], lse[:, :, rows], do[:, :, rows], scale)
+        dqs.append(dq_c)
+        dk, dv = dk.at[:, :, :hi].add(dk_c), dv.at[:, :, :hi].add(dv_c)
+    return jnp.concatenate(dqs, 2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _to_blocks(x: jax.Array, rows: int) -> jax.Array:
+    """[B, ...] -> [B/rows, rows, ...]; block i holds rows {j * B/rows + i}, so the row axis keeps its
+    (contiguous) data-parallel sharding and the mapped axis is unsharded."""
+    B = x.shape[0]
+    return jnp.swapaxes(x.reshape((rows, B // rows) + x.shape[1:]), 0, 1)
+
+
+def _from_blocks(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blocked(q, k, v, mask, rows, chunks, scale):
+    return _blocked_fwd(q, k, v, mask, rows, chunks, scale)[0]
+
+
+def _blocked_fwd(q, k, v, mask, rows, chunks, scale):
+    o, lse = jax.lax.map(lambda a: _fwd_block(*a, scale, chunks), tuple(_to_blocks(x, rows) for x in (q, k, v, mask)))
+    o = _from_blocks(o)
+    return o, (q, k, v, mask, o, _from_blocks(lse))
+
+
+def _blocked_bwd(rows, chunks, scale, res, do):
+    blocks = tuple(_to_blocks(x, rows) for x in (*res, do))
+    dq, dk, dv = jax.lax.map(lambda a: _bwd_block(*a, scale, chunks), blocks)
+    return _from_blocks(dq), _from_blocks(dk), _from_blocks(dv), None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def _row_shards(batch: int) -> int:
+    """How many ways the row axis is split over the mesh set while tracing (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    from passk_jax.parallel import logical_spec
+
+    axes = logical_spec(("batch",), mesh, (batch,))
+    names = axes[0] if len(axes) else None
+    names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def blocked_plan(batch: int, seq: int, heads: int, shards: int = 1) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """(rows per block, query chunks) for ``blocked_causal``: chunks of about 40 queries (at most 16 chunks),
+    and as many rows per block (a multiple of ``shards`` dividing ``batch``) as keep one chunk's scores near
+    ``_BLOCK_BYTES``."""
+    chunks = tuple(_chunks(seq, min(_MAX_CHUNKS, max(1, -(-seq // 40)))))
+    per_row = heads * (chunks[0][1] - chunks[0][0]) * max(1, seq // 2) * 4
+    local = batch // shards if shards > 1 and batch % shards == 0 else batch
+    shards = batch // local
+    want = max(1, _BLOCK_BYTES // (per_row * shards))
+    rows_local = max(d for d in range(1, local + 1) if local % d == 0 and d <= want)
+    return rows_local * shards, chunks
+
+
+def blocked_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """``plain`` for the no-cache causal case (T == S and mask[b, s, t] is False for t > s), blocked; see the
+    module docstring."""
+    B, S, H, hd = q.shape
+    KV = k.shape[1]
+    if k.shape[2] != S:
+        raise ValueError(f"blocked_causal needs as many keys as queries, got {k.shape[2]} keys for {S} queries.")
+    rows, chunks = blocked_plan(B, S, H, _row_shards(B))
+    o = _blocked(_merge_groups(q, KV), k, v, mask, rows, chunks, hd ** -0.5)
+    return _split_groups(o, S)

@@ -1,0 +1,112 @@
+"""The blocked causal attention kernel against the plain one: values, gradients, sharding, block plans."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from passk_jax import parallel
+from passk_jax.models import attention as A
+from passk_jax.models import transformer as T
+
+
+def _inputs(B, S, H, KV, hd, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=shape), dtype) for shape in
+               ((B, S, H, hd), (B, KV, S, hd), (B, KV, S, hd)))
+    # left padding of random width plus random holes; the last position is always a real token
+    token_mask = (np.arange(S)[None] >= rng.integers(0, max(1, S // 3), (B, 1))) & (rng.uniform(size=(B, S)) > 0.15)
+    token_mask[:, -1] = True
+    t = np.arange(S)
+    mask = jnp.asarray((t[None, :] <= t[:, None])[None] & token_mask[:, None, :])
+    seen = jnp.any(mask, -1)[:, :, None, None]  # queries with at least one visible key
+    weights = jnp.asarray(rng.normal(size=(B, S, H, hd)), jnp.float32)
+    return q, k, v, mask, seen, weights
+
+
+def _loss(kernel, mask, seen, weights):
+    return lambda q, k, v: jnp.sum(jnp.where(seen, kernel(q, k, v, mask), 0.0).astype(jnp.float32) * weights)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2, 1, 4), (3, 5, 2, 1, 4), (6, 37, 6, 2, 8), (32, 152, 4, 2, 32),
+                                   (7, 100, 4, 4, 16), (1, 300, 2, 1, 8)])
+def test_blocked_matches_plain(shape):
+    """Outputs where a query sees a key, and all three input gradients, equal the plain kernel's to float32
+    rounding (relative 1e-5: the blocked kernel sums the same terms in another order)."""
+    q, k, v, mask, seen, w = _inputs(*shape)
+    ref, out = A.plain(q, k, v, mask), jax.jit(A.blocked_causal)(q, k, v, mask)
+    np.testing.assert_allclose(np.where(seen, out, 0), np.where(seen, ref, 0), atol=2e-6, rtol=1e-5)
+    g_ref = jax.grad(_loss(A.plain, mask, seen, w), (0, 1, 2))(q, k, v)
+    g_out = jax.jit(jax.grad(_loss(A.blocked_causal, mask, seen, w), (0, 1, 2)))(q, k, v)
+    for a, b in zip(g_out, g_ref):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
+
+
+def test_blocked_bfloat16_close_to_plain():
+    q, k, v, mask, seen, _ = _inputs(4, 50, 4, 2, 16, dtype=jnp.bfloat16)
+    ref = A.plain(q, k, v, mask).astype(jnp.float32)
+    out = jax.jit(A.blocked_causal)(q, k, v, mask).astype(jnp.float32)
+    assert out.dtype == jnp.float32 and A.blocked_causal(q, k, v, mask).dtype == jnp.bfloat16
+    assert float(jnp.max(jnp.abs(jnp.where(seen, out - ref, 0)))) <= 0.05  # bf16 outputs: 8 mantissa bits
+
+
+def test_blocked_needs_self_attention_shapes():
+    q, k, v, mask, _, _ = _inputs(2, 6, 2, 1, 4)
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        A.blocked_causal(q, k[:, :, :4], v[:, :, :4], mask[:, :, :4])
+
+
+@pytest.mark.parametrize("batch,seq,heads,shards", [(128, 152, 4, 1), (128, 152, 8, 8), (6, 37, 6, 4),
+                                                    (1, 1, 1, 1), (96, 2048, 14, 2), (10, 80, 2, 4)])
+def test_block_plan(batch, seq, heads, shards):
+    rows, chunks = A.blocked_plan(batch, seq, heads, shards)
+    assert batch % rows == 0
+    if batch % shards == 0:
+        assert rows % shards == 0  # every device gets the same number of rows of each block
+    assert chunks[0][0] == 0 and chunks[-1][1] == seq and len(chunks) <= A._MAX_CHUNKS
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+
+
+@pytest.mark.parametrize("mesh_shape", [dict(data=8), dict(data=2, fsdp=4), dict(data=1, fsdp=4, tensor=2)])
+def test_blocked_sharded_matches_single_device(mesh_shape):
+    q, k, v, mask, seen, w = _inputs(16, 40, 4, 2, 8, seed=3)
+    mesh = parallel.make_mesh(**mesh_shape)
+    put = lambda x, axes: jax.device_put(x, parallel.logical_sharding(mesh, axes, x.shape))  # noqa: E731
+    qs = put(q, ("batch", "length", "heads", "head_dim"))
+    ks, vs = (put(x, ("batch", "kv_heads", "length", "head_dim")) for x in (k, v))
+    ms = put(mask, ("batch", "length", None))
+    grad = jax.jit(jax.value_and_grad(_loss(A.blocked_causal, mask, seen, w), (0, 1, 2)))
+    (val, g) = grad(q, k, v)
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(jax.value_and_grad(_loss(A.blocked_causal, ms, seen, w), (0, 1, 2)))
+        (val_s, g_s) = sharded(qs, ks, vs)
+    np.testing.assert_allclose(float(val_s), float(val), rtol=1e-5)
+    for a, b in zip(g_s, g):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_model_kernels_agree_and_config_is_validated():
+    cfg = dataclasses.replace(T.ModelConfig.tiny(), num_layers=2, scan_layers=False)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(1, 256, (4, 20)), jnp.int32)
+    mask = jnp.asarray(np.arange(20)[None] >= np.array([[0], [3], [7], [19]]))
+    positions = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+    out = {}
+    for kernel in ("plain", "blocked"):
+        graphdef, params = T.init(dataclasses.replace(cfg, attention=kernel))
+
+        def loss(p, graphdef=graphdef):
+            logits, _ = T.forward(graphdef, p, tokens, positions, mask)
+            return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0)), logits
+
+        out[kernel] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    (l_p, logits_p), g_p = out["plain"]
+    (l_b, logits_b), g_b = out["blocked"]
+    np.testing.assert_allclose(np.asarray(logits_b)[np.asarray(mask)], np.asarray(logits_p)[np.asarray(mask)],
+                               atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_p)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+    assert dataclasses.replace(cfg, attention="auto").attention == "auto"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        dataclasses.replace(cfg, attention="flash")
