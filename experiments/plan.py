@@ -140,11 +140,14 @@ flags.DEFINE_integer("buffers", 0, "Also list this many of the largest temporary
 
 
 # --------------------------------------------------------------------------------------------- building
-def model_config(config, name: str) -> tuple[ModelConfig, str]:
-    """(ModelConfig, description) from --model, the config's hf_path, or its preset."""
+def model_config(config, name: str, topo: Topology | None = None) -> tuple[ModelConfig, str]:
+    """(ModelConfig, description) from --model, the config's hf_path, or its preset. The attention kernel is
+    the one ``attention="auto"`` picks on the target: plain on accelerators, blocked on a cpu-K target."""
     m = config.model
+    on_cpu = topo is not None and topo.hbm_bytes is None
     numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                    scan_layers=str(m.get("scan_layers", False)).lower() == "true")
+                    scan_layers=str(m.get("scan_layers", False)).lower() == "true",
+                    attention="blocked" if on_cpu else "plain")
     if not name and m.hf_path:
         path = os.path.join(m.hf_path, "config.json")
         if not os.path.isfile(path):
@@ -366,7 +369,7 @@ def run() -> None:
         raise ValueError(f"{topo.name} needs {topo.devices} devices but jax has {jax.device_count()}; run this "
                          "module as `python -m experiments.plan` so it sets the device count before jax starts.")
     config = configs.config_flag_value()
-    cfg, source = model_config(config, FLAGS.model)
+    cfg, source = model_config(config, FLAGS.model, topo)
     sizes = mesh_sizes(config, FLAGS.mesh, topo)
     mesh = parallel.make_mesh(**sizes)
     step_cfg = stages(config)[0][1]

@@ -24,6 +24,7 @@ def get_config() -> ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat = "none"
     c.model.scan_layers = False     # True: lax.scan over layers (fast compile); False: unrolled (fast steps)
+    c.model.attention = "auto"      # no-cache attention kernel: "auto" (blocked on CPU, plain elsewhere)
     c.model.max_len = 256           # context length of a fresh model (prompt + completion)
 
     c.task = ConfigDict()

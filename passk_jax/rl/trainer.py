@@ -30,7 +30,7 @@ from passk_jax import advantages, parallel, report, sft
 from passk_jax.checkpoint import Checkpointer, PreemptionGuard
 from passk_jax.logging import MetricWriter, console_line
 from passk_jax.models import hf
-from passk_jax.models.transformer import ModelConfig, init as init_model
+from passk_jax.models.transformer import ATTENTION_KERNELS, ModelConfig, init as init_model
 from passk_jax.rl import evaluation, rollout
 from passk_jax.rl.step import StepConfig, TrainState, make_train_step, validate_batch
 from passk_jax.sampling import Sampler
@@ -80,6 +80,8 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
     need(config.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
     need(str(config.model.get("scan_layers", False)).lower() in ("true", "false"),
          f"model.scan_layers must be true or false, got {config.model.get('scan_layers')!r}.")
+    need(config.model.get("attention", "auto") in ATTENTION_KERNELS,
+         f"model.attention must be one of {ATTENTION_KERNELS}, got {config.model.get('attention')!r}.")
     need(config.train.eval_every >= 0, "train.eval_every must be >= 0 (0 = only before and after).")
     need(config.model.hf_path or config.model.preset != "hf",
          "this config loads a Hugging Face checkpoint: set --config.model.hf_path=/path/to/model_dir.")
@@ -141,7 +143,8 @@ def build_model(config: ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
     m = config.model
     if m.hf_path:
         model, cfg = hf.load_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
-                                        remat=m.remat, scan_layers=scan_layers(config))
+                                        remat=m.remat, scan_layers=scan_layers(config),
+                                        attention=m.get("attention", "auto"))
         from passk_jax.models.transformer import split
 
         graphdef, params = split(model)
@@ -156,7 +159,8 @@ def build_model(config: ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
             tokenizer.save_pretrained(tok_dir)
     preset = getattr(ModelConfig, m.preset)
     cfg = preset(vocab_size=len(tokenizer), max_position_embeddings=m.max_len, dtype=m.dtype,
-                 param_dtype=m.param_dtype, remat=m.remat, scan_layers=scan_layers(config))
+                 param_dtype=m.param_dtype, remat=m.remat, scan_layers=scan_layers(config),
+                 attention=m.get("attention", "auto"))
     graphdef, params = init_model(cfg, seed=config.seed, mesh=mesh)
     return graphdef, params, cfg, tokenizer
 

@@ -144,6 +144,7 @@ def test_eval_pass_at_k_matches_estimator():
     ("model.preset", "huge", "model.preset"),
     ("step.num_minibatches", 3, "num_minibatches"),
     ("train.checkpoint_every", 0, "checkpoint_every"),
+    ("model.attention", "flash", "model.attention"),
 ])
 def test_config_validation(tmp_path, key, value, needle):
     with pytest.raises(ValueError, match=needle):
