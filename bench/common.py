@@ -16,10 +16,11 @@ def best_time(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def twin_models(preset: str, scan_layers: bool = False):
+def twin_models(preset: str, scan_layers: bool = False, attention: str = "auto"):
     """A random transformers Qwen2 model of ``ModelConfig.<preset>`` shape (torch seed 0) and the same
     weights loaded through ``hf.load_pretrained``: (torch_model, graphdef, params, ModelConfig).
-    ``scan_layers=False`` (the trainer's CPU default) unrolls our layer stack."""
+    ``scan_layers=False`` (the trainer's CPU default) unrolls our layer stack; ``attention`` picks the
+    no-cache attention kernel (``ModelConfig.attention``)."""
     import torch
     import transformers
 
@@ -31,6 +32,6 @@ def twin_models(preset: str, scan_layers: bool = False):
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf.config_to_hf(cfg)))
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        jmodel, jcfg = hf.load_pretrained(d, scan_layers=scan_layers)
+        jmodel, jcfg = hf.load_pretrained(d, scan_layers=scan_layers, attention=attention)
     graphdef, params = split(jmodel)
     return model, graphdef, params, jcfg

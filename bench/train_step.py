@@ -2,6 +2,7 @@
 
     python -m bench.train_step [--presets tiny,small] [--prompts 16] [--samples 8] [--prompt-len 24]
                                [--completion-len 128] [--repeats 1] [--microbatches 1]
+                               [--attention auto,plain]
 
 Both sides take the same batch (P prompts x n samples; left-padded prompts + right-padded completions;
 128 rows x 152 positions by default) and do one update: forward, token log-probs, GRPO advantages, the
@@ -58,8 +59,8 @@ def make_batch(cfg: ModelConfig, P: int, n: int, prompt_len: int, completion_len
 
 
 def bench_preset(preset: str, P: int, n: int, prompt_len: int, completion_len: int, repeats: int,
-                 microbatches: int = 1) -> dict:
-    model, graphdef, params, cfg = twin_models(preset)
+                 microbatches: int = 1, attention: str = "auto") -> dict:
+    model, graphdef, params, cfg = twin_models(preset, attention=attention)
     tokens, positions, token_mask, loss_mask, rewards = make_batch(cfg, P, n, prompt_len, completion_len)
     R, S = tokens.shape
 
@@ -113,7 +114,7 @@ def bench_preset(preset: str, P: int, n: int, prompt_len: int, completion_len: i
     run_torch()  # warm-up
     t_torch = best_time(run_torch, repeats)
     tokens_per_step = R * S
-    return dict(preset=preset, params=cfg.num_params(), flops=flops_per_token(cfg, S),
+    return dict(preset=preset, attention=attention, params=cfg.num_params(), flops=flops_per_token(cfg, S),
                 torch=tokens_per_step / t_torch, jax=tokens_per_step / t_jax, jax_first=jax_first)
 
 
@@ -126,18 +127,20 @@ def main() -> None:
     ap.add_argument("--completion-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--microbatches", type=int, default=1, help="our step's gradient-accumulation split")
+    ap.add_argument("--attention", default="auto", help="comma-separated ModelConfig.attention kernels to compare "
+                    "(auto = blocked on CPU)")
     args = ap.parse_args()
     print(f"{args.prompts * args.samples} rows x {args.prompt_len + args.completion_len} positions; "
           f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
           f"passk_jax micro-batches: {args.microbatches}")
     rows = [bench_preset(p, args.prompts, args.samples, args.prompt_len, args.completion_len, args.repeats,
-                         args.microbatches) for p in args.presets.split(",")]
-    print("| preset | params | FLOPs/token | PyTorch eager tok/s | passk_jax tok/s | ratio | passk_jax GFLOP/s "
+                         args.microbatches, a) for p in args.presets.split(",") for a in args.attention.split(",")]
+    print("| preset | attention | params | FLOPs/token | PyTorch eager tok/s | passk_jax tok/s | ratio | passk_jax GFLOP/s "
           "| first call (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {r['flops'] / 1e6:.1f}M | {r['torch']:,.0f} | "
+        print(f"| {r['preset']} | {r['attention']} | {r['params'] / 1e6:.1f}M | {r['flops'] / 1e6:.1f}M | {r['torch']:,.0f} | "
               f"{r['jax']:,.0f} | {r['jax'] / r['torch']:.2f}x | {r['jax'] * r['flops'] / 1e9:.1f} | "
               f"{r['jax_first']:.1f} |")
 
