@@ -222,20 +222,28 @@ def study_section(s: dict[str, Any]) -> list[str]:
             "Verdict rule: the paper's direction holds by more than 2 standard errors of the difference "
             f"(over {seeds} seed(s)) → reproduced; the opposite by more than 2 SE → contradicted; otherwise "
             "inconclusive.", "", "| claim | paper | measured (a − b) | verdict |", "|---|---|---|---|"]
+    claims = judged_claims(s, rows, seeds)
+    for text, paper, sa, sb, scale, diff, verdict in claims:
+        out.append(f"| {text} | {paper} | {_pm(sa, scale, 2)} vs {_pm(sb, scale, 2)} "
+                   f"(Δ = {diff * scale:+.2f}) | {verdict} |")
+    out += [""] + findings(s, rows, claims)
+    return out
+
+
+def judged_claims(s: dict[str, Any], rows: dict[str, Any], seeds: int) -> list[tuple]:
+    """(text, paper, stat a, stat b, display scale, a - b, verdict) for each claim whose methods both ran."""
+    out = []
     for text, a, b, metric, paper in CLAIMS:
         if a not in rows or b not in rows:
             continue
         key = _metric_key(s, metric)
         sa, sb = rows[a]["stats"][key], rows[b]["stats"][key]
         scale = 100.0 if key.startswith("eval/pass") else 1.0
-        diff, verdict = judge(tuple(sa), tuple(sb), seeds, scale)
-        out.append(f"| {text} | {paper} | {_pm(sa, scale, 2)} vs {_pm(sb, scale, 2)} "
-                   f"(Δ = {diff * scale:+.2f}) | {verdict} |")
-    out += [""] + findings(s, rows, seeds)
+        out.append((text, paper, sa, sb, scale, *judge(tuple(sa), tuple(sb), seeds, scale)))
     return out
 
 
-def findings(s: dict[str, Any], rows: dict[str, Any], seeds: int) -> list[str]:
+def findings(s: dict[str, Any], rows: dict[str, Any], claims: list[tuple]) -> list[str]:
     """Section 2.4: what moved from the warm start, and how many claims point the paper's way."""
     kmax = s["ks"][-1]
     w = rows["warm_start"]["stats"]
@@ -249,15 +257,9 @@ def findings(s: dict[str, Any], rows: dict[str, Any], seeds: int) -> list[str]:
         st = r["stats"]
         d = [st[k][0] - w[k][0] for k in keys]
         out.append(f"| {r['label']} | {d[0] * 100:+.1f} | {d[1] * 100:+.1f} | {d[2]:+.3f} |")
-    same = total = 0
+    total, same = len(claims), sum(diff > 0 for *_, diff, _ in claims)
     verdicts: dict[str, int] = {}
-    for _, a, b, metric, _ in CLAIMS:
-        if a not in rows or b not in rows:
-            continue
-        key = _metric_key(s, metric)
-        diff, verdict = judge(tuple(rows[a]["stats"][key]), tuple(rows[b]["stats"][key]), seeds)
-        total += 1
-        same += diff > 0
+    for *_, verdict in claims:
         word = verdict.split(" ")[0]
         verdicts[word] = verdicts.get(word, 0) + 1
     summary = ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items()))
