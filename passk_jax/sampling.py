@@ -9,10 +9,12 @@ Flow of `Sampler.sample` (rows are prompt-major, row = p * n + j):
    (per-row positions 0..len-1, so every row's last prompt token sits in the last column and all rows share
    the cache write slot during decode);
 2. `prefill` (jit): run the P prompts (not P*n) through the model once -> prompt cache and next-token logits;
-3. `decode` (jit): repeat the prompt cache n times, sample the first token from the prefill logits, then
-   `lax.while_loop`s feeding one token per step that stop as soon as every row has emitted an EOS id or
-   max_new_tokens tokens.  The loop runs in a few phases (`decode_phases`) whose cache only has the slots
-   that phase can fill, so attention does not scan the whole empty tail.  Tokens after a row's EOS are
+3. `decode` (jit): sample the first token from the prefill logits, then `lax.while_loop`s feeding one token
+   per step that stop as soon as every row has emitted an EOS id or max_new_tokens tokens.  The P-row prompt
+   cache is never repeated: each row attends to its prompt's shared prefix (`attention.with_prefix`, one
+   batched matmul per prompt) and to its own completion cache.  The loop runs in a few phases
+   (`decode_phases`) whose completion cache only has the slots that phase can fill, so attention does not
+   scan the whole empty tail.  Tokens after a row's EOS are
    `pad_id`, masked, with log-probability 0; the EOS is part of the completion.
 
 temperature / top_p / top_k / eos_ids are traced, so changing them never recompiles; one compilation per
@@ -128,8 +130,8 @@ class Sampler:
             raise ValueError(f"phase_start and max_phases must be >= 1, got {phase_start}, {max_phases}.")
         self.trace_counts = {"prefill": 0, "decode": 0}
         self._prefill = jax.jit(self._prefill_fn)
-        # No donation: the P*n-row decode cache is created (and grown per phase) inside `decode`, where XLA
-        # updates it in place; only the n-times smaller P-row prompt cache crosses the jit boundary.
+        # No donation: the P*n-row completion cache is created (and grown per phase) inside `decode`, where
+        # XLA updates it in place; only the n-times smaller P-row prompt cache crosses the jit boundary.
         self._decode = jax.jit(self._decode_fn, static_argnames=("num_samples", "max_new_tokens"))
 
     # ---------------------------------------------------------------- host side
@@ -217,21 +219,20 @@ class Sampler:
         logits, cache = forward(self.graphdef, params, tokens[:, -1:], positions[:, -1:], mask[:, -1:], cache)
         return cache, logits[:, -1].astype(jnp.float32)
 
-    def _grow(self, cache: KVCache, length: int, repeat: int = 1) -> KVCache:
-        """Repeat each row `repeat` times (prompt-major) and pad the slots (invalid) up to `length`."""
+    def _grow(self, cache: KVCache, length: int) -> KVCache:
+        """Pad the slots (invalid) up to `length`."""
         def grow(x, axes):
             if "length" not in axes:  # the index
                 return x
-            batch_axis, axis = axes.index("batch"), axes.index("length")
-            x = jnp.repeat(x, repeat, axis=batch_axis) if repeat > 1 else x
+            axis = axes.index("length")
             return jnp.pad(x, [(0, 0)] * axis + [(0, length - x.shape[axis])] + [(0, 0)] * (x.ndim - axis - 1))
         return self._constrain_cache(map_cache(grow, cache))
 
-    def _decode_fn(self, params, cache, logits, next_pos, eos, temperature, top_p, top_k, key,
+    def _decode_fn(self, params, prompt_cache, logits, next_pos, eos, temperature, top_p, top_k, key,
                    *, num_samples: int, max_new_tokens: int):
         """Decode P*n rows from the P-row prompt cache; returns the SampleOutput fields but prompt_index."""
         self.trace_counts["decode"] += 1
-        steps, prompt_len = max_new_tokens, cache.valid.shape[1]
+        steps = max_new_tokens
         logits = self._constrain_rows(jnp.repeat(logits, num_samples, axis=0))
         rows = logits.shape[0]
         is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)
@@ -243,23 +244,26 @@ class Sampler:
         tok, lp, raw = pick(0, logits, jnp.zeros((rows,), bool))
         buf = lambda fill, dtype, first: self._constrain_rows(
             jnp.full((rows, steps), fill, dtype).at[:, 0].set(first))
+        phases = decode_phases(steps, self.phase_start, self.max_phases)
+        # the rows' own continuation: step t writes slot t - 1; the prompt stays in the P-row prefix
+        cache = self._constrain_cache(init_cache(self.cfg, rows, max(1, phases[0] - 1)))
         state = dict(t=jnp.int32(1), cache=cache, tok=tok, done=is_eos(tok), length=jnp.ones((rows,), jnp.int32),
                      tokens=buf(self.pad_id, jnp.int32, tok), lp=buf(0.0, jnp.float32, lp),
                      raw=buf(0.0, jnp.float32, raw))
 
-        def body(s):  # step t feeds token t-1 (slot prompt_len + t - 1) and samples token t
+        def body(s):  # step t feeds token t-1 (completion slot t - 1) and samples token t
             t, done = s["t"], s["done"]
             pos = (next_pos + t - 1)[:, None]
-            logits, cache = forward(self.graphdef, params, s["tok"][:, None], pos, ~done[:, None], s["cache"])
+            logits, cache = forward(self.graphdef, params, s["tok"][:, None], pos, ~done[:, None], s["cache"],
+                                    prefix=prompt_cache)
             tok, lp, raw = pick(t, logits[:, 0].astype(jnp.float32), done)
             put = lambda b, x: self._constrain_rows(lax.dynamic_update_slice_in_dim(b, x[:, None], t, axis=1))
             return dict(t=t + 1, cache=self._constrain_cache(cache), tok=tok, done=done | is_eos(tok),
                         length=s["length"] + (~done).astype(jnp.int32),
                         tokens=put(s["tokens"], tok), lp=put(s["lp"], lp), raw=put(s["raw"], raw))
 
-        phases = decode_phases(steps, self.phase_start, self.max_phases)
-        for i, end in enumerate(phases):  # each phase stops early too once every row is done
-            state["cache"] = self._grow(state["cache"], prompt_len + end - 1, num_samples if i == 0 else 1)
+        for end in phases:  # each phase stops early too once every row is done
+            state["cache"] = self._grow(state["cache"], max(1, end - 1))
             state = lax.while_loop(lambda s, end=end: (s["t"] < end) & ~jnp.all(s["done"]), body, state)
         mask = jnp.arange(steps)[None, :] < state["length"][:, None]
         # A row is done exactly when it emitted an EOS (pad fills only after that), so ~done = truncated.

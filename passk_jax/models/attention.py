@@ -2,6 +2,10 @@
 
 * ``plain(q, k, v, mask)``: one einsum-softmax-einsum over the whole [S, T] score matrix. Used with a KV cache
   (prefill and decode) and, by default, on accelerators, where XLA fuses it well.
+* ``with_prefix(q, k, v, mask, prefix_k, prefix_v, prefix_mask)``: ``plain`` over a prompt prefix shared by
+  groups of rows (group rollouts: n samples of one prompt) followed by each row's own keys. The prefix is held
+  once per group and its scores are one batched matmul per group (n x more query rows per key read), instead
+  of n copies of the prompt cache.
 * ``blocked_causal(q, k, v, mask)``: the no-cache (training / scoring) path on CPU. FlashAttention-style: a
   ``custom_vjp`` whose forward and backward walk blocks of rows (``lax.map``) and, inside a block, chunks of
   queries that only read the keys at or before the chunk (causal: later keys are masked anyway). Each block's
@@ -9,8 +13,9 @@
   log-sum-exp instead of storing them, and the masked upper triangle is never computed. Same results as
   ``plain`` to float32 rounding wherever a query has at least one visible key.
 
-Layouts: q [B,S,H,hd], k/v [B,KV,T,hd] (the cache layout), mask bool[B,S,T]; query head h uses kv head
-h // (H / KV) (HF ``repeat_kv``).
+Layouts: q [B,S,H,hd], k/v [B,KV,T,hd], mask bool[B,S,T]; query head h uses kv head h // (H / KV) (HF
+``repeat_kv``). ``keys_t=True`` takes k as [B,KV,hd,T] instead (the KV cache's key layout: slots minor, so
+the scores are a matmul whose right operand needs no transpose).
 """
 from __future__ import annotations
 
@@ -40,24 +45,66 @@ def _split_groups(o: jax.Array, S: int) -> jax.Array:
     return jnp.swapaxes(o.reshape(B, KV, S, SG // S, hd), 1, 2).reshape(B, S, KV * (SG // S), hd)
 
 
-def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """q [b,KV,S*G,hd], k [b,KV,T,hd], mask [b,S,T] -> masked f32 scores [b,KV,S,G,T]."""
+def _scores(q: jax.Array, k: jax.Array, mask: jax.Array, scale: float, keys_t: bool = False) -> jax.Array:
+    """q [b,KV,S*G,hd], k [b,KV,T,hd] (keys_t: [b,KV,hd,T]), mask [b,S,T] -> masked f32 scores [b,KV,S,G,T]."""
     b, KV, SG, _ = q.shape
     S = mask.shape[1]
-    s = jnp.einsum("bnqk,bntk->bnqt", q, k, preferred_element_type=jnp.float32) * scale
+    spec = "bnqk,bnkt->bnqt" if keys_t else "bnqk,bntk->bnqt"
+    s = jnp.einsum(spec, q, k, preferred_element_type=jnp.float32) * scale
     s = s.reshape(b, KV, S, SG // S, -1)
     return jnp.where(mask[:, None, :, None], s, _NEG)
 
 
-def plain(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B,S,H,hd], k/v [B,KV,T,hd], mask bool[B,S,T] -> [B,S,H,hd]; softmax in float32.
-
-    Batch-leading einsums over [B, KV, S*G, .] so k/v (the cache layout) are read without a transpose."""
+def plain(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, keys_t: bool = False) -> jax.Array:
+    """q [B,S,H,hd], k/v [B,KV,T,hd] (keys_t: k [B,KV,hd,T]), mask bool[B,S,T] -> [B,S,H,hd]; softmax in
+    float32. Batch-leading einsums over [B, KV, S*G, .] so k/v (the cache layout) are read without a
+    transpose."""
     B, S, H, hd = q.shape
     KV = k.shape[1]
-    s = _scores(_merge_groups(q, KV), k, mask, hd ** -0.5)
+    s = _scores(_merge_groups(q, KV), k, mask, hd ** -0.5, keys_t)
     probs = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(B, KV, S * (H // KV), -1)
     return _split_groups(jnp.einsum("bnqt,bntk->bnqk", probs, v), S)
+
+
+def _group_rows(x: jax.Array, groups: int) -> jax.Array:
+    """[B, S, KV, G, X] -> [P, KV, n*S*G, X] with B = P * n (prompt-major rows: row = p * n + j)."""
+    B, S, KV, G, X = x.shape
+    x = jnp.moveaxis(x.reshape(groups, B // groups, S, KV, G, X), 3, 1)
+    return x.reshape(groups, KV, (B // groups) * S * G, X)
+
+
+def _ungroup_rows(x: jax.Array, S: int, G: int) -> jax.Array:
+    """Inverse of ``_group_rows``: [P, KV, n*S*G, X] -> [B, S, KV, G, X]."""
+    P, KV, nSG, X = x.shape
+    n = nSG // (S * G)
+    return jnp.moveaxis(x.reshape(P, KV, n, S, G, X), 1, 3).reshape(P * n, S, KV, G, X)
+
+
+def with_prefix(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, prefix_k: jax.Array,
+                prefix_v: jax.Array, prefix_mask: jax.Array, keys_t: bool = False) -> jax.Array:
+    """Attention over [shared prefix ; own keys]: q [B,S,H,hd]; own k/v [B,KV,T,hd] with mask bool[B,S,T];
+    prefix_k/v [P,KV,W,hd] with prefix_mask bool[P,W], visible to every query of rows p*n .. p*n + n - 1
+    (B = P * n); keys_t: both k and prefix_k are [.., hd, T] / [.., hd, W]. Equals
+    ``plain(q, concat([repeat(prefix_k, n), k]), ...)`` with the prefix mask broadcast over queries; one
+    softmax in float32 over both parts."""
+    B, S, H, hd = q.shape
+    P, KV = prefix_k.shape[:2]
+    W = prefix_v.shape[2]
+    G = H // KV
+    if B % P:
+        raise ValueError(f"{B} query rows do not split into groups of the {P} prefix rows.")
+    scale = hd ** -0.5
+    own = _scores(_merge_groups(q, KV), k, mask, scale, keys_t)                              # [B,KV,S,G,T]
+    qg = _group_rows(q.reshape(B, S, KV, G, hd), P)                                          # [P,KV,n*S*G,hd]
+    spec = "pnqk,pnkt->pnqt" if keys_t else "pnqk,pntk->pnqt"
+    shared = jnp.einsum(spec, qg, prefix_k, preferred_element_type=jnp.float32) * scale
+    shared = jnp.where(prefix_mask[:, None, None, :], shared, _NEG)
+    shared = jnp.moveaxis(_ungroup_rows(shared, S, G), 2, 1)                                 # [B,KV,S,G,W]
+    probs = jax.nn.softmax(jnp.concatenate([shared, own], -1), axis=-1).astype(v.dtype)
+    p_shared = _group_rows(jnp.moveaxis(probs[..., :W], 1, 2), P)                             # [P,KV,n*S*G,W]
+    o_shared = _ungroup_rows(jnp.einsum("pnqt,pntk->pnqk", p_shared, prefix_v), S, G)       # [B,S,KV,G,hd]
+    o_own = jnp.einsum("bnqt,bntk->bnqk", probs[..., W:].reshape(B, KV, S * G, -1), v)
+    return o_shared.reshape(B, S, H, hd) + _split_groups(o_own, S)
 
 
 # ------------------------------------------------------------------------------------------ blocked causal

@@ -110,10 +110,12 @@ class ModelConfig:
 
 
 class KVCache(NamedTuple):
-    """k, v: [layers, batch, kv_heads, max_len, head_dim] (RoPE already applied to k; heads before slots so
-    decode attention reads each layer's cache without a transposed copy) -- or, for an unrolled layer stack
-    (`scan_layers=False`), a tuple of one [batch, kv_heads, max_len, head_dim] array per layer, which each
-    layer updates in place and attends over without slicing a copy out of a stacked buffer;
+    """k: [layers, batch, kv_heads, head_dim, max_len] (RoPE already applied; slots minor, so the decode
+    scores q.k are a plain matmul whose right operand needs no packing transpose -- on CPU that is ~3x faster
+    than slots-major keys), v: [layers, batch, kv_heads, max_len, head_dim] (heads before slots, so attention
+    reads each layer's cache without a transposed copy) -- or, for an unrolled layer stack
+    (`scan_layers=False`), a tuple of one such array per layer (no layers axis), which each layer updates in
+    place and attends over without slicing a copy out of a stacked buffer;
     valid: bool[batch, max_len]; index: int32 scalar, the next slot to write (shared by all rows: prompts
     are left-padded)."""
     k: jax.Array
@@ -122,7 +124,7 @@ class KVCache(NamedTuple):
     index: jax.Array
 
 
-CACHE_LOGICAL_AXES = KVCache(k=("layers", "batch", "kv_heads", "length", "head_dim"),
+CACHE_LOGICAL_AXES = KVCache(k=("layers", "batch", "kv_heads", "head_dim", "length"),
                              v=("layers", "batch", "kv_heads", "length", "head_dim"),
                              valid=("batch", "length"), index=())
 
@@ -132,10 +134,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = N
     Stacked k/v for `scan_layers`, else one array per layer (see `KVCache`)."""
     dt = DTYPES[dtype or cfg.dtype]
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
     if cfg.scan_layers:
-        k, v = jnp.zeros((cfg.num_layers, *shape), dt), jnp.zeros((cfg.num_layers, *shape), dt)
+        k, v = jnp.zeros((cfg.num_layers, *k_shape), dt), jnp.zeros((cfg.num_layers, *shape), dt)
     else:
-        k = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        k = tuple(jnp.zeros(k_shape, dt) for _ in range(cfg.num_layers))
         v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
     return KVCache(k=k, v=v, valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
@@ -268,9 +271,11 @@ def _dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 
 
 def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Array, sin: jax.Array,
-           mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None):
+           mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
+           prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None):
     """One decoder block on one layer's params. kv = (k_all, v_all, layer, index) writes this layer's
-    keys/values into the stacked cache and attends over all its slots."""
+    keys/values into the stacked cache and attends over all its slots; prefix = (k, v, valid) of this layer's
+    shared prompt prefix (``attention.with_prefix``), attended before the cache."""
     dt = x.dtype
     p = {name: w.astype(dt) for name, w in p.items()}
     h = _rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
@@ -283,27 +288,29 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
         q, k = _rms_norm(q, p["q_norm"], cfg.rms_norm_eps), _rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
-    k = constrain(jnp.swapaxes(k, 1, 2), ("batch", "kv_heads", "length", "head_dim"))  # cache layout [B,KV,S,hd]
-    v = constrain(jnp.swapaxes(v, 1, 2), ("batch", "kv_heads", "length", "head_dim"))
-    if kv is not None:
+    k = constrain(jnp.swapaxes(k, 1, 2), ("batch", "kv_heads", "length", "head_dim"))  # [B,KV,S,hd]
+    v = constrain(jnp.swapaxes(v, 1, 2), ("batch", "kv_heads", "length", "head_dim"))  # cache layout
+    if kv is not None:  # keys go to the cache as [B,KV,hd,S] (see KVCache) and are attended in that layout
         k_all, v_all, layer, index = kv
+        k = jnp.swapaxes(k, 2, 3)
         zero = jnp.zeros((), jnp.int32)
-        if layer is None:  # this layer's own cache [B, KV, T, hd]: updated in place, attended directly
-            start = (zero, zero, index, zero)
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), start)
+        if layer is None:  # this layer's own cache: updated in place, attended directly
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (zero, zero, zero, index))
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (zero, zero, index, zero))
             k, v = k_all.astype(dt), v_all.astype(dt)
         else:
-            start = (layer, zero, zero, index, zero)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, zero, zero, zero, index))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, zero, zero, index, zero))
             k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
         kv = (k_all, v_all)
-    if kv is None and _use_blocked(cfg):
+    if prefix is not None:
+        attn = attention.with_prefix(q, k, v, mask, prefix[0].astype(dt), prefix[1].astype(dt), prefix[2],
+                                     keys_t=True)
+    elif kv is None and _use_blocked(cfg):
         attn = attention.blocked_causal(q, k, v, mask)
     else:
-        attn = attention.plain(q, k, v, mask)
+        attn = attention.plain(q, k, v, mask, keys_t=kv is not None)
     x = x + _dense(attn, p["o_proj"], contract=2)
     x = constrain(x, ("batch", "length", "embed"))
     h = _rms_norm(x, p["post_attn_norm"], cfg.rms_norm_eps)
@@ -326,8 +333,10 @@ class Transformer(nnx.Module):
         self.lm_head = params.get("lm_head")
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_mask: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, prefix: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
+        if prefix is not None and cache is None:
+            raise ValueError("a shared prefix is attended from a KV cache: pass cache= with prefix=.")
         dt = DTYPES[cfg.dtype]
         if tokens.ndim != 2 or positions.shape != tokens.shape or token_mask.shape != tokens.shape:
             raise ValueError(f"tokens, positions and token_mask must share one [batch, seq] shape, got "
@@ -348,9 +357,18 @@ class Transformer(nnx.Module):
             slot = index + jnp.arange(S)
             mask = (jnp.arange(cache.valid.shape[1])[None, :] <= slot[:, None])[None] & valid[:, None, :]
 
+        def layer_prefix(layer):
+            if prefix is None:
+                return None
+            if isinstance(prefix.k, (tuple, list)):
+                return prefix.k[layer], prefix.v[layer], prefix.valid
+            pick = lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)  # noqa: E731
+            return pick(prefix.k), pick(prefix.v), prefix.valid
+
         def body(carry, p):
             x, kv, layer = carry
-            x, kv = _block(cfg, x, p, cos, sin, mask, None if kv is None else (*kv, layer, index))
+            x, kv = _block(cfg, x, p, cos, sin, mask, None if kv is None else (*kv, layer, index),
+                           layer_prefix(layer))
             return (x, kv, layer + 1), None
 
         policy = REMAT_POLICIES[cfg.remat]
@@ -363,15 +381,15 @@ class Transformer(nnx.Module):
             if cache is not None and not isinstance(cache.k, (tuple, list)):
                 raise ValueError("an unrolled layer stack (scan_layers=False) needs a per-layer cache from "
                                  "init_cache of the same config.")
-            def block(x, p, layer_kv):
-                return _block(cfg, x, p, cos, sin, mask, layer_kv)
+            def block(x, p, layer_kv, layer_pre):
+                return _block(cfg, x, p, cos, sin, mask, layer_kv, layer_pre)
 
             if cfg.remat != "none":
                 block = jax.checkpoint(block, policy=policy, prevent_cse=False)
             stacked, ks, vs = self.layers.stacked(), [], []
             for i in range(cfg.num_layers):
                 layer_kv = None if cache is None else (cache.k[i], cache.v[i], None, index)
-                x, out = block(x, {name: w[i] for name, w in stacked.items()}, layer_kv)
+                x, out = block(x, {name: w[i] for name, w in stacked.items()}, layer_kv, layer_prefix(i))
                 if out is not None:
                     ks.append(out[0])
                     vs.append(out[1])
@@ -399,12 +417,20 @@ def init(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None)
 
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-            token_mask: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+            token_mask: jax.Array, cache: KVCache | None = None, prefix: KVCache | None = None
+            ) -> tuple[jax.Array, KVCache | None]:
     """Pure forward: tokens/positions i32[B,S], token_mask bool[B,S] -> (logits f32[B,S,V], cache).
 
     Without a cache query s attends key t iff t <= s and token_mask[b, t]. With a cache the S tokens are
     written at slots [index, index + S) (valid[b, slot] = token_mask[b, s]) and query s attends slot j iff
     j <= index + s and valid[b, j]; the returned cache has index + S. Writing past max_len is not checked
     under jit (the slot would be clamped): size the cache for prompt + completion.
+
+    ``prefix`` (with a cache): a P-row cache of prompts shared by the B = P * n rows (row b continues prompt
+    b // n, e.g. from a P-row prefill), attended before the cache's own slots wherever ``prefix.valid``; the
+    row's own cache then holds only its continuation (see ``attention.with_prefix``).
     """
-    return nnx.merge(graphdef, params)(tokens, positions, token_mask, cache)
+    model = nnx.merge(graphdef, params)
+    if prefix is None:  # any module with the (tokens, positions, token_mask, cache) call works here
+        return model(tokens, positions, token_mask, cache)
+    return model(tokens, positions, token_mask, cache, prefix=prefix)

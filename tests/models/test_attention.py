@@ -110,3 +110,30 @@ def test_model_kernels_agree_and_config_is_validated():
     assert dataclasses.replace(cfg, attention="auto").attention == "auto"
     with pytest.raises(ValueError, match="attention must be one of"):
         dataclasses.replace(cfg, attention="flash")
+
+
+@pytest.mark.parametrize("groups,n,S,H,KV,hd,W,T", [(3, 4, 1, 4, 2, 8, 5, 7), (2, 3, 3, 6, 3, 4, 4, 6),
+                                                     (4, 1, 1, 2, 1, 8, 3, 2)])
+def test_with_prefix_equals_plain_over_the_repeated_prefix(groups, n, S, H, KV, hd, W, T):
+    """A prefix shared by each group of n rows equals plain attention over [prefix repeated n times ; own keys],
+    in both key layouts (keys_t: the cache's [.., hd, T])."""
+    rng = np.random.default_rng(0)
+    B = groups * n
+    q = jnp.asarray(rng.normal(size=(B, S, H, hd)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, KV, T, hd)), jnp.float32) for _ in range(2))
+    pk, pv = (jnp.asarray(rng.normal(size=(groups, KV, W, hd)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rng.uniform(size=(B, S, T)) < 0.6)
+    pmask = jnp.asarray(rng.uniform(size=(groups, W)) < 0.7).at[:, -1].set(True)
+    keys = jnp.concatenate([jnp.repeat(pk, n, 0), k], 2)
+    full_mask = jnp.concatenate([jnp.broadcast_to(jnp.repeat(pmask, n, 0)[:, None], (B, S, W)), mask], 2)
+    ref = A.plain(q, keys, jnp.concatenate([jnp.repeat(pv, n, 0), v], 2), full_mask)
+    np.testing.assert_allclose(A.with_prefix(q, k, v, mask, pk, pv, pmask), ref, atol=1e-6, rtol=1e-5)
+    t = lambda x: jnp.swapaxes(x, 2, 3)  # noqa: E731
+    np.testing.assert_allclose(A.with_prefix(q, t(k), v, mask, t(pk), pv, pmask, keys_t=True), ref, atol=1e-6,
+                               rtol=1e-5)
+    np.testing.assert_allclose(A.plain(q, t(keys), jnp.concatenate([jnp.repeat(pv, n, 0), v], 2), full_mask,
+                                       keys_t=True), ref, atol=1e-6, rtol=1e-5)
+    if B % (groups + 1):  # rows that do not split into groups of the prefix rows
+        more = lambda x: jnp.concatenate([x, x[:1]])  # noqa: E731
+        with pytest.raises(ValueError, match="do not split into groups"):
+            A.with_prefix(q, k, v, mask, more(pk), more(pv), more(pmask))

@@ -189,3 +189,29 @@ def test_unrolled_layers_match_the_scan(setup):
     diff = jax.tree.map(lambda a, b: np.abs(np.asarray(a - b)).max() / (np.abs(np.asarray(a)).max() + 1e-12),
                         g_scan, g_unrolled)
     assert max(jax.tree.leaves(diff)) <= 1e-5
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_shared_prefix_decoding_matches_full_forward(scan_layers):
+    """n continuations of each of G prompts, decoded from ONE prompt cache per prompt (``prefix=``) plus a
+    per-row continuation cache, give the full forward's logits of [prompt ; continuation]."""
+    cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+    graphdef, params = T.init(cfg, seed=3)
+    G, n = 3, 2
+    prompts, prompt_pos, prompt_mask = _left_padded(G, P, P, lengths=[6, 2, 4], seed=4)
+    cont = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (G * n, N)))
+    tokens = jnp.concatenate([jnp.repeat(prompts, n, 0), cont], 1)
+    mask = jnp.concatenate([jnp.repeat(prompt_mask, n, 0), jnp.ones((G * n, N), bool)], 1)
+    positions = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+    full, _ = _forward(graphdef, params, tokens, positions, mask)
+
+    _, prefix = _forward(graphdef, params, prompts, prompt_pos, prompt_mask, T.init_cache(cfg, G, P))
+    cache, errs = T.init_cache(cfg, G * n, N), []
+    step_fn = jax.jit(lambda p, tok, pos, m, c, pre: T.forward(graphdef, p, tok, pos, m, c, prefix=pre))
+    for t in range(N):
+        step, cache = step_fn(params, cont[:, t:t + 1], positions[:, P + t:P + t + 1], mask[:, P + t:P + t + 1],
+                              cache, prefix)
+        errs.append(float(jnp.max(jnp.abs(step[:, 0] - full[:, P + t]))))
+    assert int(cache.index) == N and max(errs) <= 1e-5, errs
+    with pytest.raises(ValueError, match="prefix"):
+        T.forward(graphdef, params, cont[:, :1], positions[:, P:P + 1], mask[:, P:P + 1], prefix=prefix)
