@@ -34,7 +34,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from passk_jax import parallel
-from passk_jax.models.transformer import KVCache, ModelConfig, forward, init_cache, map_cache
+from passk_jax.models.transformer import KVCache, ModelConfig, forward, init_cache, map_cache, unstack_layers
 from passk_jax.sampling_ops import select_tokens
 
 MAX_EOS_IDS = 8  # eos_ids are padded to this many (traced), so changing them does not recompile
@@ -233,6 +233,8 @@ class Sampler:
         """Decode P*n rows from the P-row prompt cache; returns the SampleOutput fields but prompt_index."""
         self.trace_counts["decode"] += 1
         steps = max_new_tokens
+        if not self.cfg.scan_layers:  # per-layer weights sliced once here, not on every decode step
+            params = unstack_layers(params)
         logits = self._constrain_rows(jnp.repeat(logits, num_samples, axis=0))
         rows = logits.shape[0]
         is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)

@@ -65,6 +65,7 @@ def get_config() -> ConfigDict:
         "weight_decay": 0.0,
         "grad_clip_norm": 1.0,
         "old_logprobs": "sampler",
+        "logprob_chunk": 0,           # LM head over this many positions at a time (0 = all; real vocabularies: 512)
     })
 
     c.train = ConfigDict()

@@ -11,6 +11,9 @@ def get_config():
     c.model.hf_path = ""
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
+    # The layer scan reuses one layer's buffers for all 28: the memory plan of the unrolled stack gives every
+    # layer's f32 attention scores their own slot (548 GiB temporaries per GPU vs 36 GiB; BUILD_NOTES.md).
+    c.model.scan_layers = True
     c.task.options.template = "instruct"
     c.task.options.train_sizes = (9, 11, 13, 15)
     c.task.options.test_sizes = (7, 9, 11, 13, 15, 17, 19, 21)
@@ -24,6 +27,7 @@ def get_config():
     c.step.warmup_steps = 10
     c.step.num_minibatches = 4
     c.step.num_microbatches = 16
+    c.step.logprob_chunk = 512        # no [rows, 2560, 152064] f32 logits: 63.9 -> 46.7 GiB per H100 (plan)
     c.step.weight_decay = 0.0
     c.step.old_logprobs = "recompute"
     c.train.steps = 400

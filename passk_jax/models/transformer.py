@@ -214,8 +214,9 @@ class Layers(nnx.Module):
         for name in LAYER_PARAMS:
             setattr(self, name, params.get(name))
 
-    def stacked(self) -> dict[str, jax.Array]:
-        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+    def stacked(self) -> dict[str, Any]:
+        """name -> [layers, ...] array, or a tuple of per-layer arrays after ``unstack_layers``."""
+        return {k: v.get_value() for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -333,7 +334,8 @@ class Transformer(nnx.Module):
         self.lm_head = params.get("lm_head")
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_mask: jax.Array,
-                 cache: KVCache | None = None, prefix: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, prefix: KVCache | None = None, head: bool = True
+                 ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         if prefix is not None and cache is None:
             raise ValueError("a shared prefix is attended from a KV cache: pass cache= with prefix=.")
@@ -375,6 +377,8 @@ class Transformer(nnx.Module):
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         if cfg.scan_layers:
+            if isinstance(self.layers.input_norm.get_value(), (tuple, list)):
+                raise ValueError("per-layer parameters (unstack_layers) need an unrolled stack (scan_layers=False).")
             kv0 = None if cache is None else (cache.k, cache.v)
             (x, kv, _), _ = jax.lax.scan(body, (x, kv0, jnp.zeros((), jnp.int32)), self.layers.stacked())
         else:  # unrolled: no stacked residual buffers to fill and slice (faster on CPU, slower to compile)
@@ -395,11 +399,27 @@ class Transformer(nnx.Module):
                     vs.append(out[1])
             kv = None if cache is None else (tuple(ks), tuple(vs))
         x = _rms_norm(x, self.norm[...], cfg.rms_norm_eps)
-        head = self.embed_tokens[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bsd,dv->bsv", x, head.astype(dt), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid, index=index + S)
+        if not head:
+            return x, new_cache
+        logits = jnp.einsum("bsd,dv->bsv", x, self.head_weight().astype(dt), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
         return logits, new_cache
+
+    def head_weight(self) -> jax.Array:
+        """The LM head [hidden, vocab] (the transposed embedding when tied)."""
+        return self.embed_tokens[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+
+def unstack_layers(params: nnx.State) -> nnx.State:
+    """The same parameters with each stacked layer parameter as a tuple of per-layer arrays, for an unrolled
+    stack (``scan_layers=False``) run inside a loop: call it once before the loop (inside the same jit), and
+    the loop body reads each layer's weights as they are instead of slicing -- i.e. copying -- every layer out
+    of the stacked arrays on every iteration (which XLA does not hoist; measured as ~20% of a CPU decode step
+    at the ``small`` preset)."""
+    out = jax.tree.map(lambda x: x, params)  # a new State; the leaves (arrays) are shared
+    out["layers"] = jax.tree.map(lambda x: tuple(x[i] for i in range(x.shape[0])), params["layers"])
+    return out
 
 
 def split(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
@@ -417,8 +437,8 @@ def init(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None)
 
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-            token_mask: jax.Array, cache: KVCache | None = None, prefix: KVCache | None = None
-            ) -> tuple[jax.Array, KVCache | None]:
+            token_mask: jax.Array, cache: KVCache | None = None, prefix: KVCache | None = None,
+            head: bool = True) -> tuple[jax.Array, KVCache | None]:
     """Pure forward: tokens/positions i32[B,S], token_mask bool[B,S] -> (logits f32[B,S,V], cache).
 
     Without a cache query s attends key t iff t <= s and token_mask[b, t]. With a cache the S tokens are
@@ -429,8 +449,17 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positi
     ``prefix`` (with a cache): a P-row cache of prompts shared by the B = P * n rows (row b continues prompt
     b // n, e.g. from a P-row prefill), attended before the cache's own slots wherever ``prefix.valid``; the
     row's own cache then holds only its continuation (see ``attention.with_prefix``).
+
+    ``head=False`` returns the final-norm hidden states [B,S,hidden] (compute dtype) instead of the logits,
+    for callers that apply ``head_weight`` themselves a chunk of positions at a time
+    (``losses.chunked_shifted_logprobs_and_entropy``).
     """
     model = nnx.merge(graphdef, params)
-    if prefix is None:  # any module with the (tokens, positions, token_mask, cache) call works here
+    if prefix is None and head:  # any module with the (tokens, positions, token_mask, cache) call works here
         return model(tokens, positions, token_mask, cache)
-    return model(tokens, positions, token_mask, cache, prefix=prefix)
+    return model(tokens, positions, token_mask, cache, prefix=prefix, head=head)
+
+
+def head_weight(graphdef: nnx.GraphDef, params: nnx.State) -> jax.Array:
+    """The model's LM head [hidden, vocab] (the transposed embedding when tied)."""
+    return nnx.merge(graphdef, params).head_weight()

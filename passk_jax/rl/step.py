@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from passk_jax import advantages, parallel
 from passk_jax.metrics import pass_at_k
-from passk_jax.models.transformer import forward
+from passk_jax.models.transformer import forward, head_weight
 from passk_jax.rl import losses
 
 BATCH = ("batch", None)
@@ -55,6 +55,7 @@ class StepConfig:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     temperature: float = 1.0  # the trained policy is softmax(logits / temperature)
+    logprob_chunk: int = 0  # positions per LM-head chunk (0 = all at once; see losses.chunked_...)
     old_logprobs: str = "recompute"  # "recompute" | "sampler"
     # batch split (paper: 4 mini-batches of 32 prompts)
     num_minibatches: int = 1
@@ -93,6 +94,7 @@ class StepConfig:
         need(self.aggregation in losses.AGGREGATIONS, f"aggregation must be one of {losses.AGGREGATIONS}.")
         need(self.kl_estimator in losses.KL_ESTIMATORS, f"kl_estimator must be one of {losses.KL_ESTIMATORS}.")
         need(self.temperature > 0, "temperature must be > 0.")
+        need(self.logprob_chunk >= 0, f"logprob_chunk must be >= 0 (0 = no chunking), got {self.logprob_chunk}.")
         need(self.old_logprobs in ("recompute", "sampler"), "old_logprobs must be 'recompute' or 'sampler'.")
         need(self.num_minibatches >= 1 and self.num_microbatches >= 1,
              "num_minibatches and num_microbatches must be >= 1.")
@@ -185,8 +187,13 @@ def batch_shardings(mesh: Mesh) -> Batch:
 
 
 def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: jax.Array,
-                    token_mask: jax.Array, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """Forward + next-token log-probs and entropies aligned with ``tokens`` (f32[B, S] each)."""
+                    token_mask: jax.Array, temperature: float = 1.0, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Forward + next-token log-probs and entropies aligned with ``tokens`` (f32[B, S] each); ``chunk`` > 0
+    applies the LM head ``chunk`` positions at a time (no [B, S, V] logits in the forward or backward)."""
+    if chunk:
+        hidden, _ = forward(graphdef, params, tokens, positions, token_mask, head=False)
+        return losses.chunked_shifted_logprobs_and_entropy(hidden, head_weight(graphdef, params), tokens,
+                                                           temperature, chunk)
     logits, _ = forward(graphdef, params, tokens, positions, token_mask)
     return losses.shifted_logprobs_and_entropy(logits, tokens, temperature)
 
@@ -200,7 +207,7 @@ def make_loss_and_grads(graphdef: Any, cfg: StepConfig) -> Callable[..., tuple[j
     """
     def micro_loss(params, micro, denom):
         lp, ent = policy_logprobs(graphdef, params, micro["tokens"], micro["positions"], micro["token_mask"],
-                                  cfg.temperature)
+                                  cfg.temperature, cfg.logprob_chunk)
         mask = micro["mask"]
         total, stats = losses.per_token_objective(
             lp, micro["old_logp"], micro["adv"][:, None], mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
@@ -294,7 +301,7 @@ def make_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
 
         def chunk(x):
             return {name: policy_logprobs(graphdef, p, x["tokens"], x["positions"], x["token_mask"],
-                                          cfg.temperature) for name, p in models.items()}
+                                          cfg.temperature, cfg.logprob_chunk) for name, p in models.items()}
 
         inputs = {name: data[name].reshape((M * K,) + data[name].shape[2:])
                   for name in ("tokens", "positions", "token_mask")}

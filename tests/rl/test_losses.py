@@ -185,3 +185,29 @@ def test_logprobs_and_entropy_from_logits():
     big = jnp.asarray([[[1e4, 0.0, -1e4]]], jnp.float32)
     assert np.isfinite(losses.entropy_from_logits(big)).all()
     assert np.isfinite(losses.token_logprobs(big, jnp.array([[2]]))).all()
+
+
+@pytest.mark.parametrize("chunk,temperature", [(1, 1.0), (3, 0.7), (8, 1.0), (64, 1.3)])
+def test_chunked_logprobs_equal_full_logits(chunk, temperature):
+    """The chunked LM head gives the full-logits log-probs and entropies, and the same gradients w.r.t. the
+    hidden states and the head (chunks that do not divide S - 1, one position per chunk, one chunk)."""
+    rng = np.random.default_rng(0)
+    B, S, D, V = 3, 9, 6, 11
+    hidden = jnp.asarray(rng.normal(size=(B, S, D)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, V, (B, S)), jnp.int32)
+    w = jnp.asarray(rng.normal(size=(2, B, S)), jnp.float32)
+
+    def full(h, W):
+        return losses.shifted_logprobs_and_entropy(jnp.einsum("bsd,dv->bsv", h, W), tokens, temperature)
+
+    def chunked(h, W):
+        return losses.chunked_shifted_logprobs_and_entropy(h, W, tokens, temperature, chunk)
+
+    for a, b in zip(chunked(hidden, head), full(hidden, head)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    scalar = lambda f: lambda h, W: sum(jnp.sum(x * wi) for x, wi in zip(f(h, W), w))  # noqa: E731
+    g_full = jax.grad(scalar(full), (0, 1))(hidden, head)
+    g_chunk = jax.jit(jax.grad(scalar(chunked), (0, 1)))(hidden, head)
+    for a, b in zip(g_chunk, g_full):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

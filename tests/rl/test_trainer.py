@@ -145,6 +145,7 @@ def test_eval_pass_at_k_matches_estimator():
     ("step.num_minibatches", 3, "num_minibatches"),
     ("train.checkpoint_every", 0, "checkpoint_every"),
     ("model.attention", "flash", "model.attention"),
+    ("step.logprob_chunk", -1, "logprob_chunk"),
 ])
 def test_config_validation(tmp_path, key, value, needle):
     with pytest.raises(ValueError, match=needle):
