@@ -402,12 +402,13 @@ def run() -> None:
     print(f"train batch: {P} prompts x {n} samples = {R} rows x {S} tokens (prompt {prompt_len} + completion {T}); "
           f"{M} mini-batches x {K} micro-batches = {R // (M * K)} rows per micro-batch "
           f"({R // (M * K) / dp:g} per data-parallel shard); old log-probs: {step_cfg.old_logprobs}")
+    # decode: one shared prompt cache per prompt plus each row's own completion slots (sampling.py)
     kv_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-                * sp * n * (prompt_len + T - 1))
+                * (sp * prompt_len + sp * n * max(1, T - 1)))
     unit, scale = _unit(kv_bytes)
     print(f"sampler: prefill {sp} prompts x {prompt_len}, decode {sp * n} rows x {T} new tokens; KV cache of the "
-          f"last decode phase {kv_bytes / scale:.2f} {unit} in all, {kv_bytes / topo.devices / scale:.2f} {unit} "
-          "per device")
+          f"last decode phase (shared prompt prefix + completions) {kv_bytes / scale:.2f} {unit} in all, "
+          f"{kv_bytes / topo.devices / scale:.2f} {unit} per device")
     print("compiling (per-program times below):", flush=True)
 
     planned: list[Planned] = []
