@@ -72,12 +72,12 @@ def chunked_shifted_logprobs_and_entropy(
     positions that is 1.5 GB per row each).
     """
     B, S, D = hidden.shape
-    n = S - 1
-    C = max(1, min(int(chunk), n)) if n else 1
-    chunks = -(-n // C) if n else 0
-    if chunks == 0:
+    n = S - 1  # predicted positions
+    if n == 0:
         zeros = jnp.zeros((B, S), jnp.float32)
         return zeros, zeros
+    C = max(1, min(int(chunk), n))
+    chunks = -(-n // C)
     h = jnp.pad(hidden[:, :-1], ((0, 0), (0, chunks * C - n), (0, 0)))
     t = jnp.pad(tokens[:, 1:], ((0, 0), (0, chunks * C - n)))
     h = jnp.swapaxes(h.reshape(B, chunks, C, D), 0, 1)
