@@ -418,7 +418,9 @@ def run() -> None:
         planned.append(plan_one("train_step", train_step, (state, abstract_batch(mesh, P, n, S)),
                                 lower_only=FLAGS.lower_only))
     if FLAGS.only in ("all", "sample"):
-        sampler = Sampler(graphdef, cfg, mesh=mesh, buckets=(prompt_len,))
+        # the layer stack Sampler(layers="auto") picks on the target: the model's own on accelerators
+        sampler = Sampler(graphdef, cfg, mesh=mesh, buckets=(prompt_len,),
+                          layers="auto" if topo.hbm_bytes is None else "model")
         rows_sh = lambda shape: parallel.logical_sharding(mesh, ("batch",), shape)  # noqa: E731
         sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rows_sh(shape))  # noqa: E731
         prompt = [sds((sp, prompt_len), jnp.int32), sds((sp, prompt_len), jnp.int32),

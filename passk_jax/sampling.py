@@ -24,6 +24,7 @@ temperature / top_p / top_k / eos_ids are traced, so changing them never recompi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -31,10 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from flax import nnx
 from jax.sharding import Mesh
 
 from passk_jax import parallel
-from passk_jax.models.transformer import KVCache, ModelConfig, forward, init_cache, map_cache, unstack_layers
+from passk_jax.models.transformer import (KVCache, ModelConfig, Transformer, forward, init_cache, map_cache, split,
+                                          unstack_layers)
 from passk_jax.sampling_ops import select_tokens
 
 MAX_EOS_IDS = 8  # eos_ids are padded to this many (traced), so changing them does not recompile
@@ -102,6 +105,17 @@ def as_prompt_list(prompts: Any) -> list[list[int]]:
     return [list(map(int, p)) for p in prompts]
 
 
+def _sampling_graph(graphdef: Any, cfg: ModelConfig, layers: str) -> tuple[Any, ModelConfig]:
+    """The (graphdef, cfg) the sampler runs: a `Transformer` with the requested layer stack (same parameter
+    structure), or the given graph unchanged."""
+    if layers == "auto":
+        layers = "scan" if jax.default_backend() == "cpu" else "model"
+    if layers == "model" or graphdef.nodes[0].type is not Transformer:
+        return graphdef, cfg
+    cfg = dataclasses.replace(cfg, scan_layers=layers == "scan")
+    return split(nnx.eval_shape(lambda: Transformer(cfg)))[0], cfg
+
+
 class Sampler:
     """Jitted KV-cache sampler for one model graph; `params` are passed per call (they change in training).
 
@@ -113,11 +127,18 @@ class Sampler:
       pad_id: token written after EOS and used for prompt padding.
       phase_start, max_phases: decode phase schedule (see `decode_phases`); phase_start >= max_new_tokens
         gives a single loop over a full-length cache.
+      layers: how a `Transformer` runs its layer stack while sampling: "model" (as its config says),
+        "scan" / "unrolled" (either way: the parameters are stacked in both), or "auto" (default: "scan" on
+        CPU, where the scanned decode measured ≈10% faster at the `small` preset, else "model"; the unrolled
+        decode measured 1.35x faster on an H100). Other modules always run as they are.
     """
 
     def __init__(self, graphdef: Any, cfg: ModelConfig, *, mesh: Mesh | None = None,
                  buckets: Sequence[int] | None = None, pad_id: int = 0, phase_start: int = 32,
-                 max_phases: int = 4):
+                 max_phases: int = 4, layers: str = "auto"):
+        if layers not in ("auto", "model", "scan", "unrolled"):
+            raise ValueError(f"layers must be 'auto', 'model', 'scan' or 'unrolled', got {layers!r}.")
+        graphdef, cfg = _sampling_graph(graphdef, cfg, layers)
         self.graphdef, self.cfg, self.mesh, self.pad_id = graphdef, cfg, mesh, int(pad_id)
         self.context = int(cfg.max_position_embeddings)
         self.buckets = tuple(sorted(set(int(b) for b in (buckets or default_buckets(self.context)))))

@@ -218,8 +218,26 @@ def test_unrolled_layer_stack_samples_the_same(tiny, sampler):
     kw = dict(num_samples=3, max_new_tokens=9, temperature=1.0, top_p=0.95, eos_ids=[11], key=jax.random.key(8))
     ref = sampler.sample(params, PROMPTS, **kw)
     mesh = parallel.make_mesh(2, 2, 2)
-    out = Sampler(graphdef_u, unrolled, mesh=mesh, phase_start=3, max_phases=3).sample(
-        parallel.shard_params(params, mesh), PROMPTS[:2] + PROMPTS[2:], **kw)
+    unrolled_sampler = Sampler(graphdef_u, unrolled, mesh=mesh, phase_start=3, max_phases=3, layers="model")
+    assert not unrolled_sampler.cfg.scan_layers
+    out = unrolled_sampler.sample(parallel.shard_params(params, mesh), PROMPTS[:2] + PROMPTS[2:], **kw)
     for name in ("tokens", "mask", "lengths", "truncated"):
         np.testing.assert_array_equal(getattr(out, name), getattr(ref, name), err_msg=name)
     np.testing.assert_allclose(out.logprobs_raw, ref.logprobs_raw, atol=1e-5)
+
+
+def test_layers_option_picks_the_stack_and_keeps_the_rollouts(tiny):
+    """layers="scan" / "unrolled" run a Transformer either way on the same (stacked) parameters with the same
+    rollouts; "auto" scans on CPU; a bad value is one clear error."""
+    _, graphdef, params, cfg = tiny
+    kw = dict(num_samples=2, max_new_tokens=5, temperature=1.0, key=jax.random.key(9))
+    outs = {}
+    for layers, scanned in (("scan", True), ("unrolled", False), ("auto", True)):
+        s = Sampler(graphdef, cfg, layers=layers)
+        assert s.cfg.scan_layers is scanned
+        outs[layers] = s.sample(params, PROMPTS, **kw)
+    for other in ("unrolled", "auto"):
+        np.testing.assert_array_equal(outs[other].tokens, outs["scan"].tokens)
+        np.testing.assert_allclose(outs[other].logprobs, outs["scan"].logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="layers must be"):
+        Sampler(graphdef, cfg, layers="fast")
