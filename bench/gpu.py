@@ -7,8 +7,9 @@ For each model (Qwen2.5-0.5B and Qwen2.5-1.5B shapes, random weights, bf16 compu
 - ``sampler``: `passk_jax.sampling.Sampler` on bf16 parameters, P prompts x n samples, no EOS (every row
   decodes `max_new_tokens`, so the work is fixed). tokens/s = generated tokens / wall time of `sample`
   (prefill included). Decode bandwidth utilisation = bytes read per decode step (all bf16 parameters +
-  the KV cache slots a step must attend to: prompt bucket + tokens so far, averaged over the steps) x
-  decode steps / decode time / the card's peak HBM bandwidth; decode time = sample time - prefill time
+  the KV cache slots a step must attend to: each prompt's shared bucket once + each row's tokens so far,
+  averaged over the steps) x decode steps / decode time / the card's peak HBM bandwidth; decode time =
+  sample time - prefill time
   (the prefill program timed on its own).
 - ``train_step``: `passk_jax.rl.step.make_train_step` (AdamW, f32 master parameters, bf16 compute,
   old_logprobs="sampler", gradient accumulation over micro-batches). tokens/s counts every position of
@@ -174,8 +175,10 @@ class Child:
         t_decode = max(t - min(pre), 1e-9)
         steps = new - 1  # the first token comes from the prefill logits
         param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-        kv_per_slot = rows * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2  # bf16 k and v
-        avg_slots = bucket + (new + 1) / 2.0  # slot count attended at step t is bucket + t, t = 1..new-1
+        kv_per_slot = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2  # one row's bf16 k and v
+        # step t (1..new-1) reads each prompt's shared prefix once (bucket slots per prompt) and each row's
+        # own t completion slots
+        avg_slots = len(prompts) * bucket + rows * (new / 2.0)
         bytes_per_step = param_bytes + kv_per_slot * avg_slots
         bw = bytes_per_step * steps / t_decode
         res = dict(tokens_per_s=rows * new / t, time_s=t, first_call_s=first, prefill_s=min(pre),
