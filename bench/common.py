@@ -6,14 +6,27 @@ import time
 from typing import Any, Callable
 
 
-def best_time(fn: Callable[[], Any], repeats: int) -> float:
-    """Fastest of ``repeats`` wall-clock runs of ``fn`` (seconds)."""
-    times = []
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of ``repeats`` rounds in which every function runs once, in turn.
+
+    On a shared machine the load drifts over minutes; alternating the contenders makes each round's
+    comparison see the same conditions, so best-vs-best and the median of per-round ratios are both fair."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], slow: str | list[str], fast: str) -> float:
+    """Median over rounds of (time of ``slow`` / time of ``fast``); with several ``slow`` names the fastest
+    of them counts in each round."""
+    import statistics
+
+    slow = [slow] if isinstance(slow, str) else slow
+    return statistics.median(min(times[s][i] for s in slow) / t for i, t in enumerate(times[fast]))
 
 
 def twin_models(preset: str, scan_layers: bool = False, attention: str = "auto"):

@@ -3,9 +3,10 @@
     python -m bench.sampler [--presets tiny,small] [--prompts 16] [--samples 8] [--new 128] [--repeats 2]
 
 Both sides: P prompts of random lengths in [16, 32] (HF gets them left-padded with an attention mask),
-n samples each, exactly `new` tokens (no EOS stopping), temperature 1, no top-p / top-k.  Each side is timed
-`repeats` times after one warm-up (JAX: the warm-up compiles); the best time counts (the CPU is shared, so
-the minimum is the least disturbed run).  HF runs with torch's default thread count and with 1 thread (on a
+n samples each, exactly `new` tokens (no EOS stopping), temperature 1, no top-p / top-k.  After one warm-up
+each (JAX: the warm-up compiles), `repeats` rounds run every contender once in turn (the CPU is shared and
+its load drifts; alternating keeps the comparison fair).  The ratio column is best against best (the least
+disturbed runs); the median column is the median over rounds of that round's ratio.  HF runs with torch's default thread count and with 1 thread (on a
 busy machine OpenMP spin-waiting can make the default several times slower); the ratio is against the faster.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 import transformers
 
-from bench.common import best_time, twin_models
+from bench.common import interleaved_times, median_ratio, twin_models
 from passk_jax.sampling import Sampler
 
 
@@ -59,16 +60,22 @@ def bench_preset(preset: str, n_prompts: int, n_samples: int, new: int, repeats:
         assert out.shape == (n_prompts * n_samples, width + max_new)
 
     threads = torch.get_num_threads()
-    t_hf = {}
+    fns = {}
     for n_threads in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(n_threads)
         run_hf(4)  # warm-up
-        t_hf[n_threads] = best_time(run_hf, repeats)
-    torch.set_num_threads(threads)
-    t_jax = best_time(run_jax, repeats)
-    return dict(preset=preset, params=cfg.num_params(), jax=rows_tokens / t_jax, jax_first=jax_first,
-                hf={k: rows_tokens / v for k, v in t_hf.items()})
 
+        def run_hf_threads(n_threads=n_threads):
+            torch.set_num_threads(n_threads)
+            run_hf()
+        fns[f"hf{n_threads}"] = run_hf_threads
+    fns["jax"] = run_jax
+    times = interleaved_times(fns, repeats)
+    torch.set_num_threads(threads)
+    hf_names = [k for k in fns if k.startswith("hf")]
+    return dict(preset=preset, params=cfg.num_params(), jax=rows_tokens / min(times["jax"]), jax_first=jax_first,
+                hf={int(k[2:]): rows_tokens / min(times[k]) for k in hf_names},
+                median_ratio=median_ratio(times, hf_names, "jax"))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,12 +91,12 @@ def main() -> None:
     rows = [bench_preset(p, args.prompts, args.samples, args.new, args.repeats)
             for p in args.presets.split(",")]
     print("| preset | params | HF generate tok/s (torch threads) | passk_jax tok/s | ratio vs best HF | "
-          "passk_jax first call (s) |")
-    print("|---|---|---|---|---|---|")
+          "median of per-round ratios | passk_jax first call (s) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         hf_cols = ", ".join(f"{v:,.0f} ({k})" for k, v in r["hf"].items())
         print(f"| {r['preset']} | {r['params'] / 1e6:.1f}M | {hf_cols} | {r['jax']:,.0f} | "
-              f"{r['jax'] / max(r['hf'].values()):.2f}x | {r['jax_first']:.1f} |")
+              f"{r['jax'] / max(r['hf'].values()):.2f}x | {r['median_ratio']:.2f}x | {r['jax_first']:.1f} |")
 
 
 if __name__ == "__main__":
