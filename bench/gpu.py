@@ -178,8 +178,8 @@ class Child:
         kv_per_slot = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2  # one row's bf16 k and v
         # step t (1..new-1) reads each prompt's shared prefix once (bucket slots per prompt) and each row's
         # own t completion slots
-        avg_slots = len(prompts) * bucket + rows * (new / 2.0)
-        bytes_per_step = param_bytes + kv_per_slot * avg_slots
+        slots_per_step = len(prompts) * bucket + rows * (new / 2.0)
+        bytes_per_step = param_bytes + kv_per_slot * slots_per_step
         bw = bytes_per_step * steps / t_decode
         res = dict(tokens_per_s=rows * new / t, time_s=t, first_call_s=first, prefill_s=min(pre),
                    decode_ms_per_step=1e3 * t_decode / steps, bytes_per_step_gb=bytes_per_step / 1e9,
