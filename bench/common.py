@@ -1,6 +1,7 @@
 """Shared pieces of the CPU benchmarks against PyTorch: timing and one random model in both frameworks."""
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from typing import Any, Callable
@@ -23,8 +24,6 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[s
 def median_ratio(times: dict[str, list[float]], slow: str | list[str], fast: str) -> float:
     """Median over rounds of (time of ``slow`` / time of ``fast``); with several ``slow`` names the fastest
     of them counts in each round."""
-    import statistics
-
     slow = [slow] if isinstance(slow, str) else slow
     return statistics.median(min(times[s][i] for s in slow) / t for i, t in enumerate(times[fast]))
 

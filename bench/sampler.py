@@ -6,8 +6,9 @@ Both sides: P prompts of random lengths in [16, 32] (HF gets them left-padded wi
 n samples each, exactly `new` tokens (no EOS stopping), temperature 1, no top-p / top-k.  After one warm-up
 each (JAX: the warm-up compiles), `repeats` rounds run every contender once in turn (the CPU is shared and
 its load drifts; alternating keeps the comparison fair).  The ratio column is best against best (the least
-disturbed runs); the median column is the median over rounds of that round's ratio.  HF runs with torch's default thread count and with 1 thread (on a
-busy machine OpenMP spin-waiting can make the default several times slower); the ratio is against the faster.
+disturbed runs); the median column is the median over rounds of that round's ratio.  HF runs with torch's
+default thread count and with 1 thread (on a busy machine OpenMP spin-waiting can make the default several
+times slower); the ratio is against the faster.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def bench_preset(preset: str, n_prompts: int, n_samples: int, new: int, repeats:
     return dict(preset=preset, params=cfg.num_params(), jax=rows_tokens / min(times["jax"]), jax_first=jax_first,
                 hf={int(k[2:]): rows_tokens / min(times[k]) for k in hf_names},
                 median_ratio=median_ratio(times, hf_names, "jax"))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
