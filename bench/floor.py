@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from passk_jax.models.transformer import ModelConfig
+from passk_jax.models.transformer import ModelConfig, init
+from passk_jax.sampling import Sampler
 
 
 def dense_shapes(cfg: ModelConfig) -> list[tuple[int, int, int]]:
@@ -60,9 +61,6 @@ def time_matmul(m: int, k: int, n: int, repeats: int, transpose: str = "") -> fl
 def decode_floor(cfg: ModelConfig, rows: int, repeats: int) -> tuple[float, float]:
     """(matmul seconds per decode step for ``rows`` rows, seconds per token of a 1-row decode)."""
     mm = sum(c * time_matmul(rows, k, n, repeats) for k, n, c in dense_shapes(cfg))
-    from passk_jax.models.transformer import init
-    from passk_jax.sampling import Sampler
-
     graphdef, params = init(cfg)
     sampler = Sampler(graphdef, cfg)
     prompt, new = [list(range(1, 25))], 128
@@ -113,7 +111,8 @@ def main() -> None:
     tokens = args.rows * args.seq
     for name in presets:
         for k in splits:
-            t = k * train_floor(getattr(ModelConfig, name)(), tokens // k, max(3, args.repeats // 10))
+            micro = (args.rows // k) * args.seq  # positions per micro-batch (rows split as the step does)
+            t = k * train_floor(getattr(ModelConfig, name)(), micro, max(3, args.repeats // 10))
             print(f"| {name} | {k} | {t:.2f} | {tokens / t:,.0f} |", flush=True)
 
 

@@ -9,8 +9,8 @@ Both sides take the same batch (P prompts x n samples; left-padded prompts + rig
 token-mean clip-higher surrogate against the batch's old log-probs, backward, global-norm clipping, AdamW.
 `--microbatches K` splits the rows into K gradient-accumulation micro-batches on both sides (each micro-batch
 loss divided by the whole batch's token count, so the update is the same); on a CPU smaller micro-batches
-keep activations in cache and both sides get faster. Ours is `passk_jax.rl.step` (old_logprobs="sampler", one mini-batch, one jitted program; it also computes
-the entropy and all step metrics). Each side runs once to warm up (JAX compiles), then `repeats` rounds
+keep activations in cache and both sides get faster. Ours is `passk_jax.rl.step` (old_logprobs="sampler",
+one mini-batch, one jitted program; it also computes the entropy and all step metrics). Each side runs once to warm up (JAX compiles), then `repeats` rounds
 run both in turn (the CPU is shared and its load drifts); the ratio is best against best, and the median of
 the per-round ratios is printed beside it. Tokens/s counts every position of every row.
 
