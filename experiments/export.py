@@ -12,6 +12,8 @@ import os
 
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).", required=True)
 flags.DEFINE_string("out", None, "Output Hugging Face directory.", required=True)
@@ -49,10 +51,11 @@ def export_run(workdir: str, out: str, step: int | None = None) -> int:
             tree, _ = ckpt.restore(step, target)
     finally:
         ckpt.close()
-    trainer.export(graphdef, tree["params"], model_cfg, tokenizer, out)
+    trainer.export(graphdef, tree["params"], model_cfg, tokenizer, out, hf_path=config.model.hf_path or None)
     return step
 
 
+@cli.one_line_errors
 def main(argv):
     del argv
     from absl import logging as absl_logging

@@ -5,8 +5,9 @@ A checkpoint step directory holds two items:
              an abstract target so a run resumes on any mesh;
   ``meta``   JSON: data position, resolved config, anything small the loop needs to continue exactly.
 Orbax writes each step to a temporary directory and renames it when complete, so a crash mid-save leaves
-no step behind. A step that exists but cannot be read (truncated files, bad JSON) is reported and skipped:
-``restore_latest`` falls back to the newest step that does load.
+no step behind. A step that exists but cannot be read (truncated files, bad JSON) is reported in one line
+and moved to ``corrupt/`` inside the checkpoint directory: ``restore_latest`` falls back to the newest step
+that does load, and the resumed run can save the moved step's number again.
 
 Multi-process runs: every process calls ``save`` / ``restore`` / ``wait`` with the same arguments (Orbax
 writes each array's shards from the processes that hold them and lets the primary process finalise the
@@ -14,6 +15,7 @@ step); ``restore_latest`` skips a step on every process when any process fails t
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -25,7 +27,8 @@ import orbax.checkpoint as ocp
 
 from passk_jax import parallel
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("passk_jax")
+CORRUPT = "corrupt"  # unreadable steps are moved here
 
 
 class Checkpointer:
@@ -72,23 +75,61 @@ class Checkpointer:
         return out["state"], dict(out["meta"])
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """Newest readable checkpoint as (step, state, meta); unreadable steps are logged and skipped."""
+        """Newest readable checkpoint as (step, state, meta).
+
+        An unreadable step is moved to ``<directory>/corrupt/<step>`` (never deleted) with one warning
+        line, so the resumed run can save that step again; then the previous step is tried."""
         for step in reversed(self.steps()):
             try:
-                state, meta = self.restore(step, abstract_state)
+                with _quiet("absl"):  # orbax logs each failed read at ERROR, tensorstore errors run to pages
+                    state, meta = self.restore(step, abstract_state)
                 failure = None
             except Exception as err:  # noqa: BLE001 - any read failure means "this step is unusable"
-                failure = f"{type(err).__name__}: {err}"
+                failure = _one_line(err)
             if parallel.process_any(failure is not None):  # all processes resume from the same step
-                log.warning("Checkpoint step %d in %s is unreadable (%s); trying the previous one.",
-                            step, self.directory, failure or "on another process")
+                moved = self._quarantine(step)
+                log.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s and trying the "
+                            "previous one.", step, self.directory, failure or "on another process", moved)
                 continue
             return step, state, meta
         return None
 
+    def _quarantine(self, step: int) -> str:
+        """Move step directory ``step`` to ``corrupt/`` (process 0; every process waits for it)."""
+        src = os.path.join(self.directory, str(step))
+        dest = os.path.join(self.directory, CORRUPT, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            suffix = 1
+            while os.path.exists(dest):
+                dest = os.path.join(self.directory, CORRUPT, f"{step}.{suffix}")
+                suffix += 1
+            os.replace(src, dest)
+        dest = parallel.broadcast_text(dest)
+        self._manager.reload()
+        return dest
+
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` cut to ``limit`` characters (storage errors can be pages long)."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _abstract(x: Any) -> Any:

@@ -40,9 +40,13 @@ def to_scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]
 
 
 class MetricWriter:
-    """Appends ``{"step": s, **metrics}`` to ``metrics.jsonl`` and writes TensorBoard scalars."""
+    """Appends ``{"step": s, **metrics}`` to ``metrics.jsonl`` and writes TensorBoard scalars.
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None):
+    ``purge_step``: a resumed run passes its first new step, so TensorBoard drops events the previous
+    attempt wrote at or after it (``metrics.jsonl`` is cut by ``truncate_after``)."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None,
+                 purge_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
@@ -52,13 +56,16 @@ class MetricWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
-    def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+    def write(self, step: int, metrics: Mapping[str, Any], *, phase: str | None = None) -> dict[str, float]:
+        """Append one record; ``phase`` (e.g. "final") is stored with it so a resume can drop it."""
         scalars = to_scalars(metrics)
         if not self.enabled:
             return scalars
-        record = {"step": int(step), "time": time.time()}
+        record: dict[str, Any] = {"step": int(step), "time": time.time()}
+        if phase is not None:
+            record["phase"] = phase
         record.update({k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()})
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -67,14 +74,24 @@ class MetricWriter:
                 self._tb.add_scalar(key.replace("@", "_at_"), value, int(step))
         return scalars
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records with step > ``step`` (used on resume so metrics.jsonl matches an uninterrupted run)."""
+    def truncate_after(self, step: int, *, drop_phases: tuple[str, ...] = ("final",)) -> None:
+        """Drop records with step > ``step`` and those of ``drop_phases`` (on resume, so metrics.jsonl matches
+        an uninterrupted run: the final evaluation is redone when the resumed run finishes). A torn last
+        line (a crash mid-write) is dropped too."""
         if not self.enabled or not os.path.exists(self.path):
             return
+        kept = []
         with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record["step"] <= step and record.get("phase") not in drop_phases:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def flush(self) -> None:
         if self._tb is not None:

@@ -199,6 +199,16 @@ def process_any(flag: bool) -> bool:
     return bool(flag) if not is_multiprocess() else bool(allgather(np.bool_(flag)).any())
 
 
+def broadcast_text(text: str, size: int = 2048) -> str:
+    """Process 0's ``text`` (its first ``size`` bytes) on every process (a decision's error message)."""
+    if not is_multiprocess():
+        return text
+    buf = np.zeros(size, np.uint8)
+    data = np.frombuffer(text.encode()[:size], np.uint8)
+    buf[:data.size] = data
+    return bytes(allgather(buf)[0]).rstrip(b"\0").decode(errors="replace")
+
+
 def _reduce(values: Mapping[str, float], op: Any) -> dict[str, float]:
     if not is_multiprocess():
         return dict(values)

@@ -1,7 +1,8 @@
 """Named configs: one module per name in this package, each with ``get_config() -> ConfigDict``.
 
 ``define_config_flag()`` turns ``--config=NAME`` into ml_collections' config-file flag for this package's
-NAME.py, so ``--config.a.b=value`` overrides work for every field (with type checking).
+NAME.py, so ``--config.a.b=value`` overrides work for every field (with type checking); an override of a
+field the config does not have stops with one line naming the closest fields.
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def define_config_flag(argv: list[str] | None = None) -> None:
                 sys.exit(f"error: unknown config {name!r}; available configs: {', '.join(names())}.")
             argv[i] = f"--config={os.path.join(_DIR, name + '.py')}"
     _selected[:] = [name]
+    from experiments.cli import check_overrides
+
+    check_overrides(argv, get(name), name)
     config_flags.DEFINE_config_file("config", os.path.join(_DIR, name + ".py"), "Named config.",
                                     lock_config=True)
 

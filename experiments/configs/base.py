@@ -37,6 +37,8 @@ def get_config() -> ConfigDict:
     c.task.num_train = 4000           # training problems generated (or the first rows of train_files)
     c.task.verifier_workers = 1
     c.task.verifier_timeout_s = 10.0
+    c.task.max_error_frac = 0.5       # warn loudly when a step's share of failed verifier calls exceeds this
+    c.task.max_failed_steps = 3       # stop when every response of this many consecutive steps failed
 
     c.rollout = ConfigDict()
     c.rollout.prompts_per_step = 16   # P

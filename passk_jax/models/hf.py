@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from flax import nnx
 
 from passk_jax.models.transformer import DTYPES, ModelConfig, Transformer
 from passk_jax.parallel import param_shardings, to_host
+from passk_jax.tasks.tokenizer import build_char_tokenizer, char_alphabet
 
 SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
 _ARCH_OF_FAMILY = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
@@ -37,6 +39,8 @@ _ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": 
               "F64": np.dtype(np.float64)}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
 _ARCH_KEYS = {"architectures", "model_type", "torch_dtype", "dtype", "rope_scaling", "rope_parameters", "rope_theta",
               "transformers_version", "head_dim", "attention_bias", "mlp_bias", "use_sliding_window"}
 
@@ -267,11 +271,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype: str = "float32", param_dt
 
 def save_pretrained(model_or_split: Transformer | tuple[nnx.GraphDef, nnx.State], cfg: ModelConfig,
                     path: str | os.PathLike, *, dtype: str | None = None, tokenizer: Any = None,
-                    extra_config: dict | None = None) -> None:
+                    tokenizer_source: str | os.PathLike | None = None, extra_config: dict | None = None) -> None:
     """Write config.json + model.safetensors (+ the tokenizer if given) for AutoModelForCausalLM.
 
     `dtype` casts the saved weights (default: the param dtype); `extra_config` (e.g. the original config.json,
-    for eos/bos ids) is merged under the architecture fields. Every process must call it; process 0 writes.
+    for eos/bos ids) is merged under the architecture fields; the tokenizer is written by `save_tokenizer`
+    (`tokenizer_source` is its `source`). Every process must call it; process 0 writes.
     """
     path = Path(path)
     if (path / "model.safetensors.index.json").exists():
@@ -318,8 +323,38 @@ def save_pretrained(model_or_split: Transformer | tuple[nnx.GraphDef, nnx.State]
     finally:
         if writer:
             f.close()
-    if tokenizer is not None and writer:
-        tokenizer.save_pretrained(str(path))
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, path, source=tokenizer_source)
+
+
+def save_tokenizer(tokenizer: Any, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> None:
+    """Write `tokenizer` into the checkpoint directory `path` so that `AutoTokenizer.from_pretrained(path)` gives
+    the same ids, text, special tokens and chat template as `tokenizer`. AutoTokenizer picks its class from
+    path/config.json (Qwen2Tokenizer for model_type qwen2, whatever tokenizer_config.json names), and
+    Qwen2Tokenizer rebuilds its own pipeline around tokenizer.json's vocabulary and merges, so:
+      * `source` (the local directory `tokenizer` was loaded from unchanged, e.g. model.hf_path): its tokenizer
+        files are copied verbatim, so AutoTokenizer rebuilds exactly what `load_tokenizer(source)` built (the
+        exported config.json keeps the source's model_type);
+      * a character tokenizer (`char_alphabet` is not None): written in the byte-level format of
+        `build_char_tokenizer`, which Qwen2Tokenizer reads back exactly; one in the older WordLevel format (an old
+        run's WORKDIR/tokenizer) is converted, same ids;
+      * anything else: `tokenizer.save_pretrained(path)`.
+    Process 0 writes; the others return."""
+    if jax.process_index() != 0:
+        return
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        source = Path(source)
+        for name in sorted({*_TOKENIZER_FILES, *tokenizer.vocab_files_names.values()}):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, path / name)
+        if (source / "additional_chat_templates").is_dir():
+            shutil.copytree(source / "additional_chat_templates", path / "additional_chat_templates",
+                            dirs_exist_ok=True)
+        return
+    alphabet = char_alphabet(tokenizer)
+    (tokenizer if alphabet is None else build_char_tokenizer(alphabet)).save_pretrained(str(path))
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -334,4 +369,4 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "config_from_hf", "config_to_hf", "load_pretrained", "save_pretrained",
-           "load_tokenizer"]
+           "save_tokenizer", "load_tokenizer"]

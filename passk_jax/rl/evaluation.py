@@ -67,7 +67,7 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
         parts.append(rollout.generate(
             sampler, params, task, tokenizer, pool, examples[start:start + batch_prompts],
             num_samples=num_samples, max_new_tokens=max_new_tokens, key=jax.random.fold_in(key, i),
-            temperature=temperature, top_p=top_p))
+            temperature=temperature, top_p=top_p, phase="eval"))
     r = rollout.Rollouts.concat(parts)
     correct = r.rewards > threshold
     out = summarize(correct, [ex.data_source for ex in examples], r.rewards, r.text_keys(), prefix)
@@ -76,7 +76,8 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
         hits = []
         for start in range(0, len(examples), batch_prompts):
             g = rollout.generate(sampler, params, task, tokenizer, pool, examples[start:start + batch_prompts],
-                                 num_samples=1, max_new_tokens=max_new_tokens, key=key, temperature=0.0)
+                                 num_samples=1, max_new_tokens=max_new_tokens, key=key, temperature=0.0,
+                                 phase="eval")
             hits.append(g.rewards[:, 0] > threshold)
         out[f"{prefix}greedy_accuracy"] = float(np.concatenate(hits).mean())
     return out, correct

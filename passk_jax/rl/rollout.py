@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from passk_jax import parallel
 from passk_jax.rl.step import Batch, batch_shardings
 from passk_jax.sampling import Sampler, SampleOutput, left_pad
-from passk_jax.tasks import Example, Task
+from passk_jax.tasks import Example, Task, reward_spec
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tasks.tokenizer import decode_response, encode_prompt
 
@@ -128,8 +128,11 @@ class Rollouts:
 def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: VerifierPool,
              examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             chunk_prompts: int = 0) -> Rollouts:
+             chunk_prompts: int = 0, phase: str = "train") -> Rollouts:
     """Sample ``num_samples`` completions per example and score them with the task's verifier.
+
+    Rewards are checked against the task's declared range (``tasks.reward_spec``); a value outside it is a
+    counted verifier error of ``phase`` ("train" / "eval") and scores 0.
 
     ``chunk_prompts`` > 0 samples at most that many prompts per sampler call (the decode KV cache grows
     with prompts x samples; large models need chunks), chunk c drawing with ``fold_in(key, c)``.
@@ -148,13 +151,13 @@ def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
         else:
             outs.append(jax.device_get(out))  # one transfer per chunk
     if parallel.is_multiprocess():
-        return _generate_multiprocess(outs, examples, prompts, task, tokenizer, pool, num_samples, t0)
+        return _generate_multiprocess(outs, examples, prompts, task, tokenizer, pool, num_samples, t0, phase)
     host = SampleOutput(*(np.concatenate([np.asarray(getattr(o, f)) for o in outs])
                           for f in SampleOutput._fields))
     t1 = time.perf_counter()
     texts = [decode_response(tokenizer, row[m]) for row, m in zip(host.tokens, host.mask)]
     per_row = [ex for ex in examples for _ in range(num_samples)]
-    rewards = pool.score(task.score, per_row, texts).reshape(len(examples), num_samples)
+    rewards = _score(pool, task, per_row, texts, phase).reshape(len(examples), num_samples)
     t2 = time.perf_counter()
     return Rollouts(list(examples), prompts, host.tokens, host.logprobs, host.mask, host.lengths,
                     host.truncated, texts, np.asarray(rewards, np.float32),
@@ -163,7 +166,7 @@ def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
 
 def _generate_multiprocess(outs: Sequence[SampleOutput], examples: Sequence[Example], prompts: list[list[int]],
                            task: Task, tokenizer: Any, pool: VerifierPool, num_samples: int,
-                           t0: float) -> Rollouts:
+                           t0: float, phase: str) -> Rollouts:
     """``generate`` after sampling, several processes: each fetches, detokenises and scores only the rows it
     owns; per-row results are then assembled on every process."""
     owners, local = [], {"tokens": [], "mask": [], "lengths": [], "truncated": []}
@@ -179,7 +182,7 @@ def _generate_multiprocess(outs: Sequence[SampleOutput], examples: Sequence[Exam
     mine = np.flatnonzero(owners == jax.process_index())
     texts = [decode_response(tokenizer, row[m]) for row, m in zip(local["tokens"], local["mask"])]
     per_row = [examples[r // num_samples] for r in mine]
-    rewards = np.asarray(pool.score(task.score, per_row, texts), np.float32).reshape(len(mine))
+    rewards = _score(pool, task, per_row, texts, phase).reshape(len(mine))
     full = parallel.gather_rows({"rewards": rewards, "lengths": local["lengths"].astype(np.int32),
                                  "truncated": local["truncated"].astype(bool),
                                  "text_ids": np.array([text_id(t) for t in texts], np.int64)}, owners)
@@ -191,6 +194,13 @@ def _generate_multiprocess(outs: Sequence[SampleOutput], examples: Sequence[Exam
     return Rollouts(list(examples), prompts, heavy["tokens"], heavy["logprobs"], heavy["mask"], full["lengths"],
                     full["truncated"], all_texts, full["rewards"].reshape(len(examples), num_samples),
                     {"time/sample": t1 - t0, "time/score": t2 - t1}, full["text_ids"])
+
+
+def _score(pool: VerifierPool, task: Task, examples: Sequence[Example], texts: Sequence[str],
+           phase: str) -> np.ndarray:
+    reward_range, allow_bool = reward_spec(task)
+    return np.asarray(pool.score(task.score, examples, texts, phase=phase, reward_range=reward_range,
+                                 allow_bool=allow_bool), np.float32)
 
 
 def text_id(text: str) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from passk_jax import advantages, parallel, report, sft
+from passk_jax import workdir as workdir_lib
 from passk_jax.checkpoint import Checkpointer, PreemptionGuard
 from passk_jax.logging import MetricWriter, console_line
 from passk_jax.models import hf
@@ -34,7 +36,7 @@ from passk_jax.models.transformer import ATTENTION_KERNELS, ModelConfig, init as
 from passk_jax.rl import evaluation, rollout
 from passk_jax.rl.step import StepConfig, TrainState, make_train_step, validate_batch
 from passk_jax.sampling import Sampler
-from passk_jax.tasks import get as get_task
+from passk_jax.tasks import get as get_task, reward_spec
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tasks.tokenizer import build_char_tokenizer, load_tokenizer
 
@@ -76,6 +78,18 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
     need(e.sample_prompts >= 1, f"eval.sample_prompts must be >= 1, got {e.sample_prompts}.")
     need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
     need(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}.")
+    need(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}.")
+    need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
+    need(e.temperature >= 0, f"eval.temperature must be >= 0, got {e.temperature}.")
+    t = config.task
+    need(t.num_train is None or t.num_train >= 1, f"task.num_train must be >= 1 (or None: every row), got {t.num_train}.")
+    need(t.verifier_workers >= 0, f"task.verifier_workers must be >= 0 (0 = in-process), got {t.verifier_workers}.")
+    need(t.verifier_timeout_s > 0, f"task.verifier_timeout_s must be > 0, got {t.verifier_timeout_s}.")
+    need(0 <= t.max_error_frac <= 1, f"task.max_error_frac must be in [0, 1], got {t.max_error_frac}.")
+    need(t.max_failed_steps >= 1, f"task.max_failed_steps must be >= 1, got {t.max_failed_steps}.")
+    need(config.train.log_every >= 1, f"train.log_every must be >= 1, got {config.train.log_every}.")
+    need(config.train.keep_checkpoints >= 1,
+         f"train.keep_checkpoints must be >= 1, got {config.train.keep_checkpoints}.")
     need(e.num_samples >= 1 and e.num_prompts >= 1, "eval.num_samples and eval.num_prompts must be >= 1.")
     need(config.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
     need(str(config.model.get("scan_layers", False)).lower() in ("true", "false"),
@@ -91,14 +105,20 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
          f"model.hf_path {config.model.hf_path!r} is not a directory.")
     plan = stages(config)
     need(sum(steps for steps, _ in plan) >= 0, "train.steps must be >= 0.")
-    for steps, cfg in plan:
+    for i, (steps, cfg) in enumerate(plan):
+        where = "step" if not config.train.stages else f"train.stages[{i}].step"
         need(steps >= 0, f"a stage has steps={steps}; it must be >= 0.")
-        cfg.validate()
+        need(cfg.k <= r.num_samples, f"{where}.k={cfg.k} exceeds rollout.num_samples={r.num_samples} "
+                                     "(k samples are drawn from the rollouts of a prompt).")
         if cfg.old_logprobs == "sampler" and (r.top_p < 1 or r.top_k > 0 or r.temperature != cfg.temperature):
-            raise ValueError("step.old_logprobs='sampler' needs rollout.top_p=1, rollout.top_k=0 and "
+            raise ValueError(f"{where}.old_logprobs='sampler' needs rollout.top_p=1, rollout.top_k=0 and "
                              "rollout.temperature equal to step.temperature; use old_logprobs='recompute'.")
-        validate_batch(cfg, r.prompts_per_step, r.num_samples, r.prompts_per_step * r.num_samples)
-        advantages.validate(cfg.estimator, r.num_samples, cfg.k, **dict(cfg.estimator_options))
+        try:
+            cfg.validate()
+            validate_batch(cfg, r.prompts_per_step, r.num_samples, r.prompts_per_step * r.num_samples)
+            advantages.validate(cfg.estimator, r.num_samples, cfg.k, **dict(cfg.estimator_options))
+        except ValueError as err:  # the step's own messages name the field without its section
+            raise ValueError(f"{where}: {err}") from None
     return plan
 
 
@@ -106,9 +126,14 @@ def make_task(config: ConfigDict):
     """The configured task (options set to "" or None count as unset); a wrong option is one clear error."""
     options = {k: v for k, v in config.task.options.to_dict().items() if v not in ("", None)}
     try:
-        return get_task(config.task.name, **options)
+        task = get_task(config.task.name, **options)
     except TypeError as err:
         raise ValueError(f"task.options do not fit task {config.task.name!r}: {err}.") from err
+    try:
+        reward_spec(task)
+    except ValueError as err:
+        raise ValueError(f"task {config.task.name!r}: {err}") from None
+    return task
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -243,26 +268,114 @@ def collect(config, sampler, params, task, tokenizer, pool, stream, position, ke
     return merged, position, {"rollout/refills": float(refills)}
 
 
-def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+def load_examples(config: ConfigDict, task) -> tuple[list, list]:
+    """(train, test) examples; an empty split is one error naming its file (or the generator's size)."""
+    out = []
+    for split, num in (("train", config.task.num_train), ("test", config.eval.num_prompts)):
+        examples = task.examples(split, num=num, seed=config.seed)
+        if not examples:
+            source = config.task.options.get(f"{split}_files") or None
+            where = (f"task.options.{split}_files={source!r} has no rows" if source else
+                     f"task {config.task.name!r} produced no {split} examples")
+            raise ValueError(f"the {split} split is empty: {where}.")
+        out.append(examples)
+    return out[0], out[1]
+
+
+class VerifierError(RuntimeError):
+    """Every response of several consecutive steps failed in the verifier."""
+
+
+class VerifierMonitor:
+    """Verifier counters per phase (train / eval), per step and cumulative (saved in checkpoints so they
+    survive resume), a loud console line when a step's share of failed responses exceeds
+    ``task.max_error_frac``, and a stop when every response of ``task.max_failed_steps`` consecutive train
+    steps failed. Counts are summed over processes, so every process takes the same decision."""
+
+    KINDS = ("scored", "errors", "invalid", "timeouts")
+
+    def __init__(self, pool: VerifierPool, max_error_frac: float, max_failed_steps: int,
+                 totals: dict[str, float] | None = None, say=print):
+        self.pool, self.max_error_frac, self.max_failed_steps = pool, max_error_frac, max_failed_steps
+        self.totals: dict[str, float] = dict(totals or {})
+        self.failed_streak = 0
+        self.say = say
+
+    def take(self, step: int) -> dict[str, float]:
+        """Metrics of the scoring done since the previous call: ``verifier/<phase>/<kind>`` for this step
+        and ``verifier/<phase>/<kind>_total`` since the run began."""
+        counts, examples = self.pool.take_counts()
+        phases = ("train", "eval") + tuple(sorted(set(counts) - {"train", "eval"}))
+        flat = parallel.process_sum({f"{phase}/{kind}": float(counts.get(phase, {}).get(kind, 0))
+                                     for phase in phases for kind in self.KINDS})
+        out = {}
+        for name, value in sorted(flat.items()):
+            self.totals[name] = self.totals.get(name, 0.0) + value
+            out[f"verifier/{name}"] = value
+            out[f"verifier/{name}_total"] = self.totals[name]
+        for phase in phases:
+            scored = flat.get(f"{phase}/scored", 0.0)
+            failed = flat.get(f"{phase}/errors", 0.0) + flat.get(f"{phase}/timeouts", 0.0)
+            if scored and failed / scored > self.max_error_frac:
+                first = (examples.get(phase) or ["on another process"])[0]
+                self.say(f"WARNING step {step} ({phase}): {failed:.0f} of {scored:.0f} responses "
+                         f"({failed / scored:.0%}) failed in the verifier and scored 0 (e.g. {first}).")
+            if phase == "train" and scored:
+                self.failed_streak = self.failed_streak + 1 if failed == scored else 0
+                if self.failed_streak >= self.max_failed_steps:
+                    first = (examples.get(phase) or ["on another process"])[0]
+                    raise VerifierError(
+                        f"every response of the last {self.failed_streak} training steps failed in the verifier "
+                        f"(e.g. {first}); fix the task's score function (task.max_failed_steps="
+                        f"{self.max_failed_steps} stops the run; earlier checkpoints are kept).")
+        return out
+
+
+def _reset_outputs(workdir: str, start: int) -> None:
+    """Remove derived files that describe steps after ``start`` (they are rewritten when the run gets there):
+    the final evaluation, the report and its plots, the export; on a fresh start the initial evaluation."""
+    names = ["eval_final.json", "report.md", "training_curves.png", "pass_at_k.png", "hf_export"]
+    if start == 0:
+        names.append("eval_initial.json")
+    for name in names:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _finished(workdir: str, config: ConfigDict) -> bool:
+    need = ["eval_final.json", "report.md"] + (["hf_export/config.json"] if config.train.export_hf else [])
+    return all(os.path.exists(os.path.join(workdir, name)) for name in need)
+
+
+def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
+          new_run: bool = False) -> dict[str, Any]:
     """Run (or resume) the experiment described by ``config`` in ``workdir``; returns the final summary.
 
-    ``stop_after``: checkpoint and return after this global step, as if preempted (status "stopped").
+    Every check that can fail (config, data files, workdir lock / ownership / writability) runs before the
+    model is built. ``new_run``: the workdir holds another run (a different config): move its files to
+    ``previous_runs/`` and start afresh instead of refusing. ``stop_after``: checkpoint and return after this
+    global step, as if preempted (status "stopped").
     """
     plan = validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    task = make_task(config)
+    train_examples, test_examples = load_examples(config, task)
+    lock = workdir_lib.claim(workdir, json.loads(config.to_json_best_effort()), new_run=new_run)
+    try:
+        return _train(config, workdir, plan, task, train_examples, test_examples, stop_after)
+    finally:
+        lock.release()
+
+
+def _train(config, workdir, plan, task, train_examples, test_examples, stop_after) -> dict[str, Any]:
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
     mesh = parallel.make_mesh(**config.mesh.to_dict())
     graphdef, params, model_cfg, tokenizer = build_model(config, mesh, workdir)
-    task = make_task(config)
-    train_examples = task.examples("train", num=config.task.num_train, seed=config.seed)
-    test_examples = task.examples("test", num=config.eval.num_prompts, seed=config.seed)
     stream = DataStream(train_examples, config.seed)
     sampler = Sampler(graphdef, model_cfg, mesh=mesh, pad_id=tokenizer.pad_token_id)
     pool = VerifierPool(num_workers=config.task.verifier_workers, timeout_s=config.task.verifier_timeout_s)
-    writer = MetricWriter(workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     guard = PreemptionGuard()
     total_steps = sum(steps for steps, _ in plan)
@@ -286,12 +399,30 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
                        temperature=config.eval.temperature, top_p=config.eval.top_p, greedy=config.eval.greedy,
                        batch_prompts=config.eval.sample_prompts)
     state = step_fns(0)[0](params, jax.random.fold_in(root, 1))
-    restored = ckpt.restore_latest(_state_tree(state))
+    writer = None
     summary: dict[str, Any] = {"workdir": workdir}
     preempted = lambda: parallel.process_any(guard.requested)  # noqa: E731 - the same answer on every process
     try:
+        restored = ckpt.restore_latest(_state_tree(state))
+        start = 0 if restored is None else restored[0]
+        if start > total_steps:
+            raise ValueError(f"workdir {workdir} has a checkpoint at step {start} but this config trains "
+                             f"{total_steps} steps; raise train.steps or use another workdir.")
+        if restored is not None and start == total_steps and _finished(workdir, config):
+            log.info("run in %s already finished at step %d; nothing to do (report: %s).", workdir, start,
+                     os.path.join(workdir, "report.md"))
+            with open(os.path.join(workdir, "eval_final.json")) as f:
+                summary.update(status="done", step=start, final=json.load(f))
+            return summary
+        if is_main:
+            _reset_outputs(workdir, start)
+        writer = MetricWriter(workdir, purge_step=start + 1 if restored is not None else 0)
+        writer.truncate_after(start if restored is not None else -1)
+        monitor = VerifierMonitor(pool, config.task.max_error_frac, config.task.max_failed_steps,
+                                  None if restored is None else restored[2].get("verifier"),
+                                  say=tqdm.write if is_main else (lambda _: None))
         if restored is None:
-            start, position = 0, 0
+            position = 0
             if config.sft.steps > 0:
                 params, sft_metrics = warm_start(config, graphdef, params, mesh, task, tokenizer,
                                                  train_examples, model_cfg, guard)
@@ -302,14 +433,14 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
                 state = step_fns(0)[0](params, jax.random.fold_in(root, 1))
             initial, _ = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
                                              key=jax.random.fold_in(root, 2), **eval_kwargs)
+            initial.update(monitor.take(0))
             writer.write(0, initial)
             if is_main:
                 _dump(os.path.join(workdir, "eval_initial.json"), initial)
         else:
-            start, tree, meta = restored
+            _, tree, meta = restored
             state, position = _from_tree(tree), int(meta["data_position"])
-            writer.truncate_after(start)
-            log.info("resumed from checkpoint step %d in %s", start, ckpt.directory)
+            log.info("resuming from checkpoint step %d of %d in %s", start, total_steps, ckpt.directory)
         bar = tqdm(total=total_steps, initial=start, desc="RL", disable=not is_main, dynamic_ncols=True)
         step = saved = start
         stopping = preempted()
@@ -321,6 +452,7 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
             rkey = jax.random.fold_in(jax.random.fold_in(root, 3), step)
             r, position, extra = collect(config, sampler, state.params, task, tokenizer, pool, stream,
                                          position, rkey)
+            verifier = monitor.take(step + 1)  # stops here, before the update, when every response failed
             bucket = next(b for b in sampler.buckets if b >= max(len(p) for p in r.prompts))
             batch = rollout.to_batch(r, bucket=bucket, pad_id=tokenizer.pad_token_id)
             t1 = time.perf_counter()
@@ -335,7 +467,6 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
             scalars.update(extra)
             times = parallel.process_max({**r.timings, "time/update": t2 - t1, "time/step": t2 - t0})
             scalars.update({name: times[name] for name in r.timings})
-            scalars.update(parallel.process_sum(pool.metrics()))
             tokens = float(r.lengths.sum())
             scalars.update({"time/update": times["time/update"], "time/step": times["time/step"],
                             "perf/tokens_per_s": tokens / times["time/step"],
@@ -344,19 +475,21 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
                 ev, _ = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
                                             key=jax.random.fold_in(root, 2), **eval_kwargs)
                 scalars.update(ev)
+                verifier = {**verifier, **{k: v for k, v in monitor.take(step).items() if "/eval/" in k}}
+            scalars.update(verifier)
             scalars = writer.write(step, scalars)
             bar.update(1)
             if is_main and step % config.train.log_every == 0:
                 bar.write(console_line(step, total_steps, scalars, CONSOLE_KEYS))
             stopping = preempted()
             if step % config.train.checkpoint_every == 0 or step == total_steps or stopping or step == stop_after:
-                ckpt.save(step, _state_tree(state), {"data_position": position, "stage": stage})
+                ckpt.save(step, _state_tree(state), _meta(position, stage, monitor))
                 saved = step
         bar.close()
         stopping = stopping or preempted()
         if stopping or step < total_steps:
             if step > 0 and step != saved:
-                ckpt.save(step, _state_tree(state), {"data_position": position, "stage": stage_of(step - 1)})
+                ckpt.save(step, _state_tree(state), _meta(position, stage_of(step - 1), monitor))
             ckpt.wait()
             status = "preempted" if stopping else "stopped"
             summary.update(status=status, step=step, signal=guard.signal_name)
@@ -364,10 +497,12 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
             return summary
         final, _ = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
                                        key=jax.random.fold_in(root, 2), **eval_kwargs)
-        writer.write(total_steps, final)
+        final.update(monitor.take(total_steps))
+        writer.write(total_steps, final, phase="final")
         ckpt.wait()
         if config.train.export_hf:  # every process joins the parameter gathers; process 0 writes
-            export(graphdef, state.params, model_cfg, tokenizer, os.path.join(workdir, "hf_export"))
+            export(graphdef, state.params, model_cfg, tokenizer, os.path.join(workdir, "hf_export"),
+                   hf_path=config.model.hf_path or None)
         if is_main:
             _dump(os.path.join(workdir, "eval_final.json"), final)
             report.write(workdir, config)
@@ -375,18 +510,30 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
         return summary
     finally:
         guard.restore()
-        writer.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
         pool.close()
 
 
-def export(graphdef: Any, params: Any, model_cfg: ModelConfig, tokenizer: Any, out_dir: str) -> None:
-    """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer) of ``params``.
+def _meta(position: int, stage: int, monitor: VerifierMonitor) -> dict[str, Any]:
+    return {"data_position": position, "stage": stage, "verifier": dict(monitor.totals)}
+
+
+def export(graphdef: Any, params: Any, model_cfg: ModelConfig, tokenizer: Any, out_dir: str, *,
+           hf_path: str | None = None) -> None:
+    """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer) of ``params`` that loads
+    through ``AutoModelForCausalLM`` / ``AutoTokenizer`` with the trained model's logits and the training
+    tokenizer's ids. ``hf_path``: the checkpoint the run started from; its tokenizer files are copied
+    verbatim and its config.json's other fields (bos / eos ids, ...) are kept.
 
     Every process must call it (the parameters are gathered); process 0 writes."""
-    hf.save_pretrained((graphdef, params), model_cfg, out_dir)
-    if jax.process_index() == 0:
-        tokenizer.save_pretrained(out_dir)
+    extra = None
+    if hf_path:
+        with open(os.path.join(hf_path, "config.json")) as f:
+            extra = json.load(f)
+    hf.save_pretrained((graphdef, params), model_cfg, out_dir, tokenizer=tokenizer, tokenizer_source=hf_path or None,
+                       extra_config=extra)
 
 
 def _dump(path: str, obj: dict) -> None:

@@ -11,13 +11,22 @@ source. Registered tasks:
     gym        any reasoning-gym dataset by name, scored with its own `score_answer`
     verl       any verl-schema file, scored per data_source or with a custom `compute_score`
 
+Reward range. A task declares what its verifier returns: `reward_range = (lo, hi)` (default (0.0, 1.0),
+the paper's binary rewards; lo < hi, both finite) and `bool_rewards` (default False: a bool is then an
+invalid reward, not a silent 1/0). Every built-in task returns floats in [0, 1]; `verl` takes both as
+options for custom `compute_score` functions (e.g. -1/+1 rewards). The verifier pool checks every reward
+against them: anything else (out of range, non-finite, non-numeric) scores 0 and is counted as invalid.
+Tasks not deriving from BaseTask may omit both; `reward_spec(task)` reads them with the defaults.
+
 Use `get(name, **cfg)`; plug in your own with `register(name, factory)`. Heavy dependencies
 (math-verify, reasoning-gym) are imported only by the tasks that need them, so verifier workers stay light.
 """
 from __future__ import annotations
 
 import importlib
+import numbers
 from dataclasses import dataclass, field
+from math import isfinite  # not `import math`: the submodule passk_jax.tasks.math would shadow it
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 Message = dict[str, str]
@@ -37,6 +46,9 @@ class Example:
 
 @runtime_checkable
 class Task(Protocol):
+    """What the trainer needs from a task. Optional attributes (see the module doc), not part of the
+    structural check: `reward_range: tuple[float, float]` and `bool_rewards: bool`."""
+
     name: str
 
     def examples(self, split: str, num: int | None = None, seed: int = 0) -> list[Example]: ...
@@ -51,6 +63,8 @@ class BaseTask:
     given, otherwise from the task's seeded `generate`. `render` returns the stored prompt."""
 
     name = "base"
+    reward_range: tuple[float, float] = (0.0, 1.0)
+    bool_rewards: bool = False
 
     def __init__(self, train_files: str | Sequence[str] | None = None,
                  test_files: str | Sequence[str] | None = None, on_bad_row: str = "raise"):
@@ -75,6 +89,23 @@ class BaseTask:
 
     def score(self, example: Example, response: str) -> float:
         raise NotImplementedError
+
+
+def validate_reward_range(reward_range: Any) -> tuple[float, float]:
+    """`(lo, hi)` as floats; ValueError unless it is two finite numbers with lo < hi."""
+    if not (isinstance(reward_range, (tuple, list)) and len(reward_range) == 2
+            and all(isinstance(x, numbers.Real) for x in reward_range)):
+        raise ValueError(f"reward_range must be two numbers (lo, hi), got {reward_range!r}.")
+    lo, hi = float(reward_range[0]), float(reward_range[1])
+    if not (isfinite(lo) and isfinite(hi) and lo < hi):
+        raise ValueError(f"reward_range must be finite with lo < hi, got {reward_range!r}.")
+    return lo, hi
+
+
+def reward_spec(task: Any) -> tuple[tuple[float, float], bool]:
+    """`((lo, hi), bool_rewards)` of a task, defaulting to ((0.0, 1.0), False) where it declares none."""
+    reward_range = validate_reward_range(getattr(task, "reward_range", (0.0, 1.0)))
+    return reward_range, bool(getattr(task, "bool_rewards", False))
 
 
 _REGISTRY: dict[str, str | Callable[..., Task]] = {
@@ -141,4 +172,4 @@ def extract_boxed(text: str) -> str | None:
 
 
 __all__ = ["Example", "Task", "BaseTask", "Prompt", "Message", "get", "register", "names", "resolve",
-           "extract_tag", "extract_boxed"]
+           "extract_tag", "extract_boxed", "reward_spec", "validate_reward_range"]

@@ -1,8 +1,27 @@
-"""Verifier pool: score responses in worker processes with a per-response timeout.
+"""Verifier pool: score responses in worker processes with a per-response timeout; every reward is checked.
 
-A verifier that raises, returns a non-finite value, hangs, or kills its process yields reward 0 and bumps
-a counter (`errors`, `timeouts`); the batch completes and the pool stays usable. Rewards are always in
-input order.
+`pool.score(task.score, examples, responses, phase="train", reward_range=(lo, hi), allow_bool=False)`
+returns f32[N] in input order. Each response ends in one of four ways:
+  * scored: the verifier returned a real number (int, float, numpy integer / floating scalar; a bool or
+    numpy bool only with `allow_bool`, as 1.0 / 0.0) that is finite and in [lo, hi] inclusive;
+  * error: the verifier raised, or its worker process died (segfault, OOM kill);
+  * invalid: anything else came back (str, None, a list, complex, nan, 5.0 for a [0, 1] task, True for a
+    task without `bool_rewards`); counted in both `invalid` and `errors`;
+  * timeout: it ran past `timeout_s` (counted in `timeouts` only).
+A failed response scores 0.0, also when 0 lies outside [lo, hi]: the batch completes, the pool stays
+usable, and the counters show the failures. `num_workers=0` scores inline in the calling process with the
+same checks and messages (exceptions still count; no timeout). Tasks declare their range with the
+`reward_range` / `bool_rewards` attributes; `passk_jax.tasks.reward_spec(task)` reads them.
+
+Counters are kept per phase (the `phase` string of each call, e.g. "train" or "eval"): scored, errors,
+invalid, timeouts and restarts (workers replaced during that phase's batches). `take_counts()` returns
+them for the phases scored since the previous call, with up to 3 failure messages per phase, and starts a
+new window. A message names the response index, the kind (error, invalid, timeout), the reason and an
+excerpt (at most 80 characters) of the response:
+    response 5 (invalid): reward 5.0 outside the task's range [0.0, 1.0]; response 'DDRR'
+The first 3 failures of each phase over the pool's lifetime are also logged as warnings on the
+"passk_jax" logger, one line each. `metrics()` gives the lifetime totals summed over phases as flat
+`verifier/<counter>` keys, and `last_errors` the last 20 messages (prefixed with their phase).
 
 Design. concurrent.futures.ProcessPoolExecutor cannot stop one hung call (the only remedy is to tear
 the whole executor down, losing every in-flight call) and cannot tell when a queued call actually
@@ -10,19 +29,20 @@ started, so its timeouts would include queueing and worker start-up. This pool t
 `spawn`ed processes (safe with JAX, CUDA or threads in the parent; nothing is forked; started with
 JAX_PLATFORMS=cpu and CUDA_VISIBLE_DEVICES empty), one pipe each. As with any spawn pool, the main module is
 re-imported in each worker, so scripts must guard their work with `if __name__ == "__main__":`.
-  * a worker announces `ready` after its imports; the scorer (e.g. a bound `task.score`) is pickled
-    once per batch and loaded by a worker before its first chunk, under `startup_timeout_s`;
+  * a worker announces `ready` after its imports; the scorer (e.g. a bound `task.score`) and the reward
+    check are pickled once per batch and loaded by a worker before its first chunk, under
+    `startup_timeout_s`; the worker checks each reward before sending it back;
   * responses travel in chunks (fewer messages) but the worker reports every response as it finishes,
     and the parent restarts the clock at each report, so the timeout is per response and starts when the
     worker starts that response;
   * on a timeout only the stuck worker is killed and replaced; the response it was on scores 0, the rest
     of its chunk goes back to the queue; other workers keep going;
-  * a worker that dies (segfault, OOM kill) counts an error for its current response the same way.
-`num_workers=0` scores inline in the calling process (exceptions still count; no timeout).
+  * a worker that dies counts an error for its current response the same way.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -36,16 +56,60 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from passk_jax.tasks import validate_reward_range
+
 ScoreFn = Callable[..., float]
+RewardSpec = tuple[float, float, bool]  # lo, hi, allow_bool
 # Workers never touch an accelerator, even if a scorer (or the re-imported main module) imports jax/torch.
 _CHILD_ENV = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+COUNTERS = ("scored", "errors", "invalid", "timeouts", "restarts")
+_COUNTER_OF = {"error": "errors", "invalid": "invalid", "timeout": "timeouts"}
+_EXAMPLES, _LOGGED, _EXCERPT = 3, 3, 80
+log = logging.getLogger("passk_jax")
 
 
-def _as_reward(value: Any) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"non-finite reward {value}")
+class _InvalidReward(ValueError):
+    pass
+
+
+def _outside(value: Any, lo: float, hi: float) -> _InvalidReward:
+    shown = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
+    return _InvalidReward(f"reward {shown} outside the task's range [{lo}, {hi}]")
+
+
+def _check_reward(value: Any, lo: float, hi: float, allow_bool: bool = False) -> float:
+    """`value` as a float when it is an acceptable reward, else `_InvalidReward` saying why."""
+    if isinstance(value, (bool, np.bool_)):
+        if not allow_bool:
+            raise _InvalidReward(f"bool reward {value} (this task does not declare bool_rewards)")
+        value = float(value)
+    elif isinstance(value, (int, np.integer)):
+        if not lo <= value <= hi:  # exact comparison first: a huge int does not fit a float
+            raise _outside(value, lo, hi)
+        value = float(value)
+    elif isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not math.isfinite(value):
+            raise _InvalidReward(f"non-finite reward {value}")
+    else:
+        raise _InvalidReward(f"non-numeric reward {repr(value)[:60]} ({type(value).__name__})")
+    if not lo <= value <= hi:
+        raise _outside(value, lo, hi)
     return value
+
+
+def _score_one(fn: ScoreFn, args: tuple, spec: RewardSpec) -> tuple[float, str | None, str | None]:
+    """(reward, None, None), or (0.0, kind, reason) with kind "error" (raised) or "invalid"."""
+    try:
+        value = fn(*args)
+    except Exception as e:  # noqa: BLE001 - any verifier failure is a counted 0
+        return 0.0, "error", f"{type(e).__name__}: {e}"[:500]
+    try:
+        return _check_reward(value, *spec), None, None
+    except _InvalidReward as e:
+        return 0.0, "invalid", str(e)[:500]
+    except Exception as e:  # noqa: BLE001 - e.g. a returned object whose repr raises
+        return 0.0, "invalid", f"unreadable reward of type {type(value).__name__} ({type(e).__name__})"
 
 
 def _worker_main(conn, preload: Sequence[str]) -> None:
@@ -53,7 +117,7 @@ def _worker_main(conn, preload: Sequence[str]) -> None:
     for module in preload:
         importlib.import_module(module)
     conn.send(("ready",))
-    fn = None
+    fn = spec = None
     while True:
         try:
             msg = conn.recv()
@@ -64,16 +128,13 @@ def _worker_main(conn, preload: Sequence[str]) -> None:
         _, fn_bytes, items = msg
         if fn_bytes is not None:
             try:
-                fn = pickle.loads(fn_bytes)
+                fn, spec = pickle.loads(fn_bytes)
             except Exception as e:  # noqa: BLE001 - reported to the parent
                 conn.send(("loaderror", f"{type(e).__name__}: {e}"))
                 continue
             conn.send(("loaded",))
         for index, args in items:
-            try:
-                conn.send(("item", index, _as_reward(fn(*args)), None))
-            except Exception as e:  # noqa: BLE001 - any verifier failure is a counted 0
-                conn.send(("item", index, 0.0, f"{type(e).__name__}: {e}"[:500]))
+            conn.send(("item", index, *_score_one(fn, args, spec)))
         conn.send(("done",))
 
 
@@ -87,8 +148,20 @@ class _Worker:
     pending: deque = field(default_factory=deque)  # (index, args) sent but not yet reported
 
 
+@dataclass
+class _Batch:
+    args: Sequence[tuple]
+    phase: str
+    results: list
+
+
+def _excerpt(text: str) -> str:
+    return repr(text if len(text) <= _EXCERPT else text[:_EXCERPT - 3] + "...")
+
+
 class VerifierPool:
-    """`pool.score(task.score, examples, responses) -> float32[N]`; `pool.metrics()` for the counters."""
+    """`pool.score(task.score, examples, responses, phase=...) -> float32[N]`; `take_counts()` for the
+    per-phase counters and first failures since the last call, `metrics()` for the lifetime totals."""
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, *, startup_timeout_s: float = 120.0,
                  chunk_size: int | None = None, preload: Sequence[str] = ("passk_jax.tasks",),
@@ -100,7 +173,10 @@ class VerifierPool:
         self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker] = []
         self._token = 0
-        self.counters = {"scored": 0, "errors": 0, "timeouts": 0, "restarts": 0}
+        self._window: dict[str, dict[str, int]] = {}  # per phase, since the last take_counts()
+        self._totals: dict[str, dict[str, int]] = {}  # per phase, lifetime
+        self._examples: dict[str, list[str]] = {}  # first failure messages per phase, same window
+        self._logged: dict[str, int] = {}  # failures logged per phase, lifetime
         self.last_errors: deque[str] = deque(maxlen=20)
 
     # ----------------------------------------------------------------------------------- processes
@@ -126,7 +202,6 @@ class VerifierPool:
         w.proc.kill()
         w.proc.join(5)
         w.conn.close()
-        self.counters["restarts"] += 1
         new = self._spawn()
         self._workers[self._workers.index(w)] = new
         return new
@@ -158,36 +233,73 @@ class VerifierPool:
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
+    # ------------------------------------------------------------------------------------ counters
+
+    def _count(self, phase: str, counter: str, n: int = 1) -> None:
+        for table in (self._window, self._totals):
+            table.setdefault(phase, dict.fromkeys(COUNTERS, 0))[counter] += n
+
+    def _fail(self, batch: _Batch, index: int, kind: str, reason: str) -> None:
+        batch.results[index] = 0.0
+        self._count(batch.phase, _COUNTER_OF[kind])
+        if kind == "invalid":
+            self._count(batch.phase, "errors")
+        message = f"response {index} ({kind}): {' '.join(reason.split())}"
+        text = batch.args[index][-1] if batch.args[index] else None
+        if isinstance(text, str):
+            message += f"; response {_excerpt(text)}"
+        examples = self._examples.setdefault(batch.phase, [])
+        if len(examples) < _EXAMPLES:
+            examples.append(message)
+        self.last_errors.append(f"{batch.phase}: {message}")
+        logged = self._logged.get(batch.phase, 0)
+        if logged < _LOGGED:
+            self._logged[batch.phase] = logged + 1
+            more = " (later failures of this phase are counted, not logged)" if logged + 1 == _LOGGED else ""
+            log.warning("verifier failure (%s): %s%s", batch.phase, message, more)
+
+    def take_counts(self) -> tuple[dict[str, dict[str, int]], dict[str, list[str]]]:
+        """`(counts, examples)` for the phases scored since the previous call, then a new window:
+        counts {phase: {counter: n}}, examples {phase: up to 3 failure messages} (failed phases only)."""
+        taken, self._window, self._examples = (self._window, self._examples), {}, {}
+        return taken
+
+    def metrics(self, prefix: str = "verifier/") -> dict[str, int]:
+        """Lifetime counters summed over phases: {prefix + counter: n}."""
+        return {prefix + k: sum(c[k] for c in self._totals.values()) for k in COUNTERS}
+
     # ------------------------------------------------------------------------------------- scoring
 
-    def _fail(self, results: list, index: int, kind: str, message: str) -> None:
-        results[index] = 0.0
-        self.counters[kind] += 1
-        self.last_errors.append(f"response {index}: {message}")
-
-    def map(self, fn: ScoreFn, args: Sequence[tuple]) -> list[float]:
-        """`fn(*a)` for every tuple `a`, as floats; failures and timeouts are counted zeros."""
-        results: list[float | None] = [None] * len(args)
-        self.counters["scored"] += len(args)
+    def map(self, fn: ScoreFn, args: Sequence[tuple], *, phase: str = "train",
+            reward_range: tuple[float, float] = (0.0, 1.0), allow_bool: bool = False) -> list[float]:
+        """`fn(*a)` for every tuple `a`, as checked floats; failures are counted zeros. Messages quote
+        the last argument when it is a string (the response, for `score`)."""
+        if not isinstance(phase, str) or not phase:
+            raise ValueError(f"phase must be a non-empty string, got {phase!r}.")
+        spec = (*validate_reward_range(reward_range), bool(allow_bool))
+        batch = _Batch(args, phase, [None] * len(args))
+        self._count(phase, "scored", len(args))
         if not args:
             return []
         if self.num_workers == 0:
             for i, a in enumerate(args):
-                try:
-                    results[i] = _as_reward(fn(*a))
-                except Exception as e:  # noqa: BLE001
-                    self._fail(results, i, "errors", f"{type(e).__name__}: {e}")
-            return results
+                value, kind, reason = _score_one(fn, a, spec)
+                if kind is None:
+                    batch.results[i] = value
+                else:
+                    self._fail(batch, i, kind, reason)
+            return batch.results
         try:
-            self._run(fn, args, results)
+            self._run(fn, spec, batch)
         except BaseException:
             self.close(kill=True)  # workers may hold a half-finished batch; start clean next time
             raise
-        return results
+        return batch.results
 
-    def _run(self, fn: ScoreFn, args: Sequence[tuple], results: list) -> None:
+    def _run(self, fn: ScoreFn, spec: RewardSpec, batch: _Batch) -> None:
         self._token += 1
-        fn_bytes = pickle.dumps(fn)
+        fn_bytes = pickle.dumps((fn, spec))
+        args = batch.args
         size = self.chunk_size or max(1, min(64, math.ceil(len(args) / (4 * self.num_workers))))
         queue = deque(list(enumerate(args))[i:i + size] for i in range(0, len(args), size))
         while len(self._workers) < self.num_workers:
@@ -213,22 +325,22 @@ class VerifierPool:
                     continue  # replaced earlier in this round
                 try:
                     while w.conn.poll():
-                        self._handle(w, w.conn.recv(), results)
+                        self._handle(w, w.conn.recv(), batch)
                 except (EOFError, OSError):
-                    self._lost(w, queue, results, "errors", "verifier process died")
+                    self._lost(w, queue, batch, "error", "verifier process died")
                     continue
                 if obj == w.proc.sentinel and not w.conn.poll():
-                    self._lost(w, queue, results, "errors", "verifier process died")
+                    self._lost(w, queue, batch, "error", "verifier process died")
             now = time.monotonic()
             for w in list(self._workers):
                 if now >= w.deadline:
                     if w.state == "running":
-                        self._lost(w, queue, results, "timeouts", f"timed out after {self.timeout_s}s")
+                        self._lost(w, queue, batch, "timeout", f"timed out after {self.timeout_s}s")
                     else:
                         what = "start" if w.state == "starting" else "load the scorer"
                         raise RuntimeError(f"a verifier worker did not {what} within {self.startup_timeout_s}s.")
 
-    def _handle(self, w: _Worker, msg: tuple, results: list) -> None:
+    def _handle(self, w: _Worker, msg: tuple, batch: _Batch) -> None:
         kind = msg[0]
         if kind == "ready":
             w.state, w.deadline = "idle", math.inf
@@ -237,17 +349,17 @@ class VerifierPool:
         elif kind == "loaderror":
             raise RuntimeError(f"verifier workers cannot load the scorer: {msg[1]}")
         elif kind == "item":
-            _, index, value, error = msg
+            _, index, value, error, reason = msg
             w.pending.popleft()
             if error is None:
-                results[index] = value
+                batch.results[index] = value
             else:
-                self._fail(results, index, "errors", error)
+                self._fail(batch, index, error, reason)
             w.deadline = time.monotonic() + self.timeout_s
         elif kind == "done":
             w.state, w.deadline = "idle", math.inf
 
-    def _lost(self, w: _Worker, queue: deque, results: list, kind: str, message: str) -> None:
+    def _lost(self, w: _Worker, queue: deque, batch: _Batch, kind: str, reason: str) -> None:
         """Kill `w`; its current response scores 0 (counted), the rest of its chunk is re-queued."""
         if w.state == "starting":
             raise RuntimeError(
@@ -256,16 +368,19 @@ class VerifierPool:
                 f"`if __name__ == '__main__':`, and {self.preload} must import cleanly.")
         if w.pending:
             index, _ = w.pending.popleft()
-            self._fail(results, index, kind, message)
+            self._fail(batch, index, kind, reason)
             if w.pending:
                 queue.appendleft(list(w.pending))
+        self._count(batch.phase, "restarts")
         self._replace(w)
 
-    def score(self, score_fn: ScoreFn, examples: Sequence[Any], responses: Sequence[str]) -> np.ndarray:
-        """Rewards f32[N] for `score_fn(examples[i], responses[i])` (e.g. `score_fn=task.score`)."""
+    def score(self, score_fn: ScoreFn, examples: Sequence[Any], responses: Sequence[str], *,
+              phase: str = "train", reward_range: tuple[float, float] = (0.0, 1.0),
+              allow_bool: bool = False) -> np.ndarray:
+        """Rewards f32[N] for `score_fn(examples[i], responses[i])` (e.g. `score_fn=task.score`, with
+        `reward_range, allow_bool = reward_spec(task)`), counted under `phase`."""
         if len(examples) != len(responses):
             raise ValueError(f"{len(examples)} examples but {len(responses)} responses.")
-        return np.asarray(self.map(score_fn, list(zip(examples, responses))), dtype=np.float32)
-
-    def metrics(self, prefix: str = "verifier/") -> dict[str, int]:
-        return {prefix + k: v for k, v in self.counters.items()}
+        rewards = self.map(score_fn, list(zip(examples, responses)), phase=phase, reward_range=reward_range,
+                           allow_bool=allow_bool)
+        return np.asarray(rewards, dtype=np.float32)

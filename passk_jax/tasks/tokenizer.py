@@ -2,17 +2,22 @@
 
 Real models use their own Hugging Face tokenizer and chat template. The CPU default is a character-level
 tokenizer built with the `tokenizers` library (one token per character: printable ASCII and newline by
-default, unknown characters -> <unk>), wrapped as `transformers.PreTrainedTokenizerFast` and saved as a
-normal tokenizer directory (tokenizer.json + tokenizer_config.json), so both paths load the same way
-(`load_tokenizer`, or `AutoTokenizer.from_pretrained`) and go through the same `encode_prompt` /
-`decode_response` code.
+default), wrapped as `transformers.PreTrainedTokenizerFast` and saved as a normal tokenizer directory
+(tokenizer.json + tokenizer_config.json), so both paths load the same way (`load_tokenizer`, or
+`AutoTokenizer.from_pretrained`) and go through the same `encode_prompt` / `decode_response` code.
+It is a byte-level BPE without merges whose vocabulary holds the characters' byte-level forms (" " is "Ġ",
+"\\n" is "Ċ"), NFC-normalised, with no unk token: what transformers' Qwen2Tokenizer builds around a
+tokenizer.json's vocabulary and merges (it ignores the file's normaliser, pre-tokeniser and decoder; its word
+split changes nothing without merges). AutoTokenizer takes Qwen2Tokenizer for every directory whose config.json
+has model_type qwen2 (an export of the qwen2-shaped presets), whatever tokenizer_config.json names, so the export
+reads back exactly. Like Qwen2Tokenizer it drops characters outside the alphabet.
 Special ids: <pad>=0, <bos>=1, <eos>=2, <unk>=3; plain-text encoding prepends <bos>; its chat template
 concatenates the message contents after <bos>.
 """
 from __future__ import annotations
 
 import string
-from typing import Sequence
+from typing import Any, Sequence
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 DEFAULT_ALPHABET = string.printable[:95] + "\n"  # digits, letters, punctuation, space, newline
@@ -20,23 +25,41 @@ CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endf
 
 
 def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET):
-    """A PreTrainedTokenizerFast with one token per character of `alphabet` after the 4 specials."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    """A PreTrainedTokenizerFast with one token per character of `alphabet` (ASCII) after the 4 specials."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     chars = list(dict.fromkeys(alphabet))
     if not chars:
         raise ValueError("alphabet must contain at least one character.")
-    vocab = {t: i for i, t in enumerate(list(SPECIALS) + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")  # every char, \n too
-    tok.decoder = decoders.Fuse()  # join characters without spaces
+    if not all(c.isascii() for c in chars):
+        raise ValueError(f"alphabet must be ASCII (one byte, so one byte-level token, per character); got "
+                         f"{''.join(c for c in chars if not c.isascii())!r}.")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {t: i for i, t in enumerate(list(SPECIALS) + [byte_level.pre_tokenize_str(c)[0][0] for c in chars])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no unk token: unknown characters are dropped
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                  pad_token="<pad>", unk_token="<unk>")
     hf.chat_template = CHAT_TEMPLATE
     return hf
+
+
+def char_alphabet(tokenizer: Any) -> str | None:
+    """The alphabet of a tokenizer made by `build_char_tokenizer` (also the WordLevel format over raw
+    characters that older runs saved), in id order; None for any other tokenizer."""
+    if tokenizer.chat_template != CHAT_TEMPLATE:
+        return None
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    if tuple(tokens[:len(SPECIALS)]) != SPECIALS or [vocab[t] for t in tokens] != list(range(len(tokens))):
+        return None
+    chars = [tokenizer.convert_tokens_to_string([t]) for t in tokens[len(SPECIALS):]]
+    return "".join(chars) if chars and all(len(c) == 1 for c in chars) else None
 
 
 def save_char_tokenizer(path: str, alphabet: str = DEFAULT_ALPHABET):

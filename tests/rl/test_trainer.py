@@ -1,11 +1,13 @@
 """The training loop end to end on a tiny maze config: outputs, exact resume, SIGTERM, export, validation."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -66,8 +68,12 @@ def test_outputs_and_report(runs):
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
     for key in ("step/loss", "step/entropy", "step/clip_high_frac", "step/rollout_pass@k", "step/grad_norm",
                 "step/adv_zero_prompt_frac", "rollout/length_mean", "time/sample", "time/score",
-                "time/update", "perf/tokens_per_s", "verifier/errors", "verifier/timeouts"):
+                "time/update", "perf/tokens_per_s", "verifier/train/errors", "verifier/train/timeouts",
+                "verifier/train/invalid", "verifier/train/scored_total", "verifier/eval/scored"):
         assert key in train_recs[-1], key
+    assert train_recs[-1]["verifier/train/scored"] == 16  # per step: P x n responses
+    assert train_recs[-1]["verifier/train/scored_total"] == 4 * 16
+    assert [r["phase"] for r in records if "phase" in r] == ["final"]
     assert "eval/pass@4" in train_recs[1]  # eval_every=2
     final = json.load(open(os.path.join(wd, "eval_final.json")))
     for key in ("eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/greedy_accuracy", "eval/maze_5x5/pass@4"):
@@ -77,14 +83,13 @@ def test_outputs_and_report(runs):
 
 
 def test_resume_is_bitwise_exact(runs):
-    import jax
-
     a, b = _params(runs["full"]), _params(runs["split"])
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    skip = ("time", "time/", "perf/", "verifier/", "sft/")  # SFT ran in one workdir, was cached in the other
+    skip = ("time", "time/", "perf/", "sft/")  # SFT ran in one workdir, was cached in the other
+    # (verifier counters are compared: per-step and cumulative counts survive the resume)
     ra = [r for r in read_jsonl(os.path.join(runs["full"], "metrics.jsonl"))]
     rb = [r for r in read_jsonl(os.path.join(runs["split"], "metrics.jsonl"))]
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
@@ -126,6 +131,114 @@ def test_export_cli_matches_final_export(runs, tmp_path):
         np.testing.assert_array_equal(ours[name], final[name])
 
 
+def _copy_run(runs, name):
+    dest = str(runs["base"] / name)
+    shutil.copytree(runs["full"], dest)
+    return dest
+
+
+def _train_records(workdir, up_to=None):
+    skip = ("time", "time/", "perf/", "sft/")
+    return [{k: v for k, v in r.items() if not k.startswith(skip)} for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            if "rollout/reward_mean" in r and (up_to is None or r["step"] <= up_to)]
+
+
+def test_rerun_of_a_finished_run_changes_nothing(runs, caplog):
+    wd = _copy_run(runs, "rerun")
+    before = open(os.path.join(wd, "metrics.jsonl")).read()
+    caplog.set_level("INFO")
+    out = trainer.train(tiny_config(runs["base"] / "cache"), wd)
+    assert out["status"] == "done" and out["step"] == 4 and "already finished" in caplog.text
+    assert open(os.path.join(wd, "metrics.jsonl")).read() == before
+
+
+def test_changed_config_is_refused_before_compiling(runs):
+    from passk_jax.workdir import WorkdirError
+
+    wd = _copy_run(runs, "changed")
+    files = {name: open(os.path.join(wd, name), "rb").read() for name in ("config.json", "metrics.jsonl")}
+    with pytest.raises(WorkdirError, match=r"step\.kl_coef \(0\.0 -> 0\.1\)"):
+        trainer.train(tiny_config(runs["base"] / "cache", **{"step.kl_coef": 0.1}), wd)
+    assert {name: open(os.path.join(wd, name), "rb").read() for name in files} == files
+    assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()) == [2, 3, 4]
+
+
+def test_corrupt_newest_checkpoint_then_longer_resume_finishes(runs, caplog):
+    """Step 4 is corrupt: it moves to checkpoints/corrupt/, the run resumes from 3, redoes step 4 exactly
+    and (train.steps is resumable) goes on to step 5; the derived files describe the new end."""
+    wd = _copy_run(runs, "corrupt")
+    for root, _, names in os.walk(os.path.join(wd, "checkpoints", "4")):
+        for name in names:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    caplog.set_level("INFO")
+    out = trainer.train(tiny_config(runs["base"] / "cache", **{"train.steps": 5}), wd)
+    assert out["status"] == "done" and out["step"] == 5
+    assert "step 4" in caplog.text and "unreadable" in caplog.text and "resuming from checkpoint step 3" in caplog.text
+    assert os.listdir(os.path.join(wd, "checkpoints", "corrupt")) == ["4"]
+    redone = _params(wd)  # the re-saved step 4 equals the uninterrupted run's step 4
+    for x, y in zip(jax.tree.leaves(redone), jax.tree.leaves(_params(runs["split"]))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    full = _train_records(runs["full"])
+    mine = _train_records(wd)
+    assert [r["step"] for r in mine] == [1, 2, 3, 4, 5]
+    assert mine[:3] == full[:3]
+    evals = ("eval/", "verifier/eval/")  # eval_every=2 -> an evaluation at step 4 of 5 (not of 4)
+    assert {k: v for k, v in mine[3].items() if not k.startswith(evals)} == \
+        {k: v for k, v in full[3].items() if not k.startswith(evals)}
+    records = read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    assert [(r["step"], r["phase"]) for r in records if "phase" in r] == [(5, "final")]
+    final = json.load(open(os.path.join(wd, "eval_final.json")))
+    assert final == {k: v for k, v in records[-1].items() if k not in ("step", "time", "phase")}
+    assert "RL steps = 5" in open(os.path.join(wd, "report.md")).read()
+
+
+class _OutOfRangeMaze:
+    """The maze task with a verifier that returns 5.0 (outside [0, 1]) for every response."""
+
+    def __new__(cls, **cfg):
+        from passk_jax.tasks.maze import MazeTask
+
+        task = MazeTask(**cfg)
+        task.score = lambda example, response: 5.0
+        return task
+
+
+def test_out_of_range_rewards_are_errors_and_an_always_failing_verifier_stops(tmp_path, capsys):
+    from passk_jax import tasks
+
+    tasks.register("maze_reward_5", _OutOfRangeMaze)
+    c = tiny_config(tmp_path / "cache", **{"task.name": "maze_reward_5", "task.verifier_workers": 0,
+                                           "task.max_failed_steps": 2, "sft.steps": 0, "eval.greedy": False,
+                                           "train.eval_every": 0})
+    with pytest.raises(trainer.VerifierError, match=r"last 2 training steps failed.*outside the task's range"):
+        trainer.train(c, str(tmp_path / "run"))
+    records = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    step1 = next(r for r in records if r["step"] == 1)
+    assert step1["verifier/train/invalid"] == step1["verifier/train/scored"] == 16
+    assert step1["rollout/reward_mean"] == 0.0 and step1["step/loss"] == 0.0
+    assert records[0]["verifier/eval/invalid"] == records[0]["verifier/eval/scored"] == 16
+    assert not [r for r in records if r["step"] == 2]  # stopped before the second update
+    out = capsys.readouterr().out
+    assert "WARNING step 1 (train): 16 of 16 responses (100%) failed in the verifier" in out
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_empty_data_file_is_named(tmp_path, split):
+    from passk_jax.tasks.maze import MazeTask
+    from passk_jax.tasks.verl_data import write_verl
+
+    good = write_verl(MazeTask().examples("train", num=8, seed=0), str(tmp_path / "good.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    c = tiny_config(tmp_path / "cache", **{"task.name": "verl"})
+    files = {"train_files": good, "test_files": good, f"{split}_files": str(empty)}
+    c.task.options = files
+    with pytest.raises(ValueError, match=f"the {split} split is empty: task.options.{split}_files='{empty}'"):
+        trainer.train(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")  # refused before the workdir was touched
+
+
 def test_eval_pass_at_k_matches_estimator():
     rng = np.random.default_rng(0)
     correct = rng.random((6, 8)) < 0.3
@@ -157,9 +270,16 @@ def test_unknown_config_and_field_messages():
     out = subprocess.run([sys.executable, "-m", "experiments.run", "--config=nope"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "available configs" in out.stderr and "passk_k4" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "experiments.run", "--config=pass1", "--config.rollout.bogus=1"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "bogus" in out.stderr
+    for args, needle in [
+        (["--config.step.kk=1"], "error: unknown config field 'step.kk' (config 'pass1'); did you mean 'step.k'?"),
+        (["--config.rollout.bogus=1"], "error: unknown config field 'rollout.bogus'"),
+        (["--config.step.k=99"], "error: step.k=99 exceeds rollout.num_samples=16"),
+        (["--workdir=/dev/null/run"], "error: cannot write to workdir /dev/null/run"),
+    ]:
+        out = subprocess.run([sys.executable, "-m", "experiments.run", "--config=pass1", *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and needle in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_sigterm_saves_checkpoint_and_resumes(runs):
@@ -175,6 +295,10 @@ def test_sigterm_saves_checkpoint_and_resumes(runs):
         seen.append(line)
         if "step 2/50" in line or time.time() > deadline:
             break
+    # a second process on the same workdir stops at once with one sentence and changes nothing
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1 and "error: workdir" in second.stderr and "is in use by another run (pid " \
+        f"{proc.pid}" in second.stderr, second.stderr
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, "".join(seen) + rest

@@ -1,9 +1,12 @@
-"""Character-level tokenizer: round trip, special tokens, save/load as tokenizer.json, shared encode path."""
+"""Character-level tokenizer: round trip, special tokens, byte-level vocabulary, save/load as tokenizer.json,
+shared encode path."""
 import json
 import os
 
-from passk_jax.tasks.tokenizer import (SPECIALS, build_char_tokenizer, decode_response, encode_prompt,
-                                       load_tokenizer, save_char_tokenizer)
+import pytest
+
+from passk_jax.tasks.tokenizer import (DEFAULT_ALPHABET, SPECIALS, build_char_tokenizer, char_alphabet,
+                                       decode_response, encode_prompt, load_tokenizer, save_char_tokenizer)
 
 
 def test_round_trip_and_specials():
@@ -14,7 +17,18 @@ def test_round_trip_and_specials():
     assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1  # one token per character
     assert decode_response(tok, ids) == text
     assert decode_response(tok, tok("RRDD", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 0, 0]) == "RRDD"
-    assert tok("\u00e9", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
+    # outside the alphabet: dropped, as the Qwen2Tokenizer that reads an export does
+    assert tok("\u00e9x", add_special_tokens=False)["input_ids"] == tok("x", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="ASCII"):
+        build_char_tokenizer("ab\u00e9")
+
+
+def test_byte_level_vocab_and_alphabet():
+    tok = build_char_tokenizer("ab \n")
+    assert tok.convert_ids_to_tokens(list(range(4, 8))) == ["a", "b", "\u0120", "\u010a"]  # " ", "\n" byte-level
+    assert char_alphabet(tok) == "ab \n" and char_alphabet(build_char_tokenizer()) == DEFAULT_ALPHABET
+    tok.chat_template = None
+    assert char_alphabet(tok) is None
 
 
 def test_save_load_and_chat_path(tmp_path):

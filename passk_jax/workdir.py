@@ -1,0 +1,232 @@
+"""A workdir belongs to one run: an exclusive lock, the config it was started with, and moving a run aside.
+
+``claim(path, config_json, new_run=...)`` is the trainer's first step, before anything compiles:
+
+* **Lock.** ``<workdir>/.lock`` is held with ``fcntl.flock`` for the life of the run, so a second process
+  on the same workdir stops at once (``WorkdirError``) naming the owner (pid, host, start time) written in
+  the file. The kernel drops the lock when its process dies, so a run killed with SIGKILL leaves a *stale*
+  lock file that the next run takes over (and says so). The lock needs a filesystem with ``flock``
+  (local disks, NFSv4); where it is unsupported the run warns and goes on unlocked.
+* **Config.** A workdir's ``config.json`` describes its checkpoints. A new config that differs in
+  anything but ``RESUMABLE`` fields (step count, cadences, verifier process settings) is refused with the
+  differing fields named, unless ``new_run=True``, which moves every file of the old run to
+  ``<workdir>/previous_runs/<UTC time>/`` (nothing is deleted) and starts afresh.
+* A workdir that holds run files (checkpoints, metrics) but no ``config.json`` is refused the same way.
+
+Multi-process runs: process 0 takes the lock and makes every decision; the others learn the outcome (and
+its error message) through a broadcast, so all processes stop or go on together.
+"""
+from __future__ import annotations
+
+import datetime
+import difflib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+from typing import Any, Mapping
+
+log = logging.getLogger("passk_jax")
+
+LOCK_NAME = ".lock"
+PREVIOUS = "previous_runs"
+RUN_FILES = ("checkpoints", "metrics.jsonl")  # their presence means "a run lives here"
+# fields that may change between a run and its resumption: they do not change what the checkpoints hold
+RESUMABLE = frozenset({
+    "train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+    "train.export_hf", "task.verifier_workers", "task.verifier_timeout_s", "task.max_error_frac",
+    "task.max_failed_steps", "sft.cache", "sft.cache_dir",
+})
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used by this run (busy, another run's files, not writable)."""
+
+
+# --------------------------------------------------------------------------------------------- config
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": {}} -> {"a.b": 1}`` (an empty section has no fields)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                ignore: frozenset[str] = RESUMABLE) -> list[tuple[str, Any, Any]]:
+    """[(dotted field, old value, new value)] for every field that differs (missing on a side: ``None``)."""
+    a, b = flatten(old), flatten(new)
+    missing = object()
+    diffs = []
+    for name in sorted(set(a) | set(b)):
+        if name in ignore:
+            continue
+        x, y = a.get(name, missing), b.get(name, missing)
+        if x != y:
+            diffs.append((name, None if x is missing else x, None if y is missing else y))
+    return diffs
+
+
+def closest_fields(name: str, fields: list[str], n: int = 3) -> list[str]:
+    """The valid dotted field names closest to a misspelt ``name``: same section by leaf name first, then
+    every field by full name."""
+    section, _, leaf = name.rpartition(".")
+    siblings = {f.rpartition(".")[2]: f for f in fields if f.rpartition(".")[0] == section}
+    close = difflib.get_close_matches(leaf, list(siblings), n=n, cutoff=0.6)
+    return [siblings[c] for c in close] or difflib.get_close_matches(name, fields, n=n, cutoff=0.75)
+
+
+def _describe(diffs: list[tuple[str, Any, Any]], limit: int = 6) -> str:
+    shown = [f"{name} ({json.dumps(x)} -> {json.dumps(y)})" for name, x, y in diffs[:limit]]
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return ", ".join(shown) + more
+
+
+# --------------------------------------------------------------------------------------------- lock
+class RunLock:
+    """An exclusive ``flock`` on ``<workdir>/.lock`` holding ``pid host start-time`` of its owner."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_NAME)
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns the previous owner's line when it died holding the file (stale lock).
+
+        Raises ``WorkdirError`` when another live process holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            owner = _read(fd)
+            os.close(fd)
+            if err.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise WorkdirError(
+                    f"workdir {os.path.dirname(self.path)} is in use by another run ({owner or 'owner unknown'}); "
+                    "wait for it to finish or choose another --workdir.") from None
+            log.warning("cannot lock %s (%s); this filesystem does not support flock, so a second run on this "
+                        "workdir would not be detected.", self.path, err.strerror)
+            return None
+        stale = _read(fd) or None
+        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return stale
+
+    def release(self) -> None:
+        """Empty the file (a clean exit leaves no owner behind) and drop the lock."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read(fd: int) -> str:
+    try:
+        return os.pread(fd, 512, 0).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------------------------- claim
+def ensure_writable(path: str) -> None:
+    """Create ``path`` if needed and check a file can be written there; else one ``WorkdirError`` sentence."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise WorkdirError(f"cannot write to workdir {path}: {err.strerror or err}.") from None
+
+
+def move_aside(path: str) -> str | None:
+    """Move every entry of ``path`` except the lock and earlier moved runs into
+    ``path/previous_runs/<UTC time>/``; returns that directory (None when there was nothing to move)."""
+    entries = [e for e in sorted(os.listdir(path)) if e not in (LOCK_NAME, PREVIOUS)]
+    if not entries:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = os.path.join(path, PREVIOUS, stamp)
+    suffix = 1
+    while os.path.exists(dest):
+        dest = os.path.join(path, PREVIOUS, f"{stamp}.{suffix}")
+        suffix += 1
+    os.makedirs(dest)
+    for entry in entries:
+        shutil.move(os.path.join(path, entry), os.path.join(dest, entry))
+    return dest
+
+
+def check_and_prepare(path: str, config_json: Mapping[str, Any], *, new_run: bool) -> str | None:
+    """Refuse another run's workdir (unless ``new_run``, which moves it aside), then write ``config.json``.
+
+    Returns a line describing what was done with old files, or None. Runs on process 0 only."""
+    cfg_path = os.path.join(path, "config.json")
+    has_run = any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
+    note = None
+    if os.path.exists(cfg_path) or has_run:
+        problem = None
+        if not os.path.exists(cfg_path):
+            problem = "holds run files (checkpoints/, metrics.jsonl) but no config.json"
+        else:
+            try:
+                with open(cfg_path) as f:
+                    old = json.load(f)
+            except (OSError, ValueError) as err:
+                old, problem = None, f"has an unreadable config.json ({err})"
+            if old is not None:
+                diffs = config_diff(old, config_json)
+                if diffs:
+                    problem = f"holds a run with a different config: {_describe(diffs)}"
+        if problem and not new_run:
+            raise WorkdirError(
+                f"workdir {path} {problem}; resume with the same config, choose another --workdir, or pass "
+                "--new_run to move the old run to previous_runs/ and start a new one.")
+        if new_run:
+            dest = move_aside(path)
+            note = f"moved the previous run's files to {dest}" if dest else None
+    with open(cfg_path + ".tmp", "w") as f:
+        json.dump(dict(config_json), f, indent=2)
+    os.replace(cfg_path + ".tmp", cfg_path)
+    return note
+
+
+def claim(path: str, config_json: Mapping[str, Any], *, new_run: bool = False) -> RunLock:
+    """Lock ``path`` for this run and check (or, with ``new_run``, move aside) what it holds; returns the
+    lock to release at exit. Every process calls it; process 0 decides and the others follow."""
+    import jax
+
+    from passk_jax import parallel
+
+    lock, error = RunLock(path), ""
+    if jax.process_index() == 0:
+        try:
+            ensure_writable(path)
+            stale = lock.acquire()
+            if stale:
+                log.info("workdir %s: took over the lock of a run that did not exit cleanly (%s).", path, stale)
+            note = check_and_prepare(path, config_json, new_run=new_run)
+            if note:
+                log.info("workdir %s: %s.", path, note)
+        except WorkdirError as err:
+            lock.release()
+            error = str(err)
+    error = parallel.broadcast_text(error)
+    if error:
+        raise WorkdirError(error)
+    return lock
