@@ -1,10 +1,15 @@
-"""Test-wide setup: CPU only, 8 virtual devices for sharding tests, float32 matmuls exact."""
+"""Test-wide setup: CPU only, 8 virtual devices for sharding tests, float32 matmuls exact, and a persistent
+compilation cache (``.work/jax_cache``, shared by the xdist workers and the subprocesses the tests start)
+so the many tests that compile the same programs (a tiny trainer run, the CLI) compile them once."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".work", "jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -292,7 +292,7 @@ class VerifierMonitor:
     ``task.max_error_frac``, and a stop when every response of ``task.max_failed_steps`` consecutive train
     steps failed. Counts are summed over processes, so every process takes the same decision."""
 
-    KINDS = ("scored", "errors", "invalid", "timeouts")
+    KINDS = ("scored", "errors", "invalid", "timeouts", "restarts")
 
     def __init__(self, pool: VerifierPool, max_error_frac: float, max_failed_steps: int,
                  totals: dict[str, float] | None = None, say=print):
