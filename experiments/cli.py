@@ -22,6 +22,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ValueError, OSError, WorkdirError, VerifierError
 
 
+def show_progress_messages() -> None:
+    """Print the library's INFO messages (resumed from step N, reused the cached warm start, skipped a
+    checkpoint, took over a stale lock) on stderr, whatever absl did to the root logger; storage libraries
+    stay at WARNING."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
+    log = logging.getLogger("passk_jax")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """Wrap an absl ``main`` so that exceptions print as one ``error: ...`` line and exit 1."""
     def wrapped(argv: list[str]) -> None:

@@ -58,9 +58,7 @@ def export_run(workdir: str, out: str, step: int | None = None) -> int:
 @cli.one_line_errors
 def main(argv):
     del argv
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    cli.show_progress_messages()
     step = export_run(FLAGS.workdir, FLAGS.out, FLAGS.step)
     print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.out}")
 

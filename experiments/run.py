@@ -11,7 +11,6 @@ that launch/local_multiprocess.sh sets); on Cloud TPU and Slurm, jax.distributed
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -37,10 +36,7 @@ def main(argv: list[str]) -> None:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from passk_jax.rl import trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
+    cli.show_progress_messages()
     config = configs.config_flag_value()
     workdir = FLAGS.workdir or os.path.join("runs", configs.selected_name())
     summary = trainer.train(config, workdir, new_run=FLAGS.new_run)

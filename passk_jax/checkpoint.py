@@ -42,9 +42,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, item_names=("state", "meta"), options=options
-        )
+        with _quiet("absl"):  # it reads every step's metadata: a corrupt one is reported by restore_latest
+            self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
 
     def steps(self) -> list[int]:
         """Completed checkpoint steps, oldest first."""
@@ -79,10 +78,13 @@ class Checkpointer:
 
         An unreadable step is moved to ``<directory>/corrupt/<step>`` (never deleted) with one warning
         line, so the resumed run can save that step again; then the previous step is tried."""
+        with _quiet("absl"):  # orbax logs each failed read at ERROR; its errors can run to pages
+            return self._restore_latest(abstract_state)
+
+    def _restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         for step in reversed(self.steps()):
             try:
-                with _quiet("absl"):  # orbax logs each failed read at ERROR, tensorstore errors run to pages
-                    state, meta = self.restore(step, abstract_state)
+                state, meta = self.restore(step, abstract_state)
                 failure = None
             except Exception as err:  # noqa: BLE001 - any read failure means "this step is unusable"
                 failure = _one_line(err)

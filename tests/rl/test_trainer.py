@@ -304,6 +304,12 @@ def test_sigterm_saves_checkpoint_and_resumes(runs):
     assert proc.returncode == 143, "".join(seen) + rest
     steps = sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit())
     assert steps and steps[-1] >= 2
+    # the same command with one more step to go (train.steps is resumable) says where it resumes and finishes
+    args = [a for a in args if not a.startswith("--config.train.steps=")] + [f"--config.train.steps={steps[-1] + 1}"]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert f"INFO resuming from checkpoint step {steps[-1]} of {steps[-1] + 1}" in done.stderr
+    assert "done: report at" in done.stdout
 
 
 @pytest.mark.parametrize("name", configs.names())
