@@ -63,6 +63,7 @@ def decode_floor(cfg: ModelConfig, rows: int, repeats: int) -> tuple[float, floa
     mm = sum(c * time_matmul(rows, k, n, repeats) for k, n, c in dense_shapes(cfg))
     graphdef, params = init(cfg)
     sampler = Sampler(graphdef, cfg)
+    params = sampler.prepare(params)  # once, as in training
     prompt, new = [list(range(1, 25))], 128
 
     def once():

@@ -142,6 +142,7 @@ class Child:
         cfg = model_config(self.args.model, "bfloat16", self.scan)
         graphdef, params = init(cfg, seed=0)
         sampler = Sampler(graphdef, cfg)
+        params = sampler.prepare(params)  # the decode copy, made once per policy update in training
         prompts = self.prompts(s.sample_prompts, s.sample_prompt_len, 1)
         prompts[0] = prompts[0] + [1] * (s.sample_prompt_len - len(prompts[0]))  # fixed bucket
         kw = dict(num_samples=s.sample_n, max_new_tokens=s.sample_new, temperature=1.0, top_p=1.0, eos_ids=())

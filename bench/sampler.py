@@ -33,6 +33,7 @@ def bench_preset(preset: str, n_prompts: int, n_samples: int, new: int, repeats:
     rows_tokens = n_prompts * n_samples * new
 
     sampler = Sampler(graphdef, cfg)
+    params = sampler.prepare(params)  # the decode copy is made once per policy update, not per call
     keys = iter(range(1000))
 
     def run_jax():

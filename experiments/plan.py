@@ -33,16 +33,19 @@ class Topology:
     devices: int              # chips (TPU) or GPUs: one JAX device each
     hbm_bytes: float | None   # memory per device (None: host memory, cpu-N)
     chip: str
+    hbm_bw: float | None = None   # HBM bytes/s per device (vendor's nominal figure)
+    link_bw: float | None = None  # interconnect bytes/s per device, one direction (NVLink / ICI, nominal)
 
 
-_TPU = {  # generation -> (TensorCores per chip in the slice name, HBM per chip, chip name)
-    "v4": (2, 32 * GiB, "TPU v4"),
-    "v5p": (2, 95 * GiB, "TPU v5p"),
-    "v5e": (1, 16 * GiB, "TPU v5e"),
-    "v5litepod": (1, 16 * GiB, "TPU v5e"),
-    "v6e": (1, 32 * GiB, "TPU v6e"),
+_TPU = {  # generation -> (TensorCores per chip in the slice name, HBM per chip, chip name, HBM B/s, ICI B/s)
+    "v4": (2, 32 * GiB, "TPU v4", 1.2e12, 2.7e11),
+    "v5p": (2, 95 * GiB, "TPU v5p", 2.765e12, 6.0e11),
+    "v5e": (1, 16 * GiB, "TPU v5e", 8.19e11, 2.0e11),
+    "v5litepod": (1, 16 * GiB, "TPU v5e", 8.19e11, 2.0e11),
+    "v6e": (1, 32 * GiB, "TPU v6e", 1.64e12, 4.5e11),
 }
 _GPU = {"H100": 80 * GiB, "H200": 140 * GiB, "A100": 80 * GiB}  # about what nvidia-smi reports
+_GPU_BW = {"H100": (3.35e12, 4.5e11), "H200": (4.8e12, 4.5e11), "A100": (2.04e12, 3.0e11)}  # SXM: HBM, NVLink
 KNOWN_TOPOLOGIES = ("v4-N and v5p-N (N TensorCores = N/2 chips: v5p-64 is 32 chips), v5e-N / v5litepod-N and "
                     "v6e-N (N chips), KxH100, KxH200, KxA100 (K GPUs) and cpu-K, e.g. v5p-64, v4-32, v5e-256, "
                     "v6e-8, 8xH100, 8xH200, cpu-8")
@@ -52,14 +55,14 @@ def parse_topology(name: str) -> Topology:
     """``v5p-64`` -> Topology(devices=32, 95 GiB); an unknown name is a one-sentence ValueError."""
     m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name or "")
     if m:
-        cores, hbm, chip = _TPU[m.group(1)]
+        cores, hbm, chip, hbm_bw, link_bw = _TPU[m.group(1)]
         n = int(m.group(2))
         if n >= cores and n % cores == 0:
-            return Topology(name, n // cores, hbm, chip)
+            return Topology(name, n // cores, hbm, chip, hbm_bw, link_bw)
     m = re.fullmatch(r"(\d+)x(H100|H200|A100)", name or "", flags=re.IGNORECASE)
     if m and int(m.group(1)) >= 1:
         gpu = m.group(2).upper()
-        return Topology(name, int(m.group(1)), _GPU[gpu], f"NVIDIA {gpu}")
+        return Topology(name, int(m.group(1)), _GPU[gpu], f"NVIDIA {gpu}", *_GPU_BW[gpu])
     m = re.fullmatch(r"cpu-(\d+)", name or "")
     if m and int(m.group(1)) >= 1:
         return Topology(name, int(m.group(1)), None, "CPU device")
@@ -109,10 +112,10 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from experiments import configs  # noqa: E402
-from passk_jax import parallel  # noqa: E402
-from passk_jax.models.transformer import ModelConfig, Transformer, cache_shardings, split  # noqa: E402
+from passk_jax import hlo, parallel  # noqa: E402
+from passk_jax.models.transformer import ModelConfig, Transformer, split  # noqa: E402
 from passk_jax.rl import step as rl_step  # noqa: E402
-from passk_jax.sampling import MAX_EOS_IDS, Sampler, default_buckets  # noqa: E402
+from passk_jax.sampling import Sampler, default_buckets  # noqa: E402
 
 # Real architectures (Hugging Face config.json of the Instruct checkpoints), so no checkpoint is needed.
 ARCHITECTURES = {
@@ -271,20 +274,62 @@ class Planned:
     compile_s: float | None
     stats: object | None  # CompiledMemoryStats
     args_bytes: float     # per-device bytes of the (sharded) arguments, from the shardings
-    resident_bytes: float = 0.0  # live state that is not an argument (the optimizer state while sampling)
+    resident_bytes: float = 0.0  # live state that is not an argument (the training state while sampling)
+    hlo_text: str | None = None  # the compiled program (decode only)
 
 
 def plan_one(name: str, fn, args, kwargs=None, lower_only=False, resident_bytes=0.0) -> Planned:
     t0 = time.perf_counter()
     lowered = fn.lower(*args, **(kwargs or {}))
-    t1 = time.perf_counter()
-    print(f"  {name}: lowered in {t1 - t0:.1f} s", flush=True)
+    return compile_lowered(name, lowered, time.perf_counter() - t0, per_device_bytes(args), lower_only,
+                           resident_bytes)
+
+
+def compile_lowered(name: str, lowered, lower_s: float, args_bytes: float, lower_only=False,
+                    resident_bytes=0.0) -> Planned:
+    print(f"  {name}: lowered in {lower_s:.1f} s", flush=True)
     if lower_only:
-        return Planned(name, t1 - t0, None, None, per_device_bytes(args), resident_bytes)
+        return Planned(name, lower_s, None, None, args_bytes, resident_bytes)
+    t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
     print(f"  {name}: compiled in {t2 - t1:.1f} s", flush=True)
-    return Planned(name, t1 - t0, t2 - t1, compiled.memory_analysis(), per_device_bytes(args), resident_bytes)
+    return Planned(name, lower_s, t2 - t1, compiled.memory_analysis(), args_bytes, resident_bytes,
+                   compiled.as_text() if name == "decode" else None)
+
+
+def decode_step_report(decode: Planned, topo: Topology, weight_bytes: float, kv_bytes: float,
+                       layout: str, weight_shapes: set[tuple[int, ...]] = frozenset()) -> list[str]:
+    """Per generated token (one iteration of a decode loop; the largest phase): collective bytes from the
+    compiled HLO, HBM bytes read (the decode weights + the KV slots of the last phase, per device) and the
+    roofline time on the target."""
+    loops = hlo.loop_collectives(decode.hlo_text)
+    step = max(loops, key=lambda lp: lp.bytes_per_iteration) if loops else None
+    coll = step.bytes_per_iteration if step else 0
+    unit, scale = _unit(max(weight_bytes, coll, kv_bytes))
+    kinds = ", ".join(f"{k} {v / scale:.3g}" for k, v in sorted(step.by_kind.items())) if step and coll else "none"
+    lines = [f"decode step (one generated token, layout {layout!r}; from the compiled HLO):",
+             f"  collectives per step, per device          {coll / scale:.3f} {unit} ({kinds})",
+             f"  = {100 * coll / max(weight_bytes, 1):.2f}% of the decode weights' bytes per device"
+             f" ({weight_bytes / scale:.2f} {unit})",
+             f"  HBM read per step (weights + KV slots)     {(weight_bytes + kv_bytes) / scale:.2f} {unit} "
+             f"({weight_bytes / scale:.2f} + {kv_bytes / scale:.2f})"]
+    if topo.hbm_bw:
+        t_hbm = (weight_bytes + kv_bytes) / topo.hbm_bw
+        t_link = coll / topo.link_bw
+        lines.append(f"  roofline per step on {topo.chip}: HBM {1e3 * t_hbm:.2f} ms "
+                     f"({topo.hbm_bw / 1e12:.2f} TB/s), interconnect {1e3 * t_link:.2f} ms "
+                     f"({topo.link_bw / 1e9:.0f} GB/s) -> {1e3 * max(t_hbm, t_link):.2f} ms "
+                     f"({'HBM' if t_hbm >= t_link else 'interconnect'}-bound; nominal bandwidths)")
+    if decode.stats is not None and weight_shapes:
+        upcast = hlo.upcast_copies(decode.hlo_text, weight_shapes)
+        if upcast:
+            lines.append(f"  note: {upcast / scale:.2f} {unit} of the decode temporaries are f32 copies of bf16 weights "
+                         "that the CPU compiler makes (no bf16 matmul on CPU); an accelerator reads the bf16 "
+                         f"weights, so its decode peak is about {upcast / scale:.2f} {unit} lower")
+    if step and step.unknown_trip_counts:
+        lines.append(f"  ({step.unknown_trip_counts} nested loop(s) without a known trip count were counted once)")
+    return lines
 
 
 def buffer_report(program: str, top: int) -> list[str]:
@@ -335,7 +380,7 @@ def memory_table(planned: list[Planned], topo: Topology) -> list[str]:
             peaks.append(s.argument_size_in_bytes + s.output_size_in_bytes - s.alias_size_in_bytes
                          + s.temp_size_in_bytes + s.generated_code_size_in_bytes + p.resident_bytes)
         if any(p.resident_bytes for p in planned):
-            row("+ resident optimizer state", [fmt(p.resident_bytes) for p in planned])
+            row("+ resident training state", [fmt(p.resident_bytes) for p in planned])
         row("peak estimate (arg+out-alias+temp+code)", ["-" if v is None else fmt(v) for v in peaks])
         if topo.hbm_bytes is not None:
             row(f"HBM per {topo.chip}", [fmt(topo.hbm_bytes)] * len(planned))
@@ -417,32 +462,39 @@ def run() -> None:
         _, train_step = rl_step.make_train_step(graphdef, step_cfg, mesh, params)
         planned.append(plan_one("train_step", train_step, (state, abstract_batch(mesh, P, n, S)),
                                 lower_only=FLAGS.lower_only))
+    decode_info = None
     if FLAGS.only in ("all", "sample"):
-        # the layer stack Sampler(layers="auto") picks on the target: the model's own on accelerators
+        # the layer stack Sampler(layers="auto") and the decode layout the target gets
         sampler = Sampler(graphdef, cfg, mesh=mesh, buckets=(prompt_len,),
-                          layers="auto" if topo.hbm_bytes is None else "model")
-        rows_sh = lambda shape: parallel.logical_sharding(mesh, ("batch",), shape)  # noqa: E731
-        sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rows_sh(shape))  # noqa: E731
-        prompt = [sds((sp, prompt_len), jnp.int32), sds((sp, prompt_len), jnp.int32),
-                  sds((sp, prompt_len), jnp.bool_)]
-        with jax.set_mesh(mesh):
-            planned.append(plan_one("prefill", sampler._prefill, (state.params, *prompt),
-                                    lower_only=FLAGS.lower_only, resident_bytes=opt_bytes))
-            cache, logits = jax.eval_shape(sampler._prefill, state.params, *prompt)
-            cache = with_shardings(cache, cache_shardings(mesh, cache))
-            rep = NamedSharding(mesh, PartitionSpec())
-            scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
-            args = (state.params, cache, sds(logits.shape, logits.dtype), sds((sp * n,), jnp.int32),
-                    jax.ShapeDtypeStruct((MAX_EOS_IDS,), jnp.int32, sharding=rep), scalar(jnp.float32),
-                    scalar(jnp.float32), scalar(jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
-            planned.append(plan_one("decode", sampler._decode, args, dict(num_samples=n, max_new_tokens=T),
-                                    lower_only=FLAGS.lower_only, resident_bytes=opt_bytes))
+                          layers="auto" if topo.hbm_bytes is None else "model",
+                          decode_layout=config.rollout.decode_layout, device_memory=topo.hbm_bytes)
+        layout = sampler.layout_for(state.params)
+        weights = sampler.abstract_weights(state.params)
+        resident = opt_bytes + (per_device_bytes(state.params) if layout != "training" else 0.0)
+        t0 = time.perf_counter()
+        lowered = sampler.lower(weights, num_prompts=sp, bucket=prompt_len, num_samples=n, max_new_tokens=T)
+        lower_s = time.perf_counter() - t0
+        for name in ("prefill", "decode"):
+            planned.append(compile_lowered(name, lowered[name], lower_s / 2, per_device_bytes(weights.params),
+                                           FLAGS.lower_only, resident))
+        decode_info = (layout, per_device_bytes(weights.params),
+                       {tuple(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(weights.params)
+                        if x.dtype == jnp.bfloat16})
+        unit, scale = _unit(max(decode_info[1], resident))
+        print(f"decode layout: {layout!r} ({config.rollout.decode_layout!r} requested): decode weights "
+              f"{decode_info[1] / scale:.2f} {unit} per device; the training parameters and optimizer state "
+              f"({resident / scale:.2f} {unit} per device) stay resident while sampling")
 
     print()
     print("\n".join(memory_table(planned, topo)))
     if any(p.resident_bytes for p in planned):
-        print("  (the optimizer state stays on the devices while the sampler runs, so it is added to the "
-              "sampler's peak)")
+        print("  (the training state stays on the devices while the sampler runs, so it is added to the "
+              "sampler's peak: both copies of the weights are counted)")
+    decode = next((p for p in planned if p.name == "decode" and p.hlo_text), None)
+    if decode is not None:
+        print()
+        print("\n".join(decode_step_report(decode, topo, decode_info[1], kv_bytes / topo.devices, decode_info[0],
+                                            decode_info[2])))
     if FLAGS.buffers and not FLAGS.lower_only:
         programs = {"train_step": "step", "prefill": "prefill_fn", "decode": "decode_fn"}
         for p in planned:

@@ -37,6 +37,10 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
 )
 _RULES = dict(LOGICAL_RULES)
+# The sampler's weight layout (`Sampler(decode_layout="replicated")`): the training rules without FSDP, so
+# the weights are whole on every device of a data-parallel group (split over 'tensor' only, where that axis
+# is used) and no decode step gathers them.
+DECODE_RULES = {**_RULES, "embed": None}
 
 LogicalAxes = Sequence[str | None]
 
@@ -60,15 +64,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
 
 
 def logical_spec(logical_axes: LogicalAxes, mesh: Mesh | jax.sharding.AbstractMesh,
-                 shape: Sequence[int] | None = None) -> PartitionSpec:
-    """PartitionSpec for `logical_axes` on `mesh`; with `shape`, mesh axes that do not divide a dim are dropped."""
+                 shape: Sequence[int] | None = None, rules: Mapping[str, Any] | None = None) -> PartitionSpec:
+    """PartitionSpec for `logical_axes` on `mesh` under `rules` (default `LOGICAL_RULES`); with `shape`, mesh
+    axes that do not divide a dim are dropped."""
+    rules = _RULES if rules is None else rules
     sizes = dict(mesh.shape)
     used: set[str] = set()
     spec = []
     for i, name in enumerate(logical_axes):
-        if name is not None and name not in _RULES:
-            raise ValueError(f"unknown logical axis {name!r}; known: {sorted(_RULES)}.")
-        target = _RULES.get(name) if name is not None else None
+        if name is not None and name not in rules:
+            raise ValueError(f"unknown logical axis {name!r}; known: {sorted(rules)}.")
+        target = rules.get(name) if name is not None else None
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         chosen, prod = [], 1
         for ax in axes:
@@ -102,17 +108,18 @@ def _is_var(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def param_shardings(abstract_params_state: Any, mesh: Mesh) -> Any:
+def param_shardings(abstract_params_state: Any, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Any:
     """Pytree of NamedSharding matching the state (Variables keep their structure; plain leaves replicate).
 
-    Works on concrete or abstract (nnx.eval_shape) states and on optimizer states built from them.
+    Works on concrete or abstract (nnx.eval_shape) states and on optimizer states built from them; `rules`
+    (default `LOGICAL_RULES`) e.g. `DECODE_RULES` for the sampler's layout.
     """
     def one(leaf: Any) -> Any:
         if _is_var(leaf):
             axes = leaf.get_metadata().get("out_sharding")
             value = leaf.get_value()
             shape = getattr(value, "shape", ())
-            spec = logical_spec(axes, mesh, shape) if axes else PartitionSpec()
+            spec = logical_spec(axes, mesh, shape, rules) if axes else PartitionSpec()
             return leaf.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
 

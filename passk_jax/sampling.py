@@ -33,14 +33,44 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from passk_jax import parallel
-from passk_jax.models.transformer import (KVCache, ModelConfig, Transformer, forward, init_cache, map_cache, split,
-                                          unstack_layers)
+from passk_jax.models.transformer import (DTYPES, KVCache, ModelConfig, Transformer, cache_shardings, forward,
+                                          init_cache, map_cache, split, unstack_layers)
 from passk_jax.sampling_ops import select_tokens
 
 MAX_EOS_IDS = 8  # eos_ids are padded to this many (traced), so changing them does not recompile
+DECODE_LAYOUTS = ("auto", "replicated", "training")
+REPLICATED_MAX_FRACTION = 0.25  # "auto": replicate the decode weights while they take at most this much memory
+
+
+class DecodeWeights(NamedTuple):
+    """The sampler's copy of the policy weights: compute dtype, decode layout (`Sampler.prepare`)."""
+
+    params: Any
+
+
+def choose_decode_layout(layout: str, weight_bytes_per_device: float, device_bytes: float | None) -> str:
+    """Resolve ``decode_layout``. "replicated": the weights in the compute dtype, whole on every device of a
+    data-parallel group (split over the mesh's 'tensor' axis only: column-parallel q/k/v/gate/up, row-parallel
+    o/down, one activation all-reduce per block), so no decode step gathers a weight; rows and KV cache are
+    split over ('data', 'fsdp'). "training": the training parameters as they are (FSDP-sharded: every decode
+    step all-gathers every layer's weights; the fallback for models too big to replicate). "auto":
+    "replicated" when that copy takes at most REPLICATED_MAX_FRACTION of a device's memory (or the memory is
+    unknown, as on CPU), else "training"."""
+    if layout not in DECODE_LAYOUTS:
+        raise ValueError(f"rollout.decode_layout must be one of {DECODE_LAYOUTS}, got {layout!r}.")
+    if layout != "auto":
+        return layout
+    fits = device_bytes is None or weight_bytes_per_device <= REPLICATED_MAX_FRACTION * device_bytes
+    return "replicated" if fits else "training"
+
+
+def device_memory_bytes() -> float | None:
+    """Memory of the first device as its runtime reports it (None on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
 
 
 class SampleOutput(NamedTuple):
@@ -127,6 +157,11 @@ class Sampler:
       pad_id: token written after EOS and used for prompt padding.
       phase_start, max_phases: decode phase schedule (see `decode_phases`); phase_start >= max_new_tokens
         gives a single loop over a full-length cache.
+      decode_layout: the weights the decode reads (see `choose_decode_layout`): "auto" (default),
+        "replicated" or "training". `prepare(params)` makes that copy once per policy update; `sample`
+        accepts prepared weights or plain parameters (then it prepares them itself).
+      device_memory: bytes per device for the "auto" rule (default: what the runtime reports; a plan for
+        another machine passes the target's).
       layers: how a `Transformer` runs its layer stack while sampling: "model" (as its config says),
         "scan" / "unrolled" (either way: the parameters are stacked in both), or "auto" (default: "scan" on
         CPU, where the scanned decode measured from 3% slower to 10% faster than the unrolled one at the
@@ -136,9 +171,14 @@ class Sampler:
 
     def __init__(self, graphdef: Any, cfg: ModelConfig, *, mesh: Mesh | None = None,
                  buckets: Sequence[int] | None = None, pad_id: int = 0, phase_start: int = 32,
-                 max_phases: int = 4, layers: str = "auto"):
+                 max_phases: int = 4, layers: str = "auto", decode_layout: str = "auto",
+                 device_memory: float | None = None):
         if layers not in ("auto", "model", "scan", "unrolled"):
             raise ValueError(f"layers must be 'auto', 'model', 'scan' or 'unrolled', got {layers!r}.")
+        choose_decode_layout(decode_layout, 0, None)  # validates the name
+        self.decode_layout = decode_layout
+        self.device_memory = device_memory_bytes() if device_memory is None else device_memory
+        self._prepare_fn = None
         graphdef, cfg = _sampling_graph(graphdef, cfg, layers)
         self.graphdef, self.cfg, self.mesh, self.pad_id = graphdef, cfg, mesh, int(pad_id)
         self.context = int(cfg.max_position_embeddings)
@@ -155,6 +195,87 @@ class Sampler:
         # No donation: the P*n-row completion cache is created (and grown per phase) inside `decode`, where
         # XLA updates it in place; only the n-times smaller P-row prompt cache crosses the jit boundary.
         self._decode = jax.jit(self._decode_fn, static_argnames=("num_samples", "max_new_tokens"))
+
+    # ---------------------------------------------------------------- decode weights
+    def decode_shardings(self, params: Any) -> Any:
+        """Shardings of the decode copy of `params` ("replicated" layout; None without a mesh)."""
+        if self.mesh is None:
+            return None
+        return parallel.param_shardings(params, self.mesh, parallel.DECODE_RULES)
+
+    def weight_bytes_per_device(self, params: Any) -> float:
+        """Bytes per device of the "replicated" decode copy of `params` (compute dtype)."""
+        itemsize = jnp.dtype(self.cfg.dtype).itemsize
+        shardings = self.decode_shardings(params)
+        leaves = jax.tree.leaves(params)
+        if shardings is None:
+            return float(sum(int(np.prod(x.shape)) for x in leaves) * itemsize)
+        return float(sum(int(np.prod(sh.shard_shape(x.shape))) * itemsize
+                         for x, sh in zip(leaves, jax.tree.leaves(shardings))))
+
+    def layout_for(self, params: Any) -> str:
+        """The decode layout these parameters get ("replicated" or "training"); an explicit "replicated"
+        that cannot fit a device is one error naming the field."""
+        need = self.weight_bytes_per_device(params)
+        layout = choose_decode_layout(self.decode_layout, need, self.device_memory)
+        if layout == "replicated" and self.device_memory is not None and need > self.device_memory:
+            raise ValueError(f"rollout.decode_layout='replicated' needs {need / 2**30:.1f} GiB of weights per device "
+                             f"but a device has {self.device_memory / 2**30:.1f} GiB; use 'auto' or 'training', "
+                             "or split the weights over a larger mesh.tensor.")
+        return layout
+
+    def prepare(self, params: Any) -> DecodeWeights:
+        """The weights the decode reads, made once per policy update: the compute-dtype copy in the decode
+        layout (one jitted cast + reshard), or the parameters as they are for the "training" layout."""
+        if isinstance(params, DecodeWeights):
+            return params
+        if self.layout_for(params) == "training":
+            return DecodeWeights(params)
+        if self._prepare_fn is None:
+            dtype = DTYPES[self.cfg.dtype]
+            self._prepare_fn = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                                       out_shardings=self.decode_shardings(params))
+        return DecodeWeights(self._prepare_fn(params))
+
+    def abstract_weights(self, params: Any) -> DecodeWeights:
+        """`prepare` on abstract parameters (ShapeDtypeStructs with shardings): shapes, dtypes and shardings
+        only, for plans."""
+        if isinstance(params, DecodeWeights):
+            return params
+        if self.layout_for(params) == "training":
+            return DecodeWeights(params)
+        dtype = DTYPES[self.cfg.dtype]
+        shardings = self.decode_shardings(params)
+        if shardings is None:
+            return DecodeWeights(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params))
+        return DecodeWeights(jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh),
+                                          params, shardings))
+
+    def lower(self, params: Any, *, num_prompts: int, bucket: int, num_samples: int,
+              max_new_tokens: int) -> dict[str, Any]:
+        """The prefill and decode programs lowered (``jax.stages.Lowered``) for these shapes, on concrete or
+        abstract parameters or prepared weights: `experiments.plan` compiles them for a target mesh, tests read
+        their HLO."""
+        weights = self.abstract_weights(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), params)
+            if not isinstance(params, DecodeWeights) else params)
+        rows = lambda shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
+            shape, dt, sharding=None if self.mesh is None else parallel.logical_sharding(self.mesh, ("batch",), shape))
+        rep = lambda shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
+            shape, dt, sharding=None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec()))
+        prompt = (rows((num_prompts, bucket), jnp.int32), rows((num_prompts, bucket), jnp.int32),
+                  rows((num_prompts, bucket), jnp.bool_))
+        with self._mesh_context():
+            prefill = self._prefill.lower(weights.params, *prompt)
+            cache, logits = jax.eval_shape(self._prefill, weights.params, *prompt)
+            if self.mesh is not None:
+                cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                     cache, cache_shardings(self.mesh, cache))
+            decode = self._decode.lower(
+                weights.params, cache, rows(logits.shape, logits.dtype), rows((num_prompts * num_samples,), jnp.int32),
+                rep((MAX_EOS_IDS,), jnp.int32), rep((), jnp.float32), rep((), jnp.float32), rep((), jnp.int32),
+                rep((2,), jnp.uint32), num_samples=num_samples, max_new_tokens=max_new_tokens)
+        return {"prefill": prefill, "decode": decode}
 
     # ---------------------------------------------------------------- host side
     def compile_count(self) -> int:
@@ -209,7 +330,8 @@ class Sampler:
     def sample(self, params: Any, prompts: Any, *, num_samples: int, max_new_tokens: int,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                eos_ids: Sequence[int] = (), key: jax.Array) -> SampleOutput:
-        """Sample `num_samples` completions of each prompt; see SampleOutput.  temperature 0 = greedy."""
+        """Sample `num_samples` completions of each prompt; see SampleOutput.  temperature 0 = greedy.
+        `params`: prepared `DecodeWeights` (make them once per policy update) or plain parameters."""
         prompts = as_prompt_list(prompts)
         eos_ids = tuple(int(e) for e in np.atleast_1d(np.asarray(eos_ids, np.int64)))
         bucket = self.validate(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
@@ -219,6 +341,7 @@ class Sampler:
         next_pos = np.repeat(mask.sum(1).astype(np.int32), n)  # position of each row's first new token
         eos = np.full((MAX_EOS_IDS,), -1, np.int32)
         eos[:len(eos_ids)] = eos_ids
+        params = self.prepare(params).params
         with self._mesh_context():
             cache, logits = self._prefill(params, self._rows(tokens), self._rows(positions), self._rows(mask))
             out = self._decode(params, cache, logits, self._rows(next_pos), jnp.asarray(eos),

@@ -25,13 +25,13 @@ def _plan(*args, timeout=120):
 
 
 def test_parse_topology():
-    assert plan.parse_topology("v5p-64") == plan.Topology("v5p-64", 32, 95 * plan.GiB, "TPU v5p")
+    assert plan.parse_topology("v5p-64") == plan.Topology("v5p-64", 32, 95 * plan.GiB, "TPU v5p", 2.765e12, 6.0e11)
     assert plan.parse_topology("v4-32").devices == 16
     assert plan.parse_topology("v4-32").hbm_bytes == 32 * plan.GiB
     assert plan.parse_topology("v5e-256").devices == 256
     assert plan.parse_topology("v5e-256").hbm_bytes == 16 * plan.GiB
     assert plan.parse_topology("v6e-8").hbm_bytes == 32 * plan.GiB
-    assert plan.parse_topology("8xH100") == plan.Topology("8xH100", 8, 80 * plan.GiB, "NVIDIA H100")
+    assert plan.parse_topology("8xH100") == plan.Topology("8xH100", 8, 80 * plan.GiB, "NVIDIA H100", 3.35e12, 4.5e11)
     assert plan.parse_topology("16xh200").devices == 16
     assert plan.parse_topology("cpu-8").hbm_bytes is None
     for bad in ("v5p-63", "tpu-8", "0xH100", "cpu-0", ""):
@@ -71,9 +71,14 @@ def test_mesh_that_does_not_divide_the_devices():
         "error: mesh data=3 x fsdp=1 x tensor=1 does not divide the 8 devices of cpu-8.")
 
 
-def test_sampler_programs_lower():
-    out = _plan(*TINY, "--topology=cpu-8", "--mesh=1,8,1", "--only=sample", "--lower_only", "--top=1")
+def test_sampler_programs_and_decode_step_report():
+    out = _plan(*TINY, "--topology=cpu-8", "--mesh=2,4,1", "--only=sample", "--top=1")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "prefill: lowered" in out.stdout and "decode: lowered" in out.stdout
+    assert "prefill: compiled" in out.stdout and "decode: compiled" in out.stdout
     assert "decode 16 rows x 8 new tokens" in out.stdout
     assert "arguments (from shardings)" in out.stdout
+    assert "decode layout: 'replicated' ('auto' requested)" in out.stdout
+    # replicated decode weights: nothing but the loop's done flag crosses devices per generated token
+    line = next(x for x in out.stdout.splitlines() if "collectives per step, per device" in x)
+    assert line.split()[5] == "0.000" and "all-gather" not in line, line
+    assert "HBM read per step (weights + KV slots)" in out.stdout

@@ -62,6 +62,7 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
     """Sample and score the held-out examples, ``batch_prompts`` per sampler call; returns
     (metrics, correct bool[P, n]). With several processes each scores its own rows and every process
     returns the same metrics (see ``rollout.generate``)."""
+    params = sampler.prepare(params)  # one decode copy for every chunk
     parts = []
     for i, start in enumerate(range(0, len(examples), batch_prompts)):
         parts.append(rollout.generate(

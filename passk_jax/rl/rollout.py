@@ -138,6 +138,7 @@ def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
     with prompts x samples; large models need chunks), chunk c drawing with ``fold_in(key, c)``.
     """
     t0 = time.perf_counter()
+    params = sampler.prepare(params)  # no-op for weights prepared by the caller (once per policy update)
     prompts = [encode_prompt(tokenizer, task.render(ex)) for ex in examples]
     size = chunk_prompts if 0 < chunk_prompts < len(prompts) else len(prompts)
     outs = []

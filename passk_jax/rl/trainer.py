@@ -35,7 +35,7 @@ from passk_jax.models import hf
 from passk_jax.models.transformer import ATTENTION_KERNELS, ModelConfig, init as init_model
 from passk_jax.rl import evaluation, rollout
 from passk_jax.rl.step import StepConfig, TrainState, make_train_step, validate_batch
-from passk_jax.sampling import Sampler
+from passk_jax.sampling import DECODE_LAYOUTS, Sampler
 from passk_jax.tasks import get as get_task, reward_spec
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tasks.tokenizer import build_char_tokenizer, load_tokenizer
@@ -79,6 +79,8 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
     need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
     need(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}.")
     need(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}.")
+    need(r.decode_layout in DECODE_LAYOUTS,
+         f"rollout.decode_layout must be one of {DECODE_LAYOUTS}, got {r.decode_layout!r}.")
     need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
     need(e.temperature >= 0, f"eval.temperature must be >= 0, got {e.temperature}.")
     t = config.task
@@ -374,7 +376,8 @@ def _train(config, workdir, plan, task, train_examples, test_examples, stop_afte
     mesh = parallel.make_mesh(**config.mesh.to_dict())
     graphdef, params, model_cfg, tokenizer = build_model(config, mesh, workdir)
     stream = DataStream(train_examples, config.seed)
-    sampler = Sampler(graphdef, model_cfg, mesh=mesh, pad_id=tokenizer.pad_token_id)
+    sampler = Sampler(graphdef, model_cfg, mesh=mesh, pad_id=tokenizer.pad_token_id,
+                      decode_layout=config.rollout.decode_layout)
     pool = VerifierPool(num_workers=config.task.verifier_workers, timeout_s=config.task.verifier_timeout_s)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     guard = PreemptionGuard()
@@ -450,8 +453,9 @@ def _train(config, workdir, plan, task, train_examples, test_examples, stop_afte
             stage = stage_of(step)
             t0 = time.perf_counter()
             rkey = jax.random.fold_in(jax.random.fold_in(root, 3), step)
-            r, position, extra = collect(config, sampler, state.params, task, tokenizer, pool, stream,
-                                         position, rkey)
+            weights = sampler.prepare(state.params)  # the decode copy, once per policy update
+            r, position, extra = collect(config, sampler, weights, task, tokenizer, pool, stream, position, rkey)
+            del weights  # free it before the update
             verifier = monitor.take(step + 1)  # stops here, before the update, when every response failed
             bucket = next(b for b in sampler.buckets if b >= max(len(p) for p in r.prompts))
             batch = rollout.to_batch(r, bucket=bucket, pad_id=tokenizer.pad_token_id)
