@@ -143,14 +143,28 @@ flags.DEFINE_integer("buffers", 0, "Also list this many of the largest temporary
 
 
 # --------------------------------------------------------------------------------------------- building
+def plan_attention(kernel: str, topo: Topology | None) -> tuple[str, str]:
+    """(kernel the plan compiles, note): the config's ``model.attention`` as the target would run it
+    (``transformer.no_cache_kernel``); cuDNN's flash attention (what "auto" picks on a GPU) is planned with the
+    project's blocked kernel, the O(S)-memory stand-in the CPU compiler can build."""
+    backend = "cpu" if topo is None or topo.hbm_bytes is None else "gpu" if topo.chip.startswith("NVIDIA") else "tpu"
+    if kernel == "auto":
+        kernel = "cudnn" if backend == "gpu" else "blocked"  # bf16 models; see no_cache_kernel
+    if kernel == "plain":
+        return "plain", "plain XLA attention (O(S^2) f32 scores)"
+    if kernel == "blocked":
+        return "blocked", "the blocked O(S) kernel"
+    return "blocked", ("cuDNN flash attention on the GPU, planned with the blocked O(S) kernel as its stand-in "
+                       "(the CPU compiler cannot build cuDNN's)")
+
+
 def model_config(config, name: str, topo: Topology | None = None) -> tuple[ModelConfig, str]:
-    """(ModelConfig, description) from --model, the config's hf_path, or its preset. The attention kernel is
-    the one ``attention="auto"`` picks on the target: plain on accelerators, blocked on a cpu-K target."""
+    """(ModelConfig, description) from --model, the config's hf_path, or its preset, with the attention kernel
+    of ``plan_attention``."""
     m = config.model
-    on_cpu = topo is not None and topo.hbm_bytes is None
     numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                     scan_layers=str(m.get("scan_layers", False)).lower() == "true",
-                    attention="blocked" if on_cpu else "plain")
+                    attention=plan_attention(m.attention, topo)[0])
     if not name and m.hf_path:
         path = os.path.join(m.hf_path, "config.json")
         if not os.path.isfile(path):
@@ -439,7 +453,8 @@ def run() -> None:
     graphdef, params = split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     state = abstract_state(graphdef, params, step_cfg, mesh)
     print(f"plan: config={configs.selected_name()} model={source} ({_count(cfg.num_params())} params, "
-          f"params {cfg.param_dtype}, compute {cfg.dtype}, remat {cfg.remat})")
+          f"params {cfg.param_dtype}, compute {cfg.dtype}, remat {cfg.remat}); training attention: "
+          f"{plan_attention(config.model.attention, topo)[1]}")
     print(f"target: {topo.name} = {topo.devices} x {topo.chip}"
           + (f", {topo.hbm_bytes / GiB:.1f} GiB HBM each" if topo.hbm_bytes else "")
           + f"; mesh data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} "

@@ -48,6 +48,7 @@ def get_config() -> ConfigDict:
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.sample_prompts = 0      # prompts per sampler call (0 = all; big models need chunks: KV cache)
+    c.rollout.ignore_eos = False      # True: every rollout decodes max_new_tokens (fixed-length workloads)
     c.rollout.decode_layout = "auto"  # decode weights: "replicated" (no per-token gathers), "training", "auto"
     c.rollout.dynamic_sampling = False
     c.rollout.max_refills = 4         # extra prompt batches to draw per step under dynamic sampling

@@ -13,6 +13,12 @@
   log-sum-exp instead of storing them, and the masked upper triangle is never computed. Same results as
   ``plain`` to float32 rounding wherever a query has at least one visible key.
 
+* ``flash(q, k, v, mask, implementation)``: the no-cache path through ``jax.nn.dot_product_attention`` (on a
+  GPU ``implementation="cudnn"``: cuDNN's FlashAttention, O(S) memory, bf16 / fp16 only). The library kernel
+  takes causal attention with per-row lengths, not an arbitrary mask, so each row's valid tokens must be one
+  contiguous run (the train batch: a left-padded prompt followed by its right-padded completion); the rows
+  are rotated to start at 0, attended with ``is_causal`` and ``key_value_seq_lengths``, and rotated back.
+
 Layouts: q [B,S,H,hd], k/v [B,KV,T,hd], mask bool[B,S,T]; query head h uses kv head h // (H / KV) (HF
 ``repeat_kv``). ``keys_t=True`` takes k as [B,KV,hd,T] instead (the KV cache's key layout: slots minor, so
 the scores are a matmul whose right operand needs no transpose).
@@ -222,3 +228,40 @@ def blocked_causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) ->
     rows, chunks = blocked_plan(B, S, H, _row_shards(B))
     o = _blocked(_merge_groups(q, KV), k, v, mask, rows, chunks, hd ** -0.5)
     return _split_groups(o, S)
+
+
+# ------------------------------------------------------------------------------------------ library flash
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def cudnn_limits(dtype: str, head_dim: int) -> str | None:
+    """Why cuDNN's flash attention cannot run this model (None when it can): bf16 / fp16 compute and a head
+    dimension that is a multiple of 8 and at most 128."""
+    if dtype not in CUDNN_DTYPES:
+        return f"cuDNN flash attention needs model.dtype in {CUDNN_DTYPES}, got {dtype!r}"
+    if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+        return f"cuDNN flash attention needs a head_dim that is a multiple of 8 and <= {CUDNN_MAX_HEAD_DIM}, got {head_dim}"
+    return None
+
+
+def flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str | None = None) -> jax.Array:
+    """``plain`` for the no-cache causal case with contiguous valid tokens per row, through
+    ``jax.nn.dot_product_attention(..., implementation=implementation)`` ("cudnn" on a GPU; None: XLA's own,
+    used to test the rotation on CPU). q [B,S,H,hd], k/v [B,KV,S,hd], mask bool[B,S,S] -> [B,S,H,hd]; outputs at
+    padding queries are zero."""
+    B, S, H, hd = q.shape
+    if k.shape[2] != S:
+        raise ValueError(f"flash attention needs as many keys as queries, got {k.shape[2]} keys for {S} queries.")
+    valid = mask[:, -1, :]                      # causal: the last query sees every valid key of its row
+    start = jnp.argmax(valid, axis=1).astype(jnp.int32)
+    length = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    pos = jnp.arange(S, dtype=jnp.int32)[None]
+    fwd = ((pos + start[:, None]) % S)[:, :, None, None]   # rotated row r holds original position (r + start)
+    back = ((pos - start[:, None]) % S)[:, :, None, None]
+    rot = lambda x: jnp.take_along_axis(x, fwd, axis=1)  # noqa: E731
+    out = jax.nn.dot_product_attention(rot(q), rot(jnp.swapaxes(k, 1, 2)), rot(jnp.swapaxes(v, 1, 2)),
+                                       is_causal=True, query_seq_lengths=length, key_value_seq_lengths=length,
+                                       implementation=implementation)
+    out = jnp.where((pos < length[:, None])[:, :, None, None], out, 0).astype(q.dtype)
+    return jnp.take_along_axis(out, back, axis=1)

@@ -25,7 +25,7 @@ from passk_jax.parallel import constrain, logical_sharding, param_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FAMILIES = ("qwen2", "qwen3", "llama")
-ATTENTION_KERNELS = ("auto", "plain", "blocked")
+ATTENTION_KERNELS = ("auto", "plain", "blocked", "cudnn")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = {
     "none": None,
@@ -58,7 +58,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
-    attention: str = "auto"  # no-cache attention kernel: "auto" (blocked on CPU), "plain" or "blocked"
+    attention: str = "auto"  # no-cache attention kernel: "auto", "plain", "blocked", "cudnn" (no_cache_kernel)
     family: str = "qwen2"
 
     def __post_init__(self):
@@ -75,6 +75,9 @@ class ModelConfig:
                 raise ValueError(f"{field} must be one of {tuple(DTYPES)}, got {getattr(self, field)!r}.")
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}.")
+        if self.attention == "cudnn" and attention.cudnn_limits(self.dtype, self.head_dim):
+            raise ValueError(f"model.attention='cudnn': {attention.cudnn_limits(self.dtype, self.head_dim)}; use "
+                             "'auto' or 'blocked'.")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}.")
         rope = self.rope_scaling or {}
@@ -254,12 +257,17 @@ def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-def _use_blocked(cfg: ModelConfig) -> bool:
-    """The no-cache attention kernel: ``attention.blocked_causal`` (measured faster on CPU, fwd and bwd) or
-    ``attention.plain`` (what XLA fuses best on accelerators)."""
-    if cfg.attention == "auto":
-        return jax.default_backend() == "cpu"
-    return cfg.attention == "blocked"
+def no_cache_kernel(cfg: ModelConfig, backend: str | None = None) -> str:
+    """The attention kernel of no-cache passes (training, scoring): ``cfg.attention``, or for "auto" an
+    O(S)-memory kernel per backend: cuDNN's flash attention on a GPU where its limits allow
+    (``attention.cudnn_limits``: bf16 / fp16, head_dim <= 128), else the project's blocked kernel (CPU, TPU,
+    float32 GPU runs). "plain" materialises the f32 [S, S] scores (fastest for short sequences)."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    backend = backend or jax.default_backend()
+    if backend == "gpu" and attention.cudnn_limits(cfg.dtype, cfg.head_dim) is None:
+        return "cudnn"
+    return "blocked"
 
 
 def _dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
@@ -308,8 +316,10 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
     if prefix is not None:
         attn = attention.with_prefix(q, k, v, mask, prefix[0].astype(dt), prefix[1].astype(dt), prefix[2],
                                      keys_t=True)
-    elif kv is None and _use_blocked(cfg):
+    elif kv is None and no_cache_kernel(cfg) == "blocked":
         attn = attention.blocked_causal(q, k, v, mask)
+    elif kv is None and no_cache_kernel(cfg) == "cudnn":
+        attn = attention.flash(q, k, v, mask, implementation="cudnn")
     else:
         attn = attention.plain(q, k, v, mask, keys_t=kv is not None)
     x = x + _dense(attn, p["o_proj"], contract=2)

@@ -98,6 +98,9 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
          f"model.scan_layers must be true or false, got {config.model.get('scan_layers')!r}.")
     need(config.model.get("attention", "auto") in ATTENTION_KERNELS,
          f"model.attention must be one of {ATTENTION_KERNELS}, got {config.model.get('attention')!r}.")
+    need(config.model.get("attention") != "cudnn" or jax.default_backend() == "gpu",
+         f"model.attention='cudnn' runs only on a GPU (this backend is {jax.default_backend()}); use 'auto' or "
+         "'blocked'.")
     need(config.train.eval_every >= 0, "train.eval_every must be >= 0 (0 = only before and after).")
     need(config.model.hf_path or config.model.preset != "hf",
          "this config loads a Hugging Face checkpoint: set --config.model.hf_path=/path/to/model_dir.")
@@ -247,7 +250,7 @@ def collect(config, sampler, params, task, tokenizer, pool, stream, position, ke
     r_cfg, P = config.rollout, config.rollout.prompts_per_step
     kwargs = dict(num_samples=r_cfg.num_samples, max_new_tokens=r_cfg.max_new_tokens,
                   temperature=r_cfg.temperature, top_p=r_cfg.top_p, top_k=r_cfg.top_k,
-                  chunk_prompts=r_cfg.sample_prompts)
+                  chunk_prompts=r_cfg.sample_prompts, ignore_eos=r_cfg.ignore_eos)
     r = rollout.generate(sampler, params, task, tokenizer, pool, stream.take(position, P), key=key, **kwargs)
     position += P
     if not r_cfg.dynamic_sampling:

@@ -137,3 +137,50 @@ def test_with_prefix_equals_plain_over_the_repeated_prefix(groups, n, S, H, KV, 
         more = lambda x: jnp.concatenate([x, x[:1]])  # noqa: E731
         with pytest.raises(ValueError, match="do not split into groups"):
             A.with_prefix(q, k, v, mask, more(pk), more(pv), more(pmask))
+
+
+def _batch_layout_inputs(B, S, H, KV, hd, seed=0):
+    """Rows as the train batch lays them out: left padding, the prompt, the completion, right padding (one
+    contiguous run of valid tokens per row; one row full, one with a single token)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+               ((B, S, H, hd), (B, KV, S, hd), (B, KV, S, hd)))
+    start = rng.integers(0, S // 2, B)
+    end = np.minimum(S, start + 1 + rng.integers(0, S, B))
+    start[0], end[0] = 0, S
+    start[-1], end[-1] = S // 3, S // 3 + 1
+    t = np.arange(S)
+    valid = (t[None] >= start[:, None]) & (t[None] < end[:, None])
+    mask = jnp.asarray((t[None, :] <= t[:, None])[None] & valid[:, None, :])
+    seen = jnp.asarray(valid)[:, :, None, None]  # the queries whose outputs are used
+    weights = jnp.asarray(rng.normal(size=(B, S, H, hd)), jnp.float32)
+    return q, k, v, mask, seen, weights
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 4, 2, 8), (5, 37, 2, 1, 16), (2, 64, 4, 4, 8)])
+def test_library_flash_path_matches_plain(shape):
+    """``attention.flash`` (the cuDNN path's row rotation and per-row lengths) through XLA's implementation of
+    ``jax.nn.dot_product_attention``: values at valid queries and all input gradients equal the plain kernel's
+    to float32 rounding; outputs at padding are zero. The cuDNN kernel itself runs in bench/gpu.sh."""
+    q, k, v, mask, seen, w = _batch_layout_inputs(*shape)
+    flash = lambda q, k, v, m: A.flash(q, k, v, m, implementation=None)  # noqa: E731
+    ref, out = A.plain(q, k, v, mask), jax.jit(flash)(q, k, v, mask)
+    np.testing.assert_allclose(np.where(seen, out, 0), np.where(seen, ref, 0), atol=2e-6, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(jnp.where(seen, 0, out)))) == 0.0
+    g_ref = jax.grad(_loss(A.plain, mask, seen, w), (0, 1, 2))(q, k, v)
+    g_out = jax.jit(jax.grad(_loss(flash, mask, seen, w), (0, 1, 2)))(q, k, v)
+    for a, b in zip(g_out, g_ref):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
+
+
+def test_kernel_choice_per_backend_and_cudnn_limits():
+    tiny = T.ModelConfig.tiny(vocab_size=64)
+    bf16 = dataclasses.replace(tiny, dtype="bfloat16")
+    assert T.no_cache_kernel(tiny, "cpu") == "blocked" and T.no_cache_kernel(bf16, "tpu") == "blocked"
+    assert T.no_cache_kernel(bf16, "gpu") == "cudnn"
+    assert T.no_cache_kernel(tiny, "gpu") == "blocked"  # float32: outside cuDNN's limits
+    assert T.no_cache_kernel(dataclasses.replace(tiny, attention="plain"), "gpu") == "plain"
+    with pytest.raises(ValueError, match=r"model.attention='cudnn': cuDNN flash attention needs model.dtype"):
+        dataclasses.replace(tiny, attention="cudnn")
+    with pytest.raises(ValueError, match="head_dim that is a multiple of 8 and <= 128, got 256"):
+        T.ModelConfig.tiny(vocab_size=64, dtype="bfloat16", head_dim=256, attention="cudnn")

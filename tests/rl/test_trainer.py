@@ -321,3 +321,22 @@ def test_every_named_config_validates(name):
     else:
         plan = trainer.validate(c)
         assert sum(steps for steps, _ in plan) == c.train.steps
+
+
+def test_long_responses_train_and_evaluate(tmp_path):
+    """1,024-token responses (rollout.ignore_eos) go through rollout, the update, with the O(S)-memory blocked
+    attention kernel that "auto" picks here, and evaluation."""
+    from passk_jax.models.transformer import no_cache_kernel
+
+    c = tiny_config(tmp_path / "cache", **{"rollout.max_new_tokens": 1024, "model.max_len": 1100, "sft.steps": 0,
+                                           "rollout.ignore_eos": True,
+                                           "rollout.prompts_per_step": 2, "rollout.num_samples": 4, "train.steps": 1,
+                                           "train.eval_every": 0, "eval.num_prompts": 2, "eval.num_samples": 4,
+                                           "eval.greedy": False, "train.export_hf": False})
+    out = trainer.train(c, str(tmp_path / "run"))
+    assert out["status"] == "done"
+    step = next(r for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if "rollout/length_max" in r)
+    assert step["rollout/length_mean"] == 1024 and step["rollout/truncated_frac"] == 1.0
+    assert np.isfinite(step["step/loss"]) and step["step/entropy"] > 0
+    assert "eval/pass@4" in out["final"]
+    assert no_cache_kernel(trainer.build_model(c, None, str(tmp_path / "run"))[2]) == "blocked"
