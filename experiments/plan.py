@@ -145,17 +145,19 @@ flags.DEFINE_integer("buffers", 0, "Also list this many of the largest temporary
 # --------------------------------------------------------------------------------------------- building
 def plan_attention(kernel: str, topo: Topology | None) -> tuple[str, str]:
     """(kernel the plan compiles, note): the config's ``model.attention`` as the target would run it
-    (``transformer.no_cache_kernel``); cuDNN's flash attention (what "auto" picks on a GPU) is planned with the
-    project's blocked kernel, the O(S)-memory stand-in the CPU compiler can build."""
+    (``transformer.no_cache_kernel``); the accelerator kernels ("auto" picks cuDNN's on a GPU, Pallas splash
+    on a TPU) are planned with the project's blocked kernel, the O(S)-memory stand-in the CPU compiler can
+    build."""
     backend = "cpu" if topo is None or topo.hbm_bytes is None else "gpu" if topo.chip.startswith("NVIDIA") else "tpu"
     if kernel == "auto":
-        kernel = "cudnn" if backend == "gpu" else "blocked"  # bf16 models; see no_cache_kernel
+        kernel = {"gpu": "cudnn", "tpu": "splash"}.get(backend, "blocked")  # bf16 models; see no_cache_kernel
     if kernel == "plain":
         return "plain", "plain XLA attention (O(S^2) f32 scores)"
     if kernel == "blocked":
         return "blocked", "the blocked O(S) kernel"
-    return "blocked", ("cuDNN flash attention on the GPU, planned with the blocked O(S) kernel as its stand-in "
-                       "(the CPU compiler cannot build cuDNN's)")
+    name = "cuDNN flash attention" if kernel == "cudnn" else "Pallas splash attention"
+    return "blocked", (f"{name} on the target, planned with the blocked O(S) kernel as its stand-in (the CPU "
+                       "compiler cannot build it)")
 
 
 def model_config(config, name: str, topo: Topology | None = None) -> tuple[ModelConfig, str]:

@@ -19,6 +19,13 @@
   contiguous run (the train batch: a left-padded prompt followed by its right-padded completion); the rows
   are rotated to start at 0, attended with ``is_causal`` and ``key_value_seq_lengths``, and rotated back.
 
+* ``splash(q, k, v, mask)``: the no-cache path through the Pallas splash attention kernel of
+  ``jax.experimental.pallas.ops.tpu`` (TPU; O(S) memory, causal blocks above the diagonal skipped): padding
+  becomes segment ids (valid tokens 1, padding 0), grouped-query heads run as one multi-query kernel per kv
+  head, the sequence is padded to a multiple of 128, and under a mesh the kernel runs per shard
+  (``shard_map`` over the batch and kv-head axes; Pallas kernels are not partitioned by XLA). Off TPU it runs
+  in Pallas' interpreter (tests).
+
 Layouts: q [B,S,H,hd], k/v [B,KV,T,hd], mask bool[B,S,T]; query head h uses kv head h // (H / KV) (HF
 ``repeat_kv``). ``keys_t=True`` takes k as [B,KV,hd,T] instead (the KV cache's key layout: slots minor, so
 the scores are a matmul whose right operand needs no transpose).
@@ -265,3 +272,54 @@ def flash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementat
                                        implementation=implementation)
     out = jnp.where((pos < length[:, None])[:, :, None, None], out, 0).astype(q.dtype)
     return jnp.take_along_axis(out, back, axis=1)
+
+
+# ------------------------------------------------------------------------------------------ Pallas splash
+SPLASH_BLOCK = 128
+
+
+def splash(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, interpret: bool | None = None) -> jax.Array:
+    """``plain`` for the no-cache causal case through Pallas' splash attention (see the module docstring).
+    q [B,S,H,hd], k/v [B,KV,S,hd], mask bool[B,S,S] -> [B,S,H,hd]; ``interpret`` defaults to "not on a TPU"."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, S, H, hd = q.shape
+    KV = k.shape[1]
+    G = H // KV
+    if k.shape[2] != S:
+        raise ValueError(f"splash attention needs as many keys as queries, got {k.shape[2]} keys for {S} queries.")
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    Sp = -(-S // SPLASH_BLOCK) * SPLASH_BLOCK
+    segments = mask[:, -1, :].astype(jnp.int32)  # causal: the last query sees every valid key of its row
+    qg = jnp.moveaxis((q * hd ** -0.5).reshape(B, S, KV, G, hd), 1, 3)       # [B,KV,G,S,hd]
+    pad = lambda x, axis: jnp.pad(x, [(0, 0)] * axis + [(0, Sp - S)] + [(0, 0)] * (x.ndim - axis - 1))  # noqa: E731
+    qg, k, v, segments = pad(qg, 3), pad(k, 2), pad(v, 2), pad(segments, 1)
+    blocks = sk.BlockSizes(block_q=SPLASH_BLOCK, block_kv=SPLASH_BLOCK, block_kv_compute=SPLASH_BLOCK,
+                           block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK, block_kv_dkv_compute=SPLASH_BLOCK,
+                           block_q_dq=SPLASH_BLOCK, block_kv_dq=SPLASH_BLOCK)
+    kernel = sk.make_splash_mqa(sm.MultiHeadMask([sm.CausalMask((Sp, Sp))] * G), block_sizes=blocks,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def local(qg, k, v, segments):  # [b,kv,G,Sp,hd], [b,kv,Sp,hd], [b,kv,Sp,hd], [b,Sp]
+        one = lambda qq, kk, vv, ss: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(q=ss, kv=ss))  # noqa: E731
+        return jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(qg, k, v, segments)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = local(qg, k, v, segments)
+    else:
+        from jax.sharding import PartitionSpec
+
+        from passk_jax.parallel import logical_spec
+
+        def spec(axes, shape):
+            return PartitionSpec(*(tuple(logical_spec(axes, mesh, shape)) + (None,) * len(shape))[:len(shape)])
+
+        q_spec = spec(("batch", "kv_heads", None, None, None), qg.shape)
+        kv_spec = spec(("batch", "kv_heads", None, None), k.shape)
+        seg_spec = PartitionSpec(q_spec[0], None)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                            check_vma=False)(qg, k, v, segments)
+    return jnp.moveaxis(out[:, :, :, :S], 3, 1).reshape(B, S, H, hd).astype(q.dtype)

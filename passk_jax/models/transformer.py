@@ -25,7 +25,7 @@ from passk_jax.parallel import constrain, logical_sharding, param_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 FAMILIES = ("qwen2", "qwen3", "llama")
-ATTENTION_KERNELS = ("auto", "plain", "blocked", "cudnn")
+ATTENTION_KERNELS = ("auto", "plain", "blocked", "cudnn", "splash")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = {
     "none": None,
@@ -58,7 +58,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = True
-    attention: str = "auto"  # no-cache attention kernel: "auto", "plain", "blocked", "cudnn" (no_cache_kernel)
+    attention: str = "auto"  # no-cache attention: "auto", "plain", "blocked", "cudnn", "splash" (no_cache_kernel)
     family: str = "qwen2"
 
     def __post_init__(self):
@@ -259,12 +259,14 @@ def _rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 def no_cache_kernel(cfg: ModelConfig, backend: str | None = None) -> str:
     """The attention kernel of no-cache passes (training, scoring): ``cfg.attention``, or for "auto" an
-    O(S)-memory kernel per backend: cuDNN's flash attention on a GPU where its limits allow
-    (``attention.cudnn_limits``: bf16 / fp16, head_dim <= 128), else the project's blocked kernel (CPU, TPU,
-    float32 GPU runs). "plain" materialises the f32 [S, S] scores (fastest for short sequences)."""
+    O(S)-memory kernel per backend: Pallas' splash attention on a TPU, cuDNN's flash attention on a GPU where
+    its limits allow (``attention.cudnn_limits``: bf16 / fp16, head_dim <= 128), else the project's blocked
+    kernel (CPU, float32 GPU runs). "plain" materialises the f32 [S, S] scores (fastest for short sequences)."""
     if cfg.attention != "auto":
         return cfg.attention
     backend = backend or jax.default_backend()
+    if backend == "tpu":
+        return "splash"
     if backend == "gpu" and attention.cudnn_limits(cfg.dtype, cfg.head_dim) is None:
         return "cudnn"
     return "blocked"
@@ -320,6 +322,8 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
         attn = attention.blocked_causal(q, k, v, mask)
     elif kv is None and no_cache_kernel(cfg) == "cudnn":
         attn = attention.flash(q, k, v, mask, implementation="cudnn")
+    elif kv is None and no_cache_kernel(cfg) == "splash":
+        attn = attention.splash(q, k, v, mask)
     else:
         attn = attention.plain(q, k, v, mask, keys_t=kv is not None)
     x = x + _dense(attn, p["o_proj"], contract=2)

@@ -98,9 +98,10 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
          f"model.scan_layers must be true or false, got {config.model.get('scan_layers')!r}.")
     need(config.model.get("attention", "auto") in ATTENTION_KERNELS,
          f"model.attention must be one of {ATTENTION_KERNELS}, got {config.model.get('attention')!r}.")
-    need(config.model.get("attention") != "cudnn" or jax.default_backend() == "gpu",
-         f"model.attention='cudnn' runs only on a GPU (this backend is {jax.default_backend()}); use 'auto' or "
-         "'blocked'.")
+    for kernel, backend in (("cudnn", "gpu"), ("splash", "tpu")):
+        need(config.model.get("attention") != kernel or jax.default_backend() == backend,
+             f"model.attention={kernel!r} runs only on a {backend.upper()} (this backend is "
+             f"{jax.default_backend()}); use 'auto' or 'blocked'.")
     need(config.train.eval_every >= 0, "train.eval_every must be >= 0 (0 = only before and after).")
     need(config.model.hf_path or config.model.preset != "hf",
          "this config loads a Hugging Face checkpoint: set --config.model.hf_path=/path/to/model_dir.")

@@ -93,7 +93,7 @@ def test_model_kernels_agree_and_config_is_validated():
     mask = jnp.asarray(np.arange(20)[None] >= np.array([[0], [3], [7], [19]]))
     positions = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
     out = {}
-    for kernel in ("plain", "blocked"):
+    for kernel in ("plain", "blocked", "splash"):  # splash: Pallas' interpreter on CPU
         graphdef, params = T.init(dataclasses.replace(cfg, attention=kernel))
 
         def loss(p, graphdef=graphdef):
@@ -102,11 +102,12 @@ def test_model_kernels_agree_and_config_is_validated():
 
         out[kernel] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     (l_p, logits_p), g_p = out["plain"]
-    (l_b, logits_b), g_b = out["blocked"]
-    np.testing.assert_allclose(np.asarray(logits_b)[np.asarray(mask)], np.asarray(logits_p)[np.asarray(mask)],
-                               atol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_p)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+    for kernel in ("blocked", "splash"):
+        (l_b, logits_b), g_b = out[kernel]
+        np.testing.assert_allclose(np.asarray(logits_b)[np.asarray(mask)], np.asarray(logits_p)[np.asarray(mask)],
+                                   atol=1e-5)
+        for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_p)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
     assert dataclasses.replace(cfg, attention="auto").attention == "auto"
     with pytest.raises(ValueError, match="attention must be one of"):
         dataclasses.replace(cfg, attention="flash")
@@ -176,7 +177,7 @@ def test_library_flash_path_matches_plain(shape):
 def test_kernel_choice_per_backend_and_cudnn_limits():
     tiny = T.ModelConfig.tiny(vocab_size=64)
     bf16 = dataclasses.replace(tiny, dtype="bfloat16")
-    assert T.no_cache_kernel(tiny, "cpu") == "blocked" and T.no_cache_kernel(bf16, "tpu") == "blocked"
+    assert T.no_cache_kernel(tiny, "cpu") == "blocked" and T.no_cache_kernel(bf16, "tpu") == "splash"
     assert T.no_cache_kernel(bf16, "gpu") == "cudnn"
     assert T.no_cache_kernel(tiny, "gpu") == "blocked"  # float32: outside cuDNN's limits
     assert T.no_cache_kernel(dataclasses.replace(tiny, attention="plain"), "gpu") == "plain"
@@ -184,3 +185,25 @@ def test_kernel_choice_per_backend_and_cudnn_limits():
         dataclasses.replace(tiny, attention="cudnn")
     with pytest.raises(ValueError, match="head_dim that is a multiple of 8 and <= 128, got 256"):
         T.ModelConfig.tiny(vocab_size=64, dtype="bfloat16", head_dim=256, attention="cudnn")
+
+
+@pytest.mark.parametrize("shape,mesh_shape", [((3, 40, 4, 2, 32), None), ((2, 130, 2, 1, 128), None),
+                                              ((8, 24, 4, 2, 16), (2, 2, 2))])
+def test_splash_matches_plain(shape, mesh_shape):
+    """Pallas splash attention (in Pallas' interpreter off TPU; the TPU kernel is the same program): segment
+    ids for padding, one multi-query kernel per kv head, the sequence padded to 128, and per-shard under a mesh
+    (shard_map over batch and kv heads); values where a query sees a key and all input gradients equal plain."""
+    q, k, v, mask, seen, w = _batch_layout_inputs(*shape)
+    run = jax.jit(A.splash)
+    grad = jax.jit(jax.grad(_loss(A.splash, mask, seen, w), (0, 1, 2)))
+    if mesh_shape is not None:
+        mesh = parallel.make_mesh(*mesh_shape)
+        with jax.set_mesh(mesh):
+            out, g_out = run(q, k, v, mask), grad(q, k, v)
+    else:
+        out, g_out = run(q, k, v, mask), grad(q, k, v)
+    ref = A.plain(q, k, v, mask)
+    np.testing.assert_allclose(np.where(seen, out, 0), np.where(seen, ref, 0), atol=2e-6, rtol=1e-5)
+    g_ref = jax.grad(_loss(A.plain, mask, seen, w), (0, 1, 2))(q, k, v)
+    for a, b in zip(g_out, g_ref):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
