@@ -97,7 +97,7 @@ class Profiler:
 
 def instrument(prof: Profiler) -> None:
     from passk_jax.checkpoint import Checkpointer
-    from passk_jax.logging import MetricWriter
+    from passk_jax.metric_log import MetricWriter
     from passk_jax.rl import evaluation, rollout, trainer
     from passk_jax.sampling import Sampler
     from passk_jax.tasks.pool import VerifierPool

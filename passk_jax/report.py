@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any
 
-from passk_jax.logging import read_jsonl
+from passk_jax.metric_log import read_jsonl
 
 CURVES = (("rollout/reward_mean", "mean reward of the rollouts"),
           ("step/rollout_pass@k", "group pass@k of the rollouts"),

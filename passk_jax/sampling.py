@@ -68,8 +68,11 @@ def choose_decode_layout(layout: str, weight_bytes_per_device: float, device_byt
 
 
 def device_memory_bytes() -> float | None:
-    """Memory of the first device as its runtime reports it (None on CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Memory of this process's first device as its runtime reports it (None where it reports none: CPU)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a runtime without memory statistics
+        return None
     return stats.get("bytes_limit")
 
 

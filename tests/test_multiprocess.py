@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from passk_jax import parallel
-from passk_jax.logging import read_jsonl
+from passk_jax.metric_log import read_jsonl
 from passk_jax.rl import rollout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

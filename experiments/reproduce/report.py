@@ -49,7 +49,7 @@ def analyses_section(a: dict[str, Any]) -> list[str]:
             "Pass@1 puts most weight on prompts solved half the time; Pass@k moves the peak to harder prompts "
             "(N/k correct for k = 4, 8, 16) and gives almost nothing to easy ones; combination (Eq. 18) sits "
             "between Pass@1 and Pass@4; exceed (Eq. 17) peaks at N_pos = 1. The paper's text says the Pass@8 "
-            "peak is at 25%; the computed peak is 12.5% (25% is k = 4's), as noted in `reference/paper.md`.",
+            "peak is at 25%; the computed peak is 12.5% (25% is k = 4's), as noted in `docs/paper.md` section 6.",
             "", "### 1.2 Bootstrap sampling converges to the analytical advantage", ""]
     boot = a["bootstrap"]
     gs = sorted({r["num_groups"] for r in boot})

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from experiments import configs
-from passk_jax.logging import read_jsonl
+from passk_jax.metric_log import read_jsonl
 
 SFT_SEED = 0
 DATA_SEED = 0

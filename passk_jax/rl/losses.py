@@ -6,17 +6,14 @@ Everything here is a pure function of per-token arrays ``[B, S]`` (rows x positi
 mini-batch loss ``global_sum / global_denominator`` is identical for every micro-batch partition and every
 data-parallel size (the loss-normalisation bug of verl #5625 cannot happen by construction).
 
-The paper (Sec. 1 of ``reference/paper.md``) trains with DAPO's clip-higher (eps_low 0.2, eps_high 0.28)
+The paper (``docs/paper.md`` section 1) trains with DAPO's clip-higher (eps_low 0.2, eps_high 0.28)
 and the token-level loss, no KL and no entropy bonus; the other options are the peers' usual ones.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
-Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
 AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")

@@ -1,12 +1,14 @@
 """The jitted, sharded policy-gradient step: one compiled program per batch shape.
 
-``train_step(state, batch) -> (state, metrics)`` runs, inside one XLA program (see DESIGN.md, "Data flow"):
+``train_step(state, batch) -> (state, metrics)`` runs, inside one XLA program (see ``docs/architecture.md``,
+"Data flow of one RL step"):
 
 1. old-policy log-probabilities and per-prompt mean token entropy: a forward of the current parameters under
    ``stop_gradient``, one micro-batch of logits at a time (``old_logprobs="recompute"``), or the batch's
    sampler log-probabilities, whose negative mean is then the entropy estimate (``"sampler"``);
 2. advantages ``advantages.compute(estimator, rewards [P, n], valid, k=..., key=..., entropy=...)`` (paper
-   Alg. 1-3, Eq. 11-18), broadcast to the completion tokens of each row under ``stop_gradient``;
+   Alg. 1-3, Eq. 11-18; ``docs/paper.md`` sections 3-7), broadcast to the completion tokens of each row under
+   ``stop_gradient``;
 3. a ``lax.scan`` over mini-batches (contiguous blocks of prompts with all their n rows; the paper's 128
    prompts = 4 x 32), each an AdamW update from gradients accumulated over micro-batches by an inner
    ``lax.scan``. Every micro-batch loss is ``sum / D`` with ``D`` the denominator of the *whole mini-batch*
@@ -380,12 +382,12 @@ def _metrics(cfg, mb_loss, mb_sums, lp_diff, m, adv, batch, tok_per_row, ent_per
     else:  # the first mini-batch's forward, before its update, is the trainer at the sampling parameters
         out["sampler_lp_diff_mean"] = mb_sums["lp_diff_sum"][0] / jnp.maximum(jnp.sum(m[0]), 1.0)
         out["sampler_lp_diff_max"] = mb_sums["lp_diff_max"][0]
-    out.update(rollout_metrics(adv, batch.rewards, batch.valid, tok_per_row, cfg.k, cfg.success_threshold))
+    out.update(group_metrics(adv, batch.rewards, batch.valid, tok_per_row, cfg.k, cfg.success_threshold))
     out["advantages"], out["prompt_entropy"] = adv, ent_per_prompt
     return out
 
 
-def rollout_metrics(adv: jax.Array, rewards: jax.Array, valid: jax.Array, tok_per_row: jax.Array, k: int,
+def group_metrics(adv: jax.Array, rewards: jax.Array, valid: jax.Array, tok_per_row: jax.Array, k: int,
                     threshold: float) -> dict[str, jax.Array]:
     """Advantage, reward, group pass@k and response-length statistics over the valid rollouts."""
     v = valid.astype(jnp.float32)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from passk_jax import advantages, parallel, report, sft
 from passk_jax import workdir as workdir_lib
 from passk_jax.checkpoint import Checkpointer, PreemptionGuard
-from passk_jax.logging import MetricWriter, console_line
+from passk_jax.metric_log import MetricWriter, console_line
 from passk_jax.models import hf
 from passk_jax.models.transformer import ATTENTION_KERNELS, ModelConfig, init as init_model
 from passk_jax.rl import evaluation, rollout

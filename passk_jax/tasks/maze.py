@@ -1,4 +1,4 @@
-"""Maze: the paper's main analysis task (Appendix A.1, Figure 14; `reference/paper.md` section 5).
+"""Maze: the paper's main analysis task (Appendix A.1, Figure 14; `docs/paper.md` section 10).
 
 A maze is an n x n text grid (n odd, 5..21) of `S` (start), `E` (end), `*` (wall) and `.` (free), rows
 joined by newlines; that string is the example's ground truth, exactly what the official verifier

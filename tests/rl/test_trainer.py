@@ -13,7 +13,7 @@ import pytest
 
 from experiments import configs
 from passk_jax import metrics
-from passk_jax.logging import read_jsonl
+from passk_jax.metric_log import read_jsonl
 from passk_jax.rl import evaluation, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
