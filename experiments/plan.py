@@ -113,6 +113,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from experiments import configs  # noqa: E402
 from passk_jax import hlo, parallel  # noqa: E402
+from passk_jax.optim import make_optimizer  # noqa: E402
 from passk_jax.models.transformer import ModelConfig, Transformer, split  # noqa: E402
 from passk_jax.rl import step as rl_step  # noqa: E402
 from passk_jax.sampling import Sampler, default_buckets  # noqa: E402
@@ -221,7 +222,7 @@ def with_shardings(tree, shardings):
 
 def abstract_state(graphdef, params, step_cfg, mesh):
     """TrainState of ShapeDtypeStructs with the step's shardings (nothing is allocated)."""
-    tx = rl_step.make_optimizer(step_cfg)
+    tx = make_optimizer(step_cfg)
     use_ref = step_cfg.kl_coef != 0.0
     rep = NamedSharding(mesh, PartitionSpec())
 

@@ -1,5 +1,5 @@
 """Supervised warm start on task demonstrations (e.g. the maze BFS paths), sharing the RL step's optimiser
-(``rl.step.make_optimizer``) and sharding rules, so a model that has never seen the task starts RL from a
+(``passk_jax.optim.make_optimizer``) and sharding rules, so a model that has never seen the task starts RL from a
 policy that solves some problems but not all (the regime where exploration matters).
 
 Loss: token-mean cross-entropy over the response tokens (and the EOS) of each demonstration.
@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from passk_jax import parallel
 from passk_jax.models.transformer import forward
 from passk_jax.rl import losses
-from passk_jax.rl.step import StepConfig, make_optimizer
+from passk_jax.optim import OptimConfig, make_optimizer
 from passk_jax.tasks import Example, Task
 from passk_jax.tasks.tokenizer import encode_prompt
 
@@ -54,7 +54,7 @@ def build_dataset(task: Task, tokenizer: Any, examples: Sequence[Example], *, de
     return tokens, loss_mask, token_mask
 
 
-def make_sft_step(graphdef: Any, cfg: StepConfig, mesh: jax.sharding.Mesh, params: Any
+def make_sft_step(graphdef: Any, cfg: OptimConfig, mesh: jax.sharding.Mesh, params: Any
                   ) -> tuple[optax.GradientTransformation, Callable]:
     """``sft_step(params, opt_state, tokens, loss_mask, token_mask) -> (params, opt_state, loss)`` (jitted;
     the rows must already be placed with ``sft_rows_sharding(mesh)``, or be numpy on a single process)."""
@@ -98,7 +98,7 @@ def train(graphdef: Any, params: Any, mesh: jax.sharding.Mesh, data: tuple[np.nd
     tokens, loss_mask, token_mask = data
     if batch_size > len(tokens):
         raise ValueError(f"sft.batch_size={batch_size} exceeds the {len(tokens)} demonstrations available.")
-    cfg = StepConfig(learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=0.0,
+    cfg = OptimConfig(learning_rate=learning_rate, warmup_steps=warmup_steps, weight_decay=0.0,
                      lr_schedule="cosine", total_updates=max(steps, warmup_steps + 1), final_lr_ratio=0.1)
     tx, step = make_sft_step(graphdef, cfg, mesh, params)
     params = jax.device_put(jax.tree.map(jnp.copy, params), parallel.param_shardings(params, mesh))

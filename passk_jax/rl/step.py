@@ -20,7 +20,6 @@ rules of ``passk_jax.parallel``. The optimiser schedule counts optimiser updates
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -30,6 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from passk_jax import advantages, parallel
+from passk_jax.optim import learning_rate_schedule, make_optimizer
 from passk_jax.metrics import pass_at_k
 from passk_jax.models.transformer import forward, head_weight
 from passk_jax.rl import losses
@@ -147,38 +147,6 @@ def validate_batch(cfg: StepConfig, num_prompts: int, n: int, rows: int, mesh: M
         raise ValueError(f"micro-batch rows ({micro_rows} = P*n/num_minibatches/num_microbatches) are not "
                          f"divisible by the data-parallel size data*fsdp={dp}.")
     advantages.validate(cfg.estimator, n, cfg.k, **cfg.estimator_options)
-
-
-def learning_rate_schedule(cfg: StepConfig) -> Callable[[jax.Array], jax.Array]:
-    """lr * min(1, (u + 1) / warmup) x (1 or cosine decay to final_lr_ratio), u = optimiser update index."""
-    def schedule(count: jax.Array) -> jax.Array:
-        u = jnp.asarray(count, jnp.float32)
-        warm = jnp.minimum(1.0, (u + 1.0) / max(cfg.warmup_steps, 1))
-        if cfg.lr_schedule == "constant":
-            return cfg.learning_rate * warm
-        span = max(cfg.total_updates - cfg.warmup_steps, 1)
-        progress = jnp.clip((u - cfg.warmup_steps) / span, 0.0, 1.0)
-        cos = 0.5 * (1.0 + jnp.cos(math.pi * progress))
-        return cfg.learning_rate * warm * (cfg.final_lr_ratio + (1.0 - cfg.final_lr_ratio) * cos)
-    return schedule
-
-
-def weight_decay_mask(params: Any) -> Any:
-    """True for weight matrices; False for norms and biases (named ``*norm*`` / ``*bias*``: the decoder stacks
-    layers, so a stacked norm scale is 2-D and ndim alone cannot tell) and for vectors."""
-    def decay(path, x) -> bool:
-        name = jax.tree_util.keystr(path).lower()
-        return x.ndim >= 2 and "norm" not in name and "bias" not in name
-    return jax.tree_util.tree_map_with_path(decay, params)
-
-
-def make_optimizer(cfg: StepConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW(schedule), weight decay on weight matrices only."""
-    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                        weight_decay=cfg.weight_decay, mask=weight_decay_mask)
-    if cfg.grad_clip_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
 
 
 def batch_shardings(mesh: Mesh) -> Batch:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from passk_jax import advantages, parallel
+from passk_jax import advantages, optim, parallel
 from passk_jax.models import transformer as T
 from passk_jax.rl import losses
 from passk_jax.rl import step as st
@@ -55,16 +55,16 @@ def test_batch_arithmetic_is_validated_with_one_sentence():
 
 
 def test_learning_rate_schedule():
-    f = st.learning_rate_schedule(st.StepConfig(learning_rate=1.0, warmup_steps=4))
+    f = optim.learning_rate_schedule(st.StepConfig(learning_rate=1.0, warmup_steps=4))
     np.testing.assert_allclose([f(u) for u in range(6)], [0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
-    g = st.learning_rate_schedule(st.StepConfig(learning_rate=1.0, warmup_steps=2, lr_schedule="cosine",
+    g = optim.learning_rate_schedule(st.StepConfig(learning_rate=1.0, warmup_steps=2, lr_schedule="cosine",
                                                 total_updates=6, final_lr_ratio=0.1))
     np.testing.assert_allclose([g(u) for u in (0, 2, 4, 6, 9)], [0.5, 1.0, 0.55, 0.1, 0.1], rtol=1e-6)
 
 
 def test_weight_decay_mask_skips_norms_and_biases():
     _, params = T.split(nnx.eval_shape(lambda: T.Transformer(CFG)))
-    mask = st.weight_decay_mask(params)
+    mask = optim.weight_decay_mask(params)
     flags = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
     assert [k for k, v in flags.items() if not v] == [
         k for k in flags if any(s in k for s in ("norm", "bias"))]
