@@ -96,15 +96,18 @@ class Sizes:
     long_prompt_len: int
     long_new: int
     long_microbatches: int
-    repeats: int
+    sample_repeats: int     # timed calls after the warm-up (best counts)
+    train_repeats: int
 
 
 GPU_SIZES = Sizes(sample_prompts=16, sample_n=16, sample_prompt_len=1536, sample_new=512,
                   train_prompts=8, train_n=8, train_prompt_len=128, train_new=384, microbatches=8,
-                  long_prompts=2, long_n=8, long_prompt_len=512, long_new=1536, long_microbatches=8, repeats=2)
+                  long_prompts=2, long_n=8, long_prompt_len=512, long_new=1536, long_microbatches=8,
+                  sample_repeats=1, train_repeats=2)
 SMOKE_SIZES = Sizes(sample_prompts=2, sample_n=2, sample_prompt_len=16, sample_new=16,
                     train_prompts=2, train_n=2, train_prompt_len=16, train_new=16, microbatches=2,
-                    long_prompts=1, long_n=4, long_prompt_len=16, long_new=48, long_microbatches=2, repeats=1)
+                    long_prompts=1, long_n=4, long_prompt_len=16, long_new=48, long_microbatches=2,
+                    sample_repeats=1, train_repeats=1)
 
 # Conservative first-run estimates (seconds, compile included) per row shape for a 1.5B model (scaled by
 # size, at least x0.6); once a row of the same shape has run, its measured wall x ESTIMATE_MARGIN is used.
@@ -225,13 +228,14 @@ class Child:
             self.master = init(self.cfg, seed=0)
         return self.master
 
-    def timed(self, fn):
-        """(last result, first-call seconds, best of `repeats` timed calls)."""
+    @staticmethod
+    def timed(fn, repeats: int):
+        """(last result, first-call seconds, best of `repeats` timed calls after it)."""
         t0 = time.perf_counter()
         out = fn(0)
         first = time.perf_counter() - t0
         times = []
-        for i in range(self.sizes.repeats):
+        for i in range(repeats):
             t0 = time.perf_counter()
             out = fn(i + 1)
             times.append(time.perf_counter() - t0)
@@ -256,7 +260,7 @@ class Child:
                 jax.block_until_ready(out.tokens)
                 return out
 
-            out, first, t = self.timed(run)
+            out, first, t = self.timed(run, s.sample_repeats)
             rows, new = out.tokens.shape
             assert int(np.asarray(out.lengths).min()) == new, "rows stopped early"
             # prefill alone (the same compiled program the sampler used)
@@ -264,7 +268,7 @@ class Child:
                                       top_p=1.0, top_k=0, eos_ids=())
             toks, pos, mask = (jax.numpy.asarray(x) for x in left_pad(prompts, bucket, sampler.pad_id))
             pre = []
-            for _ in range(max(2, s.repeats)):
+            for _ in range(2):
                 t0 = time.perf_counter()
                 cache, _ = jax.block_until_ready(sampler._prefill(weights.params, toks, pos, mask))
                 pre.append(time.perf_counter() - t0)
@@ -361,7 +365,7 @@ class Child:
             jax.block_until_ready((self.state, m))
             return m
 
-        m, first, t = self.timed(run)
+        m, first, t = self.timed(run, s.train_repeats)
         loss = float(m["loss"]) if "loss" in m else float("nan")
         flops = train_flops_per_token(self.cfg, S) * R * S
         return dict(tokens_per_s=R * S / t, time_s=t, first_call_s=first, rows=R, seq=S, microbatches=micro,
@@ -475,7 +479,7 @@ def row_note(r: dict) -> str:
     if r["phase"] == "sampler":
         return (f"{r['rows']} rows x {r['new_tokens']} new, prompt {r['bucket']} (context "
                 f"{r['bucket'] + r['new_tokens']}); {r['layout']} {r['weight_dtype']} weights, KV "
-                f"{r['kv_dtype']}; {r['decode_ms_per_step']:.2f} ms/decode step, {r['bytes_per_step_gb']:.2f} "
+                f"{r['kv_dtype']}; {r['decode_ms_per_step']:.2f} ms/decode step, {r['bytes_per_step_gb']:.3g} "
                 f"GB/step, {r['achieved_gbps']:.0f} GB/s{extra}")
     if r["phase"] == "train_step":
         return (f"{r['rows']} rows x {r['seq']} pos, {r['microbatches']} micro-batches; attention "

@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from passk_jax import advantages, parallel
-from passk_jax.optim import learning_rate_schedule, make_optimizer
+from passk_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from passk_jax.metrics import pass_at_k
 from passk_jax.models.transformer import forward, head_weight
 from passk_jax.rl import losses
@@ -38,8 +38,10 @@ BATCH = ("batch", None)
 
 
 @dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """Everything the step needs besides the model; ``validate()`` checks it before anything compiles."""
+class StepConfig(OptimConfig):
+    """Everything the step needs besides the model; ``validate()`` checks it before anything compiles. The
+    optimiser fields (learning_rate, warmup_steps, lr_schedule, ..., grad_clip_norm; paper: lr 1e-6, 10
+    warm-up steps) come from ``passk_jax.optim.OptimConfig``."""
 
     # advantages (passk_jax.advantages registry)
     estimator: str = "grpo"
@@ -62,17 +64,6 @@ class StepConfig:
     # batch split (paper: 4 mini-batches of 32 prompts)
     num_minibatches: int = 1
     num_microbatches: int = 1
-    # optimiser (paper: lr 1e-6, 10 warm-up steps)
-    learning_rate: float = 1e-6
-    warmup_steps: int = 10
-    lr_schedule: str = "constant"  # "constant" | "cosine"
-    total_updates: int | None = None  # cosine horizon in optimiser updates
-    final_lr_ratio: float = 0.0
-    weight_decay: float = 0.01  # weight matrices only (see weight_decay_mask)
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip_norm: float | None = 1.0
     success_threshold: float = 0.5  # reward > threshold counts as a pass for the rollout pass@k metric
 
     @classmethod
