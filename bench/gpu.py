@@ -424,7 +424,8 @@ class Child:
                 left = deadline - time.time()
                 est = measured[key] * ESTIMATE_MARGIN if key in measured else estimates[key]
                 if est > left:
-                    row.update(status="skipped", note=f"estimate {est:.0f}s > {left:.0f}s left of the budget")
+                    row.update(status="skipped",
+                               note=f"estimate {est:.0f}s > {max(0.0, left):.0f}s left of the budget")
                 else:
                     f.write(json.dumps(dict(row, status="running")) + "\n")
                     f.flush()
@@ -447,9 +448,8 @@ class Child:
                 row["peak_gib"] = self.mem_gib()
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-                print(f"[{self.args.model} {phase} {variant}] {row['status']} "
-                      f"{json.dumps({k: v for k, v in row.items() if k not in ('model', 'phase', 'variant', 'status')})}",
-                      flush=True)
+                rest = {k: v for k, v in row.items() if k not in ("model", "phase", "variant", "status")}
+                print(f"[{self.args.model} {phase} {variant}] {row['status']} {json.dumps(rest)}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ parent side
@@ -554,12 +554,13 @@ def parent(args) -> int:
                     wall, n_prev = measured[k]
                     est[k] = wall * ESTIMATE_MARGIN * max(1.0, n / n_prev)
                 else:
-                    est[k] = base_est[k] * max(0.6, n / 1.5e9)
+                    est[k] = base_est[k] * (1.0 if args.cpu_smoke else max(0.6, n / 1.5e9))
             results = os.path.join(tmp, f"{j}-{model}.jsonl")
             left = deadline - time.time()
             if left < min(est.values()):
                 rows += [dict(model=model, phase=p, variant=v, status="skipped", params=n,
-                              note=f"{left:.0f}s left of the {budget:.0f}s budget") for p, v in job_rows]
+                              note=f"{max(0.0, left):.0f}s left of the {budget:.0f}s budget")
+                         for p, v in job_rows]
                 continue
             cmd = [sys.executable, "-m", "bench.gpu", "--child", "--model", model, "--results", results,
                    "--deadline", str(deadline), "--estimates", json.dumps(est), "--rows", json.dumps(job_rows),

@@ -149,6 +149,19 @@ def _sampling_graph(graphdef: Any, cfg: ModelConfig, layers: str) -> tuple[Any, 
     return split(nnx.eval_shape(lambda: Transformer(cfg)))[0], cfg
 
 
+def row_keys(key: jax.Array, rows: jax.Array, t: jax.Array | int) -> jax.Array:
+    """The key of token ``t`` of row ``r``: fold_in(fold_in(key, r), t). A token's randomness depends on its
+    row and position only, so every schedule (lockstep rows, any number of decode slots) draws the same."""
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), rows.shape)
+    return jax.vmap(lambda r, s: jax.random.fold_in(jax.random.fold_in(key, r), s))(rows, t)
+
+
+def select_rows(keys: jax.Array, logits: jax.Array, temperature, top_p, top_k):
+    """`select_tokens` with one key per row: keys [B], logits f32[B, V] -> (tokens, logprob, logprob_raw)."""
+    out = jax.vmap(lambda k, z: select_tokens(k, z[None], temperature, top_p, top_k))(keys, logits)
+    return tuple(x[:, 0] for x in out)
+
+
 class Sampler:
     """Jitted KV-cache sampler for one model graph; `params` are passed per call (they change in training).
 
@@ -198,6 +211,8 @@ class Sampler:
         # No donation: the P*n-row completion cache is created (and grown per phase) inside `decode`, where
         # XLA updates it in place; only the n-times smaller P-row prompt cache crosses the jit boundary.
         self._decode = jax.jit(self._decode_fn, static_argnames=("num_samples", "max_new_tokens"))
+        self._decode_slots = jax.jit(self._decode_slots_fn,
+                                     static_argnames=("num_samples", "max_new_tokens", "slots"))
 
     # ---------------------------------------------------------------- decode weights
     def decode_shardings(self, params: Any) -> Any:
@@ -255,7 +270,7 @@ class Sampler:
                                           params, shardings))
 
     def lower(self, params: Any, *, num_prompts: int, bucket: int, num_samples: int,
-              max_new_tokens: int) -> dict[str, Any]:
+              max_new_tokens: int, decode_slots: int = 0) -> dict[str, Any]:
         """The prefill and decode programs lowered (``jax.stages.Lowered``) for these shapes, on concrete or
         abstract parameters or prepared weights: `experiments.plan` compiles them for a target mesh, tests read
         their HLO."""
@@ -274,16 +289,31 @@ class Sampler:
             if self.mesh is not None:
                 cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                                      cache, cache_shardings(self.mesh, cache))
-            decode = self._decode.lower(
-                weights.params, cache, rows(logits.shape, logits.dtype), rows((num_prompts * num_samples,), jnp.int32),
-                rep((MAX_EOS_IDS,), jnp.int32), rep((), jnp.float32), rep((), jnp.float32), rep((), jnp.int32),
-                rep((2,), jnp.uint32), num_samples=num_samples, max_new_tokens=max_new_tokens)
+            args = (weights.params, cache, rows(logits.shape, logits.dtype), rows((num_prompts * num_samples,), jnp.int32),
+                    rep((MAX_EOS_IDS,), jnp.int32), rep((), jnp.float32), rep((), jnp.float32), rep((), jnp.int32),
+                    rep((2,), jnp.uint32))
+            self.check_slots(decode_slots, num_prompts * num_samples)
+            if decode_slots:
+                decode = self._decode_slots.lower(*args, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                                  slots=decode_slots)
+            else:
+                decode = self._decode.lower(*args, num_samples=num_samples, max_new_tokens=max_new_tokens)
         return {"prefill": prefill, "decode": decode}
 
     # ---------------------------------------------------------------- host side
     def compile_count(self) -> int:
         """Number of compiled variants held by the jit caches of prefill and decode."""
-        return self._prefill._cache_size() + self._decode._cache_size()
+        return self._prefill._cache_size() + self._decode._cache_size() + self._decode_slots._cache_size()
+
+    def check_slots(self, slots: int, rows: int) -> None:
+        """``rollout.decode_slots`` must be 0 (lockstep) or 1..rows and split evenly over the data axes."""
+        dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if not 0 <= slots <= rows:
+            raise ValueError(f"rollout.decode_slots must be in [0, {rows}] (0 = lockstep; at most the "
+                             f"prompts x samples of a sampler call), got {slots}.")
+        if slots and slots % dp:
+            raise ValueError(f"rollout.decode_slots={slots} is not divisible by the data-parallel size "
+                             f"data*fsdp={dp}.")
 
     def _rows(self, x: np.ndarray) -> jax.Array:
         """Place a host array with rows over ('data', 'fsdp') (default placement without a mesh)."""
@@ -332,10 +362,13 @@ class Sampler:
 
     def sample(self, params: Any, prompts: Any, *, num_samples: int, max_new_tokens: int,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-               eos_ids: Sequence[int] = (), key: jax.Array) -> SampleOutput:
+               eos_ids: Sequence[int] = (), key: jax.Array, decode_slots: int = 0) -> SampleOutput:
         """Sample `num_samples` completions of each prompt; see SampleOutput.  temperature 0 = greedy.
-        `params`: prepared `DecodeWeights` (make them once per policy update) or plain parameters."""
+        `params`: prepared `DecodeWeights` (make them once per policy update) or plain parameters.
+        `decode_slots` > 0: continuous batching over that many slots (`_decode_slots_fn`); the same tokens
+        and log-probs as lockstep decoding for one key."""
         prompts = as_prompt_list(prompts)
+        self.check_slots(int(decode_slots), len(prompts) * int(num_samples))
         eos_ids = tuple(int(e) for e in np.atleast_1d(np.asarray(eos_ids, np.int64)))
         bucket = self.validate(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids)
@@ -347,9 +380,13 @@ class Sampler:
         params = self.prepare(params).params
         with self._mesh_context():
             cache, logits = self._prefill(params, self._rows(tokens), self._rows(positions), self._rows(mask))
-            out = self._decode(params, cache, logits, self._rows(next_pos), jnp.asarray(eos),
-                               jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k), key,
-                               num_samples=n, max_new_tokens=int(max_new_tokens))
+            args = (params, cache, logits, self._rows(next_pos), jnp.asarray(eos), jnp.float32(temperature),
+                    jnp.float32(top_p), jnp.int32(top_k), key)
+            if decode_slots:
+                out = self._decode_slots(*args, num_samples=n, max_new_tokens=int(max_new_tokens),
+                                         slots=int(decode_slots))
+            else:
+                out = self._decode(*args, num_samples=n, max_new_tokens=int(max_new_tokens))
         prompt_index = self._rows(np.repeat(np.arange(len(prompts), dtype=np.int32), n))
         return SampleOutput(*out, prompt_index=prompt_index)
 
@@ -387,8 +424,10 @@ class Sampler:
         rows = logits.shape[0]
         is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
+        row_ids = self._constrain_rows(jnp.arange(rows, dtype=jnp.int32))
+
         def pick(t, logits, done):
-            tok, lp, raw = select_tokens(jax.random.fold_in(key, t), logits, temperature, top_p, top_k)
+            tok, lp, raw = select_rows(row_keys(key, row_ids, t), logits, temperature, top_p, top_k)
             return (jnp.where(done, self.pad_id, tok), jnp.where(done, 0.0, lp), jnp.where(done, 0.0, raw))
 
         tok, lp, raw = pick(0, logits, jnp.zeros((rows,), bool))
@@ -418,3 +457,61 @@ class Sampler:
         mask = jnp.arange(steps)[None, :] < state["length"][:, None]
         # A row is done exactly when it emitted an EOS (pad fills only after that), so ~done = truncated.
         return state["tokens"], state["lp"], state["raw"], mask, state["length"], ~state["done"]
+
+    def _decode_slots_fn(self, params, prompt_cache, logits, next_pos, eos, temperature, top_p, top_k, key,
+                         *, num_samples: int, max_new_tokens: int, slots: int):
+        """Continuous batching: ``slots`` decode slots work through the P*n rows in order. A slot holds one
+        row (its prompt's shared prefix is attended through ``prefix_rows``) and its own completion cache, a
+        ring of max_new_tokens - 1 key slots; when the row emits an EOS or reaches max_new_tokens the slot
+        takes the next pending row in the same step (its first token comes from the prompt's prefill logits,
+        so no prefill is redone) and its cache is invalidated. Token t of row r is drawn with
+        ``row_keys(key, r, t)``, so results equal lockstep decoding; outputs are [P*n, T] in row order. KV
+        memory is ``slots`` x the completion length instead of P*n x it."""
+        self.trace_counts["decode"] += 1
+        T, n, S = max_new_tokens, num_samples, slots
+        if not self.cfg.scan_layers:
+            params = unstack_layers(params)
+        R = logits.shape[0] * n
+        if self.mesh is not None:  # any slot may read any prompt: the P-row prefix (n x smaller) on every device
+            rep = NamedSharding(self.mesh, PartitionSpec())
+            prompt_cache, logits, next_pos = jax.tree.map(lambda x: lax.with_sharding_constraint(x, rep),
+                                                          (prompt_cache, logits, next_pos))
+        is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)  # noqa: E731
+        slot_vec = lambda x: self._constrain_rows(x)  # noqa: E731 - slots lie over the data axes
+        buf = lambda fill, dtype: jnp.full((R + 1, T), fill, dtype)  # noqa: E731 - row R absorbs idle slots
+        state = dict(row=slot_vec(jnp.arange(S, dtype=jnp.int32)), t=slot_vec(jnp.zeros((S,), jnp.int32)),
+                     tok=slot_vec(jnp.full((S,), self.pad_id, jnp.int32)), next_row=jnp.int32(S),
+                     cache=self._constrain_cache(init_cache(self.cfg, S, max(1, T - 1))),
+                     tokens=buf(self.pad_id, jnp.int32), lp=buf(0.0, jnp.float32), raw=buf(0.0, jnp.float32),
+                     length=jnp.zeros((R + 1,), jnp.int32), eos_hit=jnp.zeros((R + 1,), bool))
+
+        def body(s):
+            row, t = s["row"], s["t"]
+            active = row < R
+            fresh = t == 0  # the row's first token comes from its prompt's prefill logits
+            r = jnp.minimum(row, R - 1)
+            prompt = r // n
+            feed = active & ~fresh
+            out, cache = forward(self.graphdef, params, s["tok"][:, None], (next_pos[r] + t - 1)[:, None],
+                                 feed[:, None], s["cache"], prefix=prompt_cache, prefix_rows=prompt, ring=True)
+            z = jnp.where(fresh[:, None], logits[prompt], out[:, 0].astype(jnp.float32))
+            tok, lp, raw = select_rows(row_keys(key, r, t), z, temperature, top_p, top_k)
+            dest = jnp.where(active, row, R)
+            hit = is_eos(tok)
+            end = active & (hit | (t + 1 >= T))
+            order = jnp.cumsum(end.astype(jnp.int32)) - 1  # finished slots take pending rows in slot order
+            new_row = jnp.where(end, jnp.minimum(s["next_row"] + order, R), row)
+            cache = cache._replace(valid=jnp.where(end[:, None], False, cache.valid))
+            return dict(row=slot_vec(new_row), t=slot_vec(jnp.where(end, 0, jnp.where(active, t + 1, t))),
+                        tok=slot_vec(jnp.where(end, self.pad_id, tok)),
+                        next_row=s["next_row"] + jnp.sum(end.astype(jnp.int32)),
+                        cache=self._constrain_cache(cache),
+                        tokens=s["tokens"].at[dest, t].set(tok), lp=s["lp"].at[dest, t].set(lp),
+                        raw=s["raw"].at[dest, t].set(raw), length=s["length"].at[dest].set(t + 1),
+                        eos_hit=s["eos_hit"].at[dest].set(hit))
+
+        state = lax.while_loop(lambda s: jnp.any(s["row"] < R), body, state)
+        length = self._constrain_rows(state["length"][:R])
+        mask = jnp.arange(T)[None, :] < length[:, None]
+        rows = lambda x: self._constrain_rows(x[:R])  # noqa: E731
+        return rows(state["tokens"]), rows(state["lp"]), rows(state["raw"]), mask, length, ~rows(state["eos_hit"])

@@ -348,11 +348,13 @@ class Transformer(nnx.Module):
         self.lm_head = params.get("lm_head")
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_mask: jax.Array,
-                 cache: KVCache | None = None, prefix: KVCache | None = None, head: bool = True
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, prefix: KVCache | None = None, head: bool = True,
+                 prefix_rows: jax.Array | None = None, ring: bool = False) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         if prefix is not None and cache is None:
             raise ValueError("a shared prefix is attended from a KV cache: pass cache= with prefix=.")
+        if ring and (cache is None or tokens.shape[1] != 1):
+            raise ValueError("a ring cache takes one token per row per call (decode).")
         dt = DTYPES[cfg.dtype]
         if tokens.ndim != 2 or positions.shape != tokens.shape or token_mask.shape != tokens.shape:
             raise ValueError(f"tokens, positions and token_mask must share one [batch, seq] shape, got "
@@ -370,16 +372,23 @@ class Transformer(nnx.Module):
         else:
             index = cache.index.astype(jnp.int32)
             valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (jnp.zeros((), jnp.int32), index))
-            slot = index + jnp.arange(S)
-            mask = (jnp.arange(cache.valid.shape[1])[None, :] <= slot[:, None])[None] & valid[:, None, :]
+            if ring:  # slots hold keys of one row in any order: what is valid is what the row wrote
+                mask = valid[:, None, :]
+            else:
+                slot = index + jnp.arange(S)
+                mask = (jnp.arange(cache.valid.shape[1])[None, :] <= slot[:, None])[None] & valid[:, None, :]
 
         def layer_prefix(layer):
             if prefix is None:
                 return None
             if isinstance(prefix.k, (tuple, list)):
-                return prefix.k[layer], prefix.v[layer], prefix.valid
-            pick = lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)  # noqa: E731
-            return pick(prefix.k), pick(prefix.v), prefix.valid
+                k, v = prefix.k[layer], prefix.v[layer]
+            else:
+                pick = lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)  # noqa: E731
+                k, v = pick(prefix.k), pick(prefix.v)
+            if prefix_rows is None:
+                return k, v, prefix.valid
+            return k[prefix_rows], v[prefix_rows], prefix.valid[prefix_rows]  # row b attends prompt prefix_rows[b]
 
         def body(carry, p):
             x, kv, layer = carry
@@ -413,7 +422,9 @@ class Transformer(nnx.Module):
                     vs.append(out[1])
             kv = None if cache is None else (tuple(ks), tuple(vs))
         x = _rms_norm(x, self.norm[...], cfg.rms_norm_eps)
-        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid, index=index + S)
+        if cache is not None:
+            next_index = (index + S) % cache.valid.shape[1] if ring else index + S
+        new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid, index=next_index)
         if not head:
             return x, new_cache
         logits = jnp.einsum("bsd,dv->bsv", x, self.head_weight().astype(dt), preferred_element_type=jnp.float32)
@@ -452,7 +463,8 @@ def init(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None)
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
             token_mask: jax.Array, cache: KVCache | None = None, prefix: KVCache | None = None,
-            head: bool = True) -> tuple[jax.Array, KVCache | None]:
+            head: bool = True, *, prefix_rows: jax.Array | None = None,
+            ring: bool = False) -> tuple[jax.Array, KVCache | None]:
     """Pure forward: tokens/positions i32[B,S], token_mask bool[B,S] -> (logits f32[B,S,V], cache).
 
     Without a cache query s attends key t iff t <= s and token_mask[b, t]. With a cache the S tokens are
@@ -464,14 +476,20 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positi
     b // n, e.g. from a P-row prefill), attended before the cache's own slots wherever ``prefix.valid``; the
     row's own cache then holds only its continuation (see ``attention.with_prefix``).
 
+    ``prefix_rows`` i32[B]: row b continues prompt ``prefix_rows[b]`` of the prefix (any assignment, e.g. the
+    decode slots of continuous batching) instead of b // n. ``ring`` (one token per row): the cache is a ring
+    of slots written at ``index`` mod max_len and a row attends exactly its valid slots, in any order (keys
+    carry their RoPE positions; a slot reused by a new row is invalidated by the caller).
+
     ``head=False`` returns the final-norm hidden states [B,S,hidden] (compute dtype) instead of the logits,
     for callers that apply ``head_weight`` themselves a chunk of positions at a time
     (``losses.chunked_shifted_logprobs_and_entropy``).
     """
     model = nnx.merge(graphdef, params)
-    if prefix is None and head:  # any module with the (tokens, positions, token_mask, cache) call works here
+    if prefix is None and head and not ring:  # any module with the (tokens, positions, token_mask, cache) call
         return model(tokens, positions, token_mask, cache)
-    return model(tokens, positions, token_mask, cache, prefix=prefix, head=head)
+    return model(tokens, positions, token_mask, cache, prefix=prefix, head=head, prefix_rows=prefix_rows,
+                 ring=ring)
 
 
 def head_weight(graphdef: nnx.GraphDef, params: nnx.State) -> jax.Array:
