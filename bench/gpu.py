@@ -25,10 +25,8 @@ one thing against the ``default`` row of its phase:
 
 - ``layout``: sampler ``layout=training`` (`Sampler(decode_layout="training")`: the decode reads the f32
   master weights and casts them at use) vs ``default`` (decode_layout="replicated": the bf16 copy).
-- ``kv``: sampler ``kv=f32``: a float32 KV cache with bf16 weights and compute. The Sampler has no KV-dtype
-  option (it calls `init_cache(cfg, ...)`, whose dtype defaults to the compute dtype), so for this row only
-  the child rebinds `passk_jax.sampling.init_cache` to `init_cache(..., dtype="float32")`; the row records
-  the dtype of the cache the prefill actually returned.
+- ``kv``: sampler ``kv=f32``: a float32 KV cache with bf16 weights and compute (`Sampler(kv_dtype="float32")`;
+  default: the compute dtype); the row records the dtype of the cache the prefill actually returned.
 - ``attn``: train_step at a 4x longer sequence (16 rows x 2,048 positions, same tokens per micro-batch as
   the default row) with ``attn=cudnn`` / ``attn=blocked`` / ``attn=plain`` (`ModelConfig.attention`);
   cuDNN is skipped, with the reason, off a GPU or outside its limits.
@@ -45,10 +43,8 @@ run print "not measured" in the utilisation column, never an estimate. The table
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
-import functools
 import gc
 import json
 import math
@@ -173,23 +169,6 @@ class Skip(Exception):
     """A row that cannot run here (shown as skipped with the reason)."""
 
 
-@contextlib.contextmanager
-def kv_cache_dtype(dtype: str | None):
-    """While active, the Sampler's KV caches are created in `dtype` (None: unchanged, the compute dtype). The
-    Sampler calls `init_cache(cfg, batch, max_len)` through its module's name at trace time, so rebinding that
-    name changes the caches of programs traced inside this block and nothing else."""
-    if dtype is None:
-        yield
-        return
-    from passk_jax import sampling
-    original = sampling.init_cache
-    sampling.init_cache = functools.partial(original, dtype=dtype)
-    try:
-        yield
-    finally:
-        sampling.init_cache = original
-
-
 # ------------------------------------------------------------------------------------------ child side
 class Child:
     def __init__(self, args):
@@ -248,30 +227,30 @@ class Child:
         jax, s = self.jax, self.sizes
         layout = "training" if variant == "layout=training" else "replicated"
         graphdef, master = self.master_params()
-        sampler = Sampler(graphdef, self.cfg, decode_layout=layout, buckets=(s.sample_prompt_len,))
+        sampler = Sampler(graphdef, self.cfg, decode_layout=layout, buckets=(s.sample_prompt_len,),
+                          kv_dtype="float32" if variant == "kv=f32" else None)
         prompts = self.prompts(s.sample_prompts, s.sample_prompt_len, 1)
         kw = dict(num_samples=s.sample_n, max_new_tokens=s.sample_new, temperature=1.0, top_p=1.0, eos_ids=())
-        with kv_cache_dtype("float32" if variant == "kv=f32" else None):
-            weights = sampler.prepare(master)  # made once per policy update in training
-            jax.block_until_ready(weights.params)
+        weights = sampler.prepare(master)  # made once per policy update in training
+        jax.block_until_ready(weights.params)
 
-            def run(i):
-                out = sampler.sample(weights, prompts, key=jax.random.PRNGKey(i), **kw)
-                jax.block_until_ready(out.tokens)
-                return out
+        def run(i):
+            out = sampler.sample(weights, prompts, key=jax.random.PRNGKey(i), **kw)
+            jax.block_until_ready(out.tokens)
+            return out
 
-            out, first, t = self.timed(run, s.sample_repeats)
-            rows, new = out.tokens.shape
-            assert int(np.asarray(out.lengths).min()) == new, "rows stopped early"
-            # prefill alone (the same compiled program the sampler used)
-            bucket = sampler.validate(prompts, num_samples=s.sample_n, max_new_tokens=new, temperature=1.0,
-                                      top_p=1.0, top_k=0, eos_ids=())
-            toks, pos, mask = (jax.numpy.asarray(x) for x in left_pad(prompts, bucket, sampler.pad_id))
-            pre = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                cache, _ = jax.block_until_ready(sampler._prefill(weights.params, toks, pos, mask))
-                pre.append(time.perf_counter() - t0)
+        out, first, t = self.timed(run, s.sample_repeats)
+        rows, new = out.tokens.shape
+        assert int(np.asarray(out.lengths).min()) == new, "rows stopped early"
+        # prefill alone (the same compiled program the sampler used)
+        bucket = sampler.validate(prompts, num_samples=s.sample_n, max_new_tokens=new, temperature=1.0,
+                                  top_p=1.0, top_k=0, eos_ids=())
+        toks, pos, mask = (jax.numpy.asarray(x) for x in left_pad(prompts, bucket, sampler.pad_id))
+        pre = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            cache, _ = jax.block_until_ready(sampler._prefill(weights.params, toks, pos, mask))
+            pre.append(time.perf_counter() - t0)
         t_decode = max(t - min(pre), 1e-9)
         steps = new - 1  # the first token comes from the prefill logits
         leaves = jax.tree.leaves(weights.params)

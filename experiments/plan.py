@@ -465,13 +465,19 @@ def run() -> None:
     print(f"train batch: {P} prompts x {n} samples = {R} rows x {S} tokens (prompt {prompt_len} + completion {T}); "
           f"{M} mini-batches x {K} micro-batches = {R // (M * K)} rows per micro-batch "
           f"({R // (M * K) / dp:g} per data-parallel shard); old log-probs: {step_cfg.old_logprobs}")
-    # decode: one shared prompt cache per prompt plus each row's own completion slots (sampling.py)
-    kv_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-                * (sp * prompt_len + sp * n * max(1, T - 1)))
+    # decode: one shared prompt cache per prompt plus each row's (or each slot's) own completion slots
+    slots = int(config.rollout.decode_slots)
+    own_rows = min(slots, sp * n) if slots else sp * n
+    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    kv_bytes = per_slot * (sp * prompt_len + own_rows * max(1, T - 1))
+    # continuous batching keeps the (n x smaller) prompt prefix on every device, the slots split over the rows
+    kv_device = (per_slot * sp * prompt_len + per_slot * own_rows * max(1, T - 1) / topo.devices if slots
+                 else kv_bytes / topo.devices)
     unit, scale = _unit(kv_bytes)
-    print(f"sampler: prefill {sp} prompts x {prompt_len}, decode {sp * n} rows x {T} new tokens; KV cache of the "
-          f"last decode phase (shared prompt prefix + completions) {kv_bytes / scale:.2f} {unit} in all, "
-          f"{kv_bytes / topo.devices / scale:.2f} {unit} per device")
+    mode = f"continuous batching over {own_rows} slots" if slots else "lockstep rows"
+    print(f"sampler: prefill {sp} prompts x {prompt_len}, decode {sp * n} rows x {T} new tokens ({mode}); KV cache "
+          f"(shared prompt prefix + {own_rows} completion caches) {kv_bytes / scale:.2f} {unit} in all, "
+          f"{kv_device / scale:.2f} {unit} per device")
     print("compiling (per-program times below):", flush=True)
 
     planned: list[Planned] = []
@@ -490,7 +496,8 @@ def run() -> None:
         weights = sampler.abstract_weights(state.params)
         resident = opt_bytes + (per_device_bytes(state.params) if layout != "training" else 0.0)
         t0 = time.perf_counter()
-        lowered = sampler.lower(weights, num_prompts=sp, bucket=prompt_len, num_samples=n, max_new_tokens=T)
+        lowered = sampler.lower(weights, num_prompts=sp, bucket=prompt_len, num_samples=n, max_new_tokens=T,
+                                decode_slots=own_rows if slots else 0)
         lower_s = time.perf_counter() - t0
         for name in ("prefill", "decode"):
             planned.append(compile_lowered(name, lowered[name], lower_s / 2, per_device_bytes(weights.params),
@@ -511,7 +518,7 @@ def run() -> None:
     decode = next((p for p in planned if p.name == "decode" and p.hlo_text), None)
     if decode is not None:
         print()
-        print("\n".join(decode_step_report(decode, topo, decode_info[1], kv_bytes / topo.devices, decode_info[0],
+        print("\n".join(decode_step_report(decode, topo, decode_info[1], kv_device, decode_info[0],
                                             decode_info[2])))
     if FLAGS.buffers and not FLAGS.lower_only:
         programs = {"train_step": "step", "prefill": "prefill_fn", "decode": "decode_fn"}

@@ -39,6 +39,7 @@ RESUMABLE = frozenset({
     "train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.export_hf", "task.verifier_workers", "task.verifier_timeout_s", "task.max_error_frac",
     "task.max_failed_steps", "sft.cache", "sft.cache_dir",
+    "rollout.decode_slots", "rollout.decode_layout",  # how rollouts are computed, not what they are
 })
 
 

@@ -1,7 +1,8 @@
 """The paper's maze setting for accelerators: Qwen2.5-7B-Instruct from a local Hugging Face directory,
 Pass@k Training (analytical, k=4), lr 1e-6 with 10 warm-up steps, 128 prompts per step in 4 mini-batches of
 32, N_rollout = 32, clip 0.2 / 0.28, token-mean loss, bf16 compute; eval at temperature 1.0, top-p 0.95,
-32 samples per maze. Set the checkpoint with --config.model.hf_path=/path/to/Qwen2.5-7B-Instruct."""
+32 samples per maze; rollouts by continuous batching over 512 decode slots. Set the checkpoint with
+--config.model.hf_path=/path/to/Qwen2.5-7B-Instruct."""
 from experiments.configs import base
 
 
@@ -22,7 +23,8 @@ def get_config():
     c.rollout.prompts_per_step = 128
     c.rollout.num_samples = 32
     c.rollout.max_new_tokens = 2048
-    c.rollout.sample_prompts = 32     # decode KV cache of 32 x 32 rows fits 8xH100 (experiments/PLAN_RESULTS.md)
+    c.rollout.sample_prompts = 0      # all 128 x 32 rows in one sampler call over 512 decode slots: the KV cache
+    c.rollout.decode_slots = 512      # is 512 completions, not 4096 (plan: 87% of an H100, BUILD_NOTES.md)
     c.step.learning_rate = 1e-6
     c.step.warmup_steps = 10
     c.step.num_minibatches = 4

@@ -128,12 +128,14 @@ class Rollouts:
 def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: VerifierPool,
              examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             chunk_prompts: int = 0, phase: str = "train", ignore_eos: bool = False) -> Rollouts:
+             chunk_prompts: int = 0, phase: str = "train", ignore_eos: bool = False,
+             decode_slots: int = 0) -> Rollouts:
     """Sample ``num_samples`` completions per example and score them with the task's verifier.
 
     Rewards are checked against the task's declared range (``tasks.reward_spec``); a value outside it is a
     counted verifier error of ``phase`` ("train" / "eval") and scores 0. ``ignore_eos``: every row decodes
-    ``max_new_tokens`` (fixed-length workloads: benchmarks, long-response memory checks).
+    ``max_new_tokens`` (fixed-length workloads: benchmarks, long-response memory checks). ``decode_slots`` > 0:
+    continuous batching over that many slots per sampler call (at most the call's rows; same samples).
 
     ``chunk_prompts`` > 0 samples at most that many prompts per sampler call (the decode KV cache grows
     with prompts x samples; large models need chunks), chunk c drawing with ``fold_in(key, c)``.
@@ -147,6 +149,7 @@ def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
         out: SampleOutput = sampler.sample(
             params, prompts[start:start + size], num_samples=num_samples, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=() if ignore_eos else eos_ids(tokenizer),
+            decode_slots=min(decode_slots, len(prompts[start:start + size]) * num_samples),
             key=key if size == len(prompts) else jax.random.fold_in(key, c))
         if parallel.is_multiprocess():
             outs.append(out)

@@ -79,6 +79,13 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
     need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
     need(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}.")
     need(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}.")
+    call_rows = (r.sample_prompts or r.prompts_per_step) * r.num_samples
+    dp = data_parallel_size(config.mesh)
+    need(0 <= r.decode_slots <= call_rows,
+         f"rollout.decode_slots must be in [0, {call_rows}] (0 = lockstep; at most the rows of one sampler call, "
+         f"rollout.sample_prompts x rollout.num_samples), got {r.decode_slots}.")
+    need(r.decode_slots % dp == 0,
+         f"rollout.decode_slots={r.decode_slots} is not divisible by the data-parallel size data*fsdp={dp}.")
     need(r.decode_layout in DECODE_LAYOUTS,
          f"rollout.decode_layout must be one of {DECODE_LAYOUTS}, got {r.decode_layout!r}.")
     need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
@@ -126,6 +133,14 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
         except ValueError as err:  # the step's own messages name the field without its section
             raise ValueError(f"{where}: {err}") from None
     return plan
+
+
+def data_parallel_size(mesh_config: ConfigDict) -> int:
+    """data x fsdp of the configured mesh over this job's devices (a -1 size takes the rest)."""
+    sizes = [mesh_config.data, mesh_config.fsdp, mesh_config.tensor]
+    known = int(np.prod([x for x in sizes if x != -1]))
+    sizes = [jax.device_count() // max(known, 1) if x == -1 else x for x in sizes]
+    return int(sizes[0] * sizes[1])
 
 
 def make_task(config: ConfigDict):
@@ -251,7 +266,7 @@ def collect(config, sampler, params, task, tokenizer, pool, stream, position, ke
     r_cfg, P = config.rollout, config.rollout.prompts_per_step
     kwargs = dict(num_samples=r_cfg.num_samples, max_new_tokens=r_cfg.max_new_tokens,
                   temperature=r_cfg.temperature, top_p=r_cfg.top_p, top_k=r_cfg.top_k,
-                  chunk_prompts=r_cfg.sample_prompts, ignore_eos=r_cfg.ignore_eos)
+                  chunk_prompts=r_cfg.sample_prompts, ignore_eos=r_cfg.ignore_eos, decode_slots=r_cfg.decode_slots)
     r = rollout.generate(sampler, params, task, tokenizer, pool, stream.take(position, P), key=key, **kwargs)
     position += P
     if not r_cfg.dynamic_sampling:

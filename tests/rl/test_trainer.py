@@ -259,6 +259,9 @@ def test_eval_pass_at_k_matches_estimator():
     ("train.checkpoint_every", 0, "checkpoint_every"),
     ("model.attention", "flash", "model.attention"),
     ("step.logprob_chunk", -1, "logprob_chunk"),
+    ("rollout.decode_slots", 17, r"rollout.decode_slots must be in \[0, 16\]"),
+    ("rollout.decode_slots", 4, r"rollout.decode_slots=4 is not divisible by the data-parallel size data\*fsdp=8"),
+    ("rollout.decode_layout", "gathered", "rollout.decode_layout must be one of"),
 ])
 def test_config_validation(tmp_path, key, value, needle):
     with pytest.raises(ValueError, match=needle):
@@ -324,12 +327,12 @@ def test_every_named_config_validates(name):
 
 
 def test_long_responses_train_and_evaluate(tmp_path):
-    """1,024-token responses (rollout.ignore_eos) go through rollout, the update, with the O(S)-memory blocked
-    attention kernel that "auto" picks here, and evaluation."""
+    """1,024-token responses (rollout.ignore_eos) go through rollout (continuous batching over 8 slots), the
+    update, with the O(S)-memory blocked attention kernel that "auto" picks here, and evaluation."""
     from passk_jax.models.transformer import no_cache_kernel
 
     c = tiny_config(tmp_path / "cache", **{"rollout.max_new_tokens": 1024, "model.max_len": 1100, "sft.steps": 0,
-                                           "rollout.ignore_eos": True,
+                                           "rollout.ignore_eos": True, "rollout.decode_slots": 8,
                                            "rollout.prompts_per_step": 2, "rollout.num_samples": 4, "train.steps": 1,
                                            "train.eval_every": 0, "eval.num_prompts": 2, "eval.num_samples": 4,
                                            "eval.greedy": False, "train.export_hf": False})
