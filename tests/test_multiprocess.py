@@ -5,7 +5,8 @@ Both layouts run the same programs over a ('data'=2) mesh; every cross-device re
 operands, and a + b == b + a in IEEE arithmetic, so we expect (and assert) bit-identical losses, metrics and
 parameters, not just close ones. Rollouts are sampled in two chunks per step (rollout.sample_prompts=2), so
 the rows each process scores are not the rows it trains on and the batch gather moves rows between processes
-(evaluation uses the same chunk size and no greedy pass, which spares sampler compilations).
+(evaluation uses the same chunk size and no greedy pass, which spares sampler compilations), and decoded by
+continuous batching over 4 slots per call (each process holds its slots).
 
 Checkpoints cross the process layouts both ways: the step-1 checkpoint of the 2-process run resumes in one
 process, the 1-process run's in two, and both finish with the uninterrupted run's parameters.
@@ -34,7 +35,8 @@ STEPS = 3
 OVERRIDES = {
     "task.options.train_sizes": "(5,)", "task.options.test_sizes": "(5,)", "task.num_train": 64,
     "rollout.prompts_per_step": 4, "rollout.num_samples": 4, "rollout.max_new_tokens": 12,
-    "rollout.sample_prompts": 2, "step.k": 2, "train.steps": STEPS, "train.checkpoint_every": 1,
+    "rollout.sample_prompts": 2, "rollout.decode_slots": 4, "step.k": 2, "train.steps": STEPS,
+    "train.checkpoint_every": 1,
     "train.eval_every": 0, "eval.num_prompts": 4, "eval.num_samples": 4, "eval.sample_prompts": 2,
     "eval.greedy": False,
     "sft.steps": 2, "sft.num_examples": 32, "sft.batch_size": 8,
