@@ -33,6 +33,15 @@ one thing against the ``default`` row of its phase:
 - ``cmdbuf``: sampler and train_step ``cmdbuf=off``: a second child process of the model with
   ``--xla_gpu_enable_command_buffer=`` (no command buffers) appended to XLA_FLAGS; the default rows run with
   XLA's default command buffers.
+- ``slots``: the continuous-batching workload of `bench.rollout_lengths`, run last in the main child (after
+  ``rl_step``, so the rows above keep the budget): the model's body with a 512-token vocabulary instead of
+  151,936 (random weights; 4 EOS ids give roughly geometric lengths, mean about max_new_tokens / 4, capped at
+  512), 16 prompts x 16 samples = 256 rows, sampler ``slots=lockstep`` (`sample(..., decode_slots=0)`) then
+  ``slots=64`` (`decode_slots=64`) with the same key; the tokens must be identical (asserted, recorded as
+  ``tokens_identical``). tokens/s = useful tokens (completion tokens, EOS included) / wall time of `sample`;
+  the util column shows slot utilisation = useful tokens / (decode steps x rows in flight) (lockstep: max
+  length x rows; slots: `bench.rollout_lengths.slot_steps` x slots); the note gives the speed-up vs
+  lockstep. No target.
 
 Each child process (one per model, one more for ``cmdbuf``) appends one JSON line per row to a results file;
 the parent kills a child that outlives the total budget (8 minutes by default) and reports the row that was
@@ -58,11 +67,15 @@ import traceback
 BUDGET_S = 480.0          # the whole command, start to table
 RESERVE_S = 10.0          # kept for printing the table
 PHASES = ("sampler", "train_step", "rl_step")
-VARIANT_GROUPS = ("layout", "kv", "attn", "cmdbuf")
+VARIANT_GROUPS = ("layout", "kv", "attn", "cmdbuf", "slots")
 ATTN_KERNELS = ("cudnn", "blocked", "plain")
 CMDBUF_OFF_FLAG = "--xla_gpu_enable_command_buffer="
 # table order of the rows of each phase
-VARIANT_ORDER = ("default", "layout=training", "kv=f32", "cmdbuf=off") + tuple(f"attn={k}" for k in ATTN_KERNELS)
+VARIANT_ORDER = ("default", "layout=training", "kv=f32", "cmdbuf=off", "slots=lockstep", "slots=") + tuple(
+    f"attn={k}" for k in ATTN_KERNELS)
+SLOTS_VOCAB = 512         # the slots rows' vocabulary (so that SLOTS_EOS ids end a row with probability ~eos/512)
+SLOTS_EOS = 4
+SLOTS_PROMPT_LEN = 24
 NOT_RUN = ("skipped", "timeout", "OOM", "error", "crashed")
 
 # Peak numbers per card (dense bf16 FLOP/s, HBM bytes/s), matched against jax.devices()[0].device_kind.
@@ -94,21 +107,27 @@ class Sizes:
     long_microbatches: int
     sample_repeats: int     # timed calls after the warm-up (best counts)
     train_repeats: int
+    slots_prompts: int      # the continuous-batching rows (16 samples per prompt)
+    slots_new: int
+    slots: int
+    slots_repeats: int
 
 
 GPU_SIZES = Sizes(sample_prompts=16, sample_n=16, sample_prompt_len=1536, sample_new=512,
                   train_prompts=8, train_n=8, train_prompt_len=128, train_new=384, microbatches=8,
                   long_prompts=2, long_n=8, long_prompt_len=512, long_new=1536, long_microbatches=8,
-                  sample_repeats=1, train_repeats=2)
+                  sample_repeats=1, train_repeats=2, slots_prompts=16, slots_new=512, slots=64, slots_repeats=2)
 SMOKE_SIZES = Sizes(sample_prompts=2, sample_n=2, sample_prompt_len=16, sample_new=16,
                     train_prompts=2, train_n=2, train_prompt_len=16, train_new=16, microbatches=2,
                     long_prompts=1, long_n=4, long_prompt_len=16, long_new=48, long_microbatches=2,
-                    sample_repeats=1, train_repeats=1)
+                    sample_repeats=1, train_repeats=1, slots_prompts=4, slots_new=64, slots=16, slots_repeats=1)
 
 # Conservative first-run estimates (seconds, compile included) per row shape for a 1.5B model (scaled by
 # size, at least x0.6); once a row of the same shape has run, its measured wall x ESTIMATE_MARGIN is used.
-GPU_ESTIMATE_S = {"sampler": 60.0, "train_step": 40.0, "train_long": 45.0, "rl_step": 35.0}
-SMOKE_ESTIMATE_S = {"sampler": 5.0, "train_step": 8.0, "train_long": 8.0, "rl_step": 5.0}
+GPU_ESTIMATE_S = {"sampler": 60.0, "train_step": 40.0, "train_long": 45.0, "rl_step": 35.0, "slots_lockstep": 40.0,
+                  "slots": 40.0}
+SMOKE_ESTIMATE_S = {"sampler": 5.0, "train_step": 8.0, "train_long": 8.0, "rl_step": 5.0, "slots_lockstep": 5.0,
+                    "slots": 5.0}
 ESTIMATE_MARGIN = 1.25
 
 
@@ -144,10 +163,18 @@ def card_peaks(kind: str) -> tuple[float | None, float | None]:
 
 def shape_key(phase: str, variant: str) -> str:
     """Rows with the same key run the same shapes (their measured walls estimate each other)."""
+    if variant.startswith("slots="):
+        return "slots_lockstep" if variant == "slots=lockstep" else "slots"
     return "train_long" if variant.startswith("attn=") else phase
 
 
-def child_rows(phases: list[str], groups: list[str], main: bool) -> list[tuple[str, str]]:
+def variant_rank(v: str) -> int:
+    if v.startswith("slots=") and v != "slots=lockstep":
+        v = "slots="
+    return VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER)
+
+
+def child_rows(phases: list[str], groups: list[str], main: bool, slots: int = 64) -> list[tuple[str, str]]:
     """(phase, variant) rows of a model's default-environment child, in run order."""
     rows = []
     if "sampler" in phases:
@@ -162,6 +189,8 @@ def child_rows(phases: list[str], groups: list[str], main: bool) -> list[tuple[s
             rows += [("train_step", f"attn={k}") for k in ATTN_KERNELS]
     if "rl_step" in phases:
         rows.append(("rl_step", "default"))
+    if main and "slots" in groups and "sampler" in phases:  # last: the rows above keep the budget
+        rows += [("sampler", "slots=lockstep"), ("sampler", f"slots={slots}")]
     return rows
 
 
@@ -184,6 +213,8 @@ class Child:
         self.master = None  # (graphdef, f32 params) shared by the sampler rows and the train state's init
         self.state = None   # train state shared by the train_step and rl_step rows
         self.train_fn = None
+        self.slots_model = None     # (sampler, weights) of the slots rows (vocab SLOTS_VOCAB)
+        self.slots_lockstep = None  # (tokens, best time) of the slots=lockstep row
 
     def mem_gib(self) -> float | None:
         try:
@@ -225,6 +256,8 @@ class Child:
         import numpy as np
         from passk_jax.sampling import Sampler, left_pad
         jax, s = self.jax, self.sizes
+        if variant.startswith("slots="):
+            return self.sampler_slots(variant)
         layout = "training" if variant == "layout=training" else "replicated"
         graphdef, master = self.master_params()
         sampler = Sampler(graphdef, self.cfg, decode_layout=layout, buckets=(s.sample_prompt_len,),
@@ -268,6 +301,59 @@ class Child:
                    weight_dtype=str(leaves[0].dtype), kv_dtype=str(kv_dtype),
                    util=None if self.peak_bw is None else bw / self.peak_bw)
         del weights, sampler, out, cache
+        return res
+
+    # -- continuous batching vs lockstep (bench.rollout_lengths's workload) on the model's body, vocab 512
+    def sampler_slots(self, variant: str) -> dict:
+        import numpy as np
+        from bench.rollout_lengths import slot_steps
+        from passk_jax.models.transformer import init
+        from passk_jax.sampling import Sampler
+        jax, s = self.jax, self.sizes
+        slots = 0 if variant == "slots=lockstep" else int(variant.split("=", 1)[1])
+        if self.slots_model is None:
+            # the last rows of the child: free the train state and the master parameters first
+            self.state = self.train_fn = self.master = None
+            gc.collect()
+            cfg = dataclasses.replace(self.cfg, vocab_size=SLOTS_VOCAB)
+            graphdef, params = init(cfg, seed=0)
+            sampler = Sampler(graphdef, cfg)
+            weights = sampler.prepare(params)
+            jax.block_until_ready(weights.params)
+            del params
+            gc.collect()
+            self.slots_model = (sampler, weights)
+        sampler, weights = self.slots_model
+        rng = np.random.default_rng(0)
+        n = 16
+        prompts = [rng.integers(SLOTS_EOS + 1, SLOTS_VOCAB, SLOTS_PROMPT_LEN).tolist()
+                   for _ in range(s.slots_prompts)]
+        kw = dict(num_samples=n, max_new_tokens=s.slots_new, temperature=1.0, top_p=1.0,
+                  eos_ids=list(range(1, SLOTS_EOS + 1)), key=jax.random.PRNGKey(0), decode_slots=slots)
+
+        def run(_):
+            return jax.block_until_ready(sampler.sample(weights, prompts, **kw))
+
+        out, first, t = self.timed(run, s.slots_repeats)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        rows, new = len(prompts) * n, s.slots_new
+        useful = int(lengths.sum())
+        steps = int(lengths.max()) if slots == 0 else slot_steps(lengths, slots)
+        in_flight = rows if slots == 0 else slots
+        res = dict(tokens_per_s=useful / t, time_s=t, first_call_s=first, rows=rows, new_tokens=new,
+                   slots=slots, useful_tokens=useful, decode_steps=steps, in_flight=in_flight,
+                   util=useful / (steps * in_flight), len_mean=float(lengths.mean()),
+                   len_median=float(np.median(lengths)), len_max=int(lengths.max()),
+                   at_cap=float((lengths == new).mean()), eos_ids=SLOTS_EOS, vocab=SLOTS_VOCAB,
+                   body=self.args.model, speedup=None, tokens_identical=None)
+        if slots == 0:
+            self.slots_lockstep = (tokens, t)
+        elif self.slots_lockstep is not None:
+            lock_tokens, lock_t = self.slots_lockstep
+            same = lock_tokens.shape == tokens.shape and bool(np.array_equal(lock_tokens, tokens))
+            assert same, "continuous batching changed the tokens of the same key"
+            res.update(tokens_identical=same, speedup=lock_t / t)
+        del out
         return res
 
     # -- train step on f32 master parameters
@@ -438,8 +524,9 @@ def fmt_rate(x) -> str:
 
 def util_cells(r: dict) -> tuple[str, str, str]:
     """(measured utilisation, target, met) for a row; a row that did not run is "not measured"."""
-    kind = {"sampler": "HBM", "train_step": "MFU"}.get(r["phase"], "")
-    target = TARGETS.get((r["model"], r["phase"]))
+    slots = str(r.get("variant", "")).startswith("slots=")
+    kind = "slots" if slots else {"sampler": "HBM", "train_step": "MFU"}.get(r["phase"], "")
+    target = None if slots else TARGETS.get((r["model"], r["phase"]))
     target_s = "-" if target is None else f">={100 * target[1]:.0f}% {target[0]}"
     if r.get("status") != "ok":
         return "not measured", target_s, "-"
@@ -455,6 +542,17 @@ def row_note(r: dict) -> str:
     if r.get("status") != "ok":
         return r.get("note", "")
     extra = "; XLA command buffers off" if r.get("variant") == "cmdbuf=off" else ""
+    if str(r.get("variant", "")).startswith("slots="):
+        body = "Qwen2.5-1.5B" if r["body"] == "qwen2.5-1.5b" else "Qwen2.5-0.5B" if r["body"] == "qwen2.5-0.5b" \
+            else r["body"]
+        vs = "" if r["slots"] == 0 else (
+            "; lockstep row did not run (no speed-up, tokens not compared)" if r["speedup"] is None else
+            f"; {r['speedup']:.2f}x vs lockstep, tokens identical")
+        vocab = f"vocab {r['vocab']}" + (" (not 151936)" if r["body"] in QWEN25 else "")
+        return (f"{body} body, {vocab}; {r['rows']} rows x <= {r['new_tokens']} new, "
+                f"{r['eos_ids']} EOS ids: lengths mean {r['len_mean']:.0f} median {r['len_median']:.0f} max "
+                f"{r['len_max']} ({100 * r['at_cap']:.0f}% at the cap); {r['decode_steps']} decode steps x "
+                f"{r['in_flight']} rows in flight{vs}")
     if r["phase"] == "sampler":
         return (f"{r['rows']} rows x {r['new_tokens']} new, prompt {r['bucket']} (context "
                 f"{r['bucket'] + r['new_tokens']}); {r['layout']} {r['weight_dtype']} weights, KV "
@@ -492,7 +590,7 @@ def order_rows(rows: list[dict], models: list[str]) -> list[dict]:
         v = r.get("variant", "default")
         return (models.index(r["model"]) if r["model"] in models else len(models),
                 PHASES.index(r["phase"]) if r["phase"] in PHASES else len(PHASES),
-                VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER))
+                variant_rank(v))
     return sorted(rows, key=key)
 
 
@@ -514,7 +612,8 @@ def parent(args) -> int:
     # children in run order: (model, extra XLA flags, rows); the variants run on the first model
     jobs = []
     for i, model in enumerate(models):
-        jobs.append((model, "", child_rows(phases, groups, main=i == 0)))
+        slots = (SMOKE_SIZES if args.cpu_smoke else GPU_SIZES).slots
+        jobs.append((model, "", child_rows(phases, groups, main=i == 0, slots=slots)))
         if i == 0 and "cmdbuf" in groups:
             jobs.append((model, CMDBUF_OFF_FLAG, [(p, "cmdbuf=off") for p in ("sampler", "train_step")
                                                   if p in phases]))
