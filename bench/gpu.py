@@ -315,15 +315,17 @@ class Child:
             # the last rows of the child: free the train state and the master parameters first
             self.state = self.train_fn = self.master = None
             gc.collect()
-            cfg = dataclasses.replace(self.cfg, vocab_size=SLOTS_VOCAB)
+            # f32 compute as in bench.rollout_lengths: with bf16 the logits of a row depend on the batch shape
+            # in the last bits (lockstep decodes all rows, the slots SLOTS at a time), which flips a few samples
+            cfg = dataclasses.replace(self.cfg, vocab_size=SLOTS_VOCAB, dtype="float32")
             graphdef, params = init(cfg, seed=0)
             sampler = Sampler(graphdef, cfg)
             weights = sampler.prepare(params)
             jax.block_until_ready(weights.params)
             del params
             gc.collect()
-            self.slots_model = (sampler, weights)
-        sampler, weights = self.slots_model
+            self.slots_model = (sampler, weights, cfg.dtype)
+        sampler, weights, dtype = self.slots_model
         rng = np.random.default_rng(0)
         n = 16
         prompts = [rng.integers(SLOTS_EOS + 1, SLOTS_VOCAB, SLOTS_PROMPT_LEN).tolist()
@@ -345,13 +347,14 @@ class Child:
                    util=useful / (steps * in_flight), len_mean=float(lengths.mean()),
                    len_median=float(np.median(lengths)), len_max=int(lengths.max()),
                    at_cap=float((lengths == new).mean()), eos_ids=SLOTS_EOS, vocab=SLOTS_VOCAB,
-                   body=self.args.model, speedup=None, tokens_identical=None)
+                   body=self.args.model, compute_dtype=dtype, speedup=None, tokens_identical=None)
         if slots == 0:
             self.slots_lockstep = (tokens, t)
         elif self.slots_lockstep is not None:
             lock_tokens, lock_t = self.slots_lockstep
             same = lock_tokens.shape == tokens.shape and bool(np.array_equal(lock_tokens, tokens))
-            assert same, "continuous batching changed the tokens of the same key"
+            assert same, (f"continuous batching changed the tokens of the same key: "
+                          f"{int((lock_tokens != tokens).any(1).sum())} of {rows} rows differ")
             res.update(tokens_identical=same, speedup=lock_t / t)
         del out
         return res
@@ -549,7 +552,7 @@ def row_note(r: dict) -> str:
             "; lockstep row did not run (no speed-up, tokens not compared)" if r["speedup"] is None else
             f"; {r['speedup']:.2f}x vs lockstep, tokens identical")
         vocab = f"vocab {r['vocab']}" + (" (not 151936)" if r["body"] in QWEN25 else "")
-        return (f"{body} body, {vocab}; {r['rows']} rows x <= {r['new_tokens']} new, "
+        return (f"{body} body, {vocab}, {r['compute_dtype']} compute; {r['rows']} rows x <= {r['new_tokens']} new, "
                 f"{r['eos_ids']} EOS ids: lengths mean {r['len_mean']:.0f} median {r['len_median']:.0f} max "
                 f"{r['len_max']} ({100 * r['at_cap']:.0f}% at the cap); {r['decode_steps']} decode steps x "
                 f"{r['in_flight']} rows in flight{vs}")

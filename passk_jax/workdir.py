@@ -11,7 +11,8 @@
   anything but ``RESUMABLE`` fields (step count, cadences, verifier process settings) is refused with the
   differing fields named, unless ``new_run=True``, which moves every file of the old run to
   ``<workdir>/previous_runs/<UTC time>/`` (nothing is deleted) and starts afresh.
-* A workdir that holds run files (checkpoints, metrics) but no ``config.json`` is refused the same way.
+* A workdir that holds run files (checkpoints, metrics) but no ``config.json`` is refused the same way; one
+  that holds only a ``config.json`` (a run that failed before its first record) takes the new config.
 
 Multi-process runs: process 0 takes the lock and makes every decision; the others learn the outcome (and
 its error message) through a broadcast, so all processes stop or go on together.
@@ -33,7 +34,6 @@ log = logging.getLogger("passk_jax")
 
 LOCK_NAME = ".lock"
 PREVIOUS = "previous_runs"
-RUN_FILES = ("checkpoints", "metrics.jsonl")  # their presence means "a run lives here"
 # fields that may change between a run and its resumption: they do not change what the checkpoints hold
 RESUMABLE = frozenset({
     "train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
@@ -173,14 +173,23 @@ def move_aside(path: str) -> str | None:
     return dest
 
 
+def holds_results(path: str) -> bool:
+    """Whether ``path`` holds a run's results (metrics or a checkpoint step), not just a started run's
+    config.json (a run that failed before its first record describes nothing and may be replaced)."""
+    ckpt = os.path.join(path, "checkpoints")
+    return os.path.exists(os.path.join(path, "metrics.jsonl")) or (os.path.isdir(ckpt) and bool(os.listdir(ckpt)))
+
+
 def check_and_prepare(path: str, config_json: Mapping[str, Any], *, new_run: bool) -> str | None:
     """Refuse another run's workdir (unless ``new_run``, which moves it aside), then write ``config.json``.
 
     Returns a line describing what was done with old files, or None. Runs on process 0 only."""
     cfg_path = os.path.join(path, "config.json")
-    has_run = any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
     note = None
-    if os.path.exists(cfg_path) or has_run:
+    if new_run:
+        dest = move_aside(path)
+        note = f"moved the previous run's files to {dest}" if dest else None
+    elif holds_results(path):
         problem = None
         if not os.path.exists(cfg_path):
             problem = "holds run files (checkpoints/, metrics.jsonl) but no config.json"
@@ -194,13 +203,10 @@ def check_and_prepare(path: str, config_json: Mapping[str, Any], *, new_run: boo
                 diffs = config_diff(old, config_json)
                 if diffs:
                     problem = f"holds a run with a different config: {_describe(diffs)}"
-        if problem and not new_run:
+        if problem:
             raise WorkdirError(
                 f"workdir {path} {problem}; resume with the same config, choose another --workdir, or pass "
                 "--new_run to move the old run to previous_runs/ and start a new one.")
-        if new_run:
-            dest = move_aside(path)
-            note = f"moved the previous run's files to {dest}" if dest else None
     with open(cfg_path + ".tmp", "w") as f:
         json.dump(dict(config_json), f, indent=2)
     os.replace(cfg_path + ".tmp", cfg_path)

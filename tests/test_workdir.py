@@ -95,9 +95,16 @@ def test_new_run_moves_the_old_run_aside(tmp_path):
 
 
 def test_run_files_without_config_are_refused(tmp_path):
-    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
     with pytest.raises(wd.WorkdirError, match="no config.json"):
         wd.claim(str(tmp_path), CONFIG)
+
+
+def test_a_run_that_recorded_nothing_takes_the_new_config(tmp_path):
+    wd.claim(str(tmp_path), CONFIG).release()  # e.g. the model failed to load: config.json and nothing else
+    (tmp_path / "checkpoints").mkdir()
+    wd.claim(str(tmp_path), {**CONFIG, "seed": 5}).release()
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 5
 
 
 def test_unwritable_workdir(tmp_path):
