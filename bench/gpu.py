@@ -35,8 +35,9 @@ one thing against the ``default`` row of its phase:
   XLA's default command buffers.
 - ``slots``: the continuous-batching workload of `bench.rollout_lengths`, run last in the main child (after
   ``rl_step``, so the rows above keep the budget): the model's body with a 512-token vocabulary instead of
-  151,936 (random weights; 4 EOS ids give roughly geometric lengths, mean about max_new_tokens / 4, capped at
-  512), 16 prompts x 16 samples = 256 rows, sampler ``slots=lockstep`` (`sample(..., decode_slots=0)`) then
+  151,936 (random weights, f32 compute as there: with bf16 a row's logits depend on the batch shape in the
+  last bits and a few samples flip; 4 EOS ids give roughly geometric lengths, mean about max_new_tokens / 4,
+  capped at 512), 16 prompts x 16 samples = 256 rows, sampler ``slots=lockstep`` (`sample(..., decode_slots=0)`) then
   ``slots=64`` (`decode_slots=64`) with the same key; the tokens must be identical (asserted, recorded as
   ``tokens_identical``). tokens/s = useful tokens (completion tokens, EOS included) / wall time of `sample`;
   the util column shows slot utilisation = useful tokens / (decode steps x rows in flight) (lockstep: max

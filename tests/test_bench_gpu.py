@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (phase, variant, status) in table order
 EXPECTED = [("sampler", "default", "ok"), ("sampler", "layout=training", "ok"), ("sampler", "kv=f32", "ok"),
-            ("sampler", "cmdbuf=off", "ok"), ("train_step", "default", "ok"), ("train_step", "cmdbuf=off", "ok"),
+            ("sampler", "cmdbuf=off", "ok"), ("sampler", "slots=lockstep", "ok"), ("sampler", "slots=16", "ok"),
+            ("train_step", "default", "ok"), ("train_step", "cmdbuf=off", "ok"),
             ("train_step", "attn=cudnn", "skipped"), ("train_step", "attn=blocked", "ok"),
             ("train_step", "attn=plain", "ok"), ("rl_step", "default", "ok")]
 
@@ -51,3 +52,15 @@ def test_gpu_bench_cpu_smoke(tmp_path):
     assert by[("train_step", "attn=plain")]["attention"] == "plain"
     assert by[("train_step", "attn=blocked")]["attention"] == "blocked"
     assert by[("train_step", "attn=plain")]["seq"] > by[("train_step", "default")]["seq"]
+    # continuous batching vs lockstep: same tokens, slot utilisation in the util column, no target
+    lock, slots = by[("sampler", "slots=lockstep")], by[("sampler", "slots=16")]
+    assert slots["tokens_identical"] is True and slots["speedup"] > 0
+    assert lock["slots"] == 0 and slots["slots"] == 16 and lock["vocab"] == slots["vocab"] == 512
+    assert lock["rows"] == slots["rows"] == 64 and lock["new_tokens"] == 64
+    assert lock["useful_tokens"] == slots["useful_tokens"] and lock["decode_steps"] == lock["len_max"]
+    assert lock["in_flight"] == 64 and slots["in_flight"] == 16
+    for r in (lock, slots):
+        assert 0 < r["util"] <= 1
+        line = table[2 + EXPECTED.index(("sampler", r["variant"], "ok"))]
+        assert line.split()[5:9] == ["slots", f"{100 * r['util']:.1f}%", "-", "-"], line
+    assert "tokens identical" in table[2 + EXPECTED.index(("sampler", "slots=16", "ok"))]
