@@ -119,6 +119,7 @@ def instrument(prof: Profiler) -> None:
         init(self, *args, **kwargs)
         prof.wrap(self, "_prefill", "prefill", block=True)
         prof.wrap(self, "_decode", "decode", block=True)
+        prof.wrap(self, "_decode_slots", "decode", block=True)  # continuous batching (rollout.decode_slots)
 
     Sampler.__init__ = sampler_init
 

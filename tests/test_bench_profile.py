@@ -26,7 +26,7 @@ def test_profile_of_a_tiny_run(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     cmd = [sys.executable, "-m", "bench.profile_run", "--config=passk_k4", f"--workdir={tmp_path / 'run'}",
            "--config.train.steps=2", "--config.sft.steps=2", "--config.sft.num_examples=8",
-           "--config.sft.batch_size=4", "--config.rollout.prompts_per_step=4", "--config.rollout.num_samples=4",
+           "--config.sft.batch_size=4", "--config.rollout.prompts_per_step=4", "--config.rollout.num_samples=4", "--config.rollout.decode_slots=8",
            "--config.rollout.max_new_tokens=12", "--config.eval.num_prompts=4", "--config.eval.num_samples=2",
            "--config.train.checkpoint_every=1", "--config.train.export_hf=false", "--config.step.k=2"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -89,7 +89,7 @@ QUICK = StudySpec(
     train_sizes=(5,), test_sizes=(5,), num_train=64, test_per_size=4, k=2,
     overrides={
         "rollout.prompts_per_step": 4, "rollout.num_samples": 4, "rollout.max_new_tokens": 12,
-        "step.warmup_steps": 0, "train.steps": 2, "train.checkpoint_every": 2, "train.keep_checkpoints": 1,
+        "rollout.decode_slots": 8, "step.warmup_steps": 0, "train.steps": 2, "train.checkpoint_every": 2, "train.keep_checkpoints": 1,
         "train.export_hf": False, "eval.num_samples": 4, "eval.greedy": False,
         "sft.steps": 2, "sft.num_examples": 16, "sft.batch_size": 8,
     })

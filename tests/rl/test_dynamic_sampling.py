@@ -20,7 +20,7 @@ def fake_rollouts(examples, n):
 @pytest.fixture
 def config():
     c = configs.get("passk_k4")
-    c.rollout.prompts_per_step, c.rollout.num_samples = 4, 4
+    c.rollout.prompts_per_step, c.rollout.num_samples, c.rollout.decode_slots = 4, 4, 8
     c.rollout.dynamic_sampling, c.rollout.max_refills = True, 3
     return c
 

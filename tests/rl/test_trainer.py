@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 OVERRIDES = {
     "task.options.train_sizes": (5,), "task.options.test_sizes": (5,), "task.num_train": 64,
     "rollout.prompts_per_step": 4, "rollout.num_samples": 4, "rollout.max_new_tokens": 12,
-    "step.k": 2, "train.steps": 4, "train.checkpoint_every": 1, "train.eval_every": 2,
+    "rollout.decode_slots": 8, "step.k": 2, "train.steps": 4, "train.checkpoint_every": 1, "train.eval_every": 2,
     "eval.num_prompts": 4, "eval.num_samples": 4,
     "sft.steps": 3, "sft.num_examples": 32, "sft.batch_size": 8,
 }
