@@ -48,19 +48,25 @@ LogicalAxes = Sequence[str | None]
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """Mesh ('data', 'fsdp', 'tensor') over `devices` (default: all); one size may be -1 (= the rest)."""
     devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) over `num_devices` with a -1 size resolved; a split that does not fit is one error."""
     sizes = [data, fsdp, tensor]
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes must be positive with at most one -1, got data={data} fsdp={fsdp} "
                          f"tensor={tensor}.")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed sizes {sizes}.")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices cannot be split into a mesh with fixed sizes {sizes}.")
+        sizes[sizes.index(-1)] = num_devices // known
+    if int(np.prod(sizes)) != num_devices:
         raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {int(np.prod(sizes))} "
-                         f"devices but {len(devices)} are given.")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+                         f"devices but {num_devices} are given.")
+    return sizes[0], sizes[1], sizes[2]
 
 
 def logical_spec(logical_axes: LogicalAxes, mesh: Mesh | jax.sharding.AbstractMesh,

@@ -137,10 +137,8 @@ def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
 
 def data_parallel_size(mesh_config: ConfigDict) -> int:
     """data x fsdp of the configured mesh over this job's devices (a -1 size takes the rest)."""
-    sizes = [mesh_config.data, mesh_config.fsdp, mesh_config.tensor]
-    known = int(np.prod([x for x in sizes if x != -1]))
-    sizes = [jax.device_count() // max(known, 1) if x == -1 else x for x in sizes]
-    return int(sizes[0] * sizes[1])
+    data, fsdp, _ = parallel.mesh_sizes(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, jax.device_count())
+    return data * fsdp
 
 
 def make_task(config: ConfigDict):
