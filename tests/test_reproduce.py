@@ -1,11 +1,12 @@
-"""experiments.reproduce: the exact analyses (eta argmax, bootstrap convergence, advantage values) and the
-training study's quick mode end to end (RESULTS.md with every method row)."""
+"""experiments.reproduce: the exact analyses (eta argmax, bootstrap convergence, advantage values), the
+study's statistics on numbers with known answers, and its quick mode end to end (records -> RESULTS.md)."""
+import json
 import os
 
 import numpy as np
 import pytest
 
-from experiments.reproduce import analyses, report, study
+from experiments.reproduce import analyses, claims, report, stats, study
 
 
 @pytest.fixture(scope="module")
@@ -61,44 +62,162 @@ def test_bootstrap_converges_to_analytical(analysed):
 
 
 def test_run_config_rescales_stages(tmp_path):
-    spec = study.make_spec(quick=True, steps=5)
+    spec = study.make_spec("quick", steps=6)
+    assert spec.name == "quick_steps6"
     c = study.run_config(spec, study.METHOD_BY_KEY["passk_then_pass1"], 3, train_file="a.jsonl",
                          test_file="b.jsonl", num_test=7, cache_dir=str(tmp_path))
-    assert [s["steps"] for s in c.train.stages] == [2, 3]  # 20 + 20 of 40 -> 2.5 rounded half to even
+    assert [s["steps"] for s in c.train.stages] == [3, 3]  # 20 + 20 of 40
     assert c.train.stages[0]["step"]["k"] == spec.k and c.train.stages[1]["step"]["k"] == 1
     pass1 = study.run_config(spec, study.METHOD_BY_KEY["pass1"], 0, train_file="a", test_file="b", num_test=1,
                              cache_dir=str(tmp_path))
     assert pass1.step.k == 1 and pass1.step.estimator == "grpo"
     assert c.seed == 3 and c.task.options.train_files == "a.jsonl" and c.eval.num_prompts == 7
+    assert c.sft.seed == -1  # each seed its own warm start
+    main = study.make_spec()
+    assert main.eval_every * (main.eval_points - 1) == main.steps and main.seeds >= 5
+    assert main.test_per_size >= 256 and main.overrides["eval.num_samples"] == 32
+    assert study.make_spec(seeds=9).fingerprint() == main.fingerprint()  # seeds / methods: same runs
+    assert study.make_spec(learning_rate=1e-3).fingerprint() != main.fingerprint()
     with pytest.raises(ValueError, match="unknown method"):
         study.make_spec(methods=["nope"])
+    with pytest.raises(ValueError, match="divisible"):
+        study.make_spec(steps=121)
 
 
-def test_judge():
-    assert study.mean_se([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1 / np.sqrt(3)))
-    assert report.judge((0.5, 0.01), (0.2, 0.01), 3)[1] == "reproduced"
-    assert report.judge((0.2, 0.01), (0.5, 0.01), 3)[1] == "contradicted"
-    assert report.judge((0.21, 0.05), (0.2, 0.05), 3)[1].startswith("inconclusive")
-    assert "2 SE = 7.07)" in report.judge((0.21, 0.025), (0.2, 0.025), 3, scale=100.0)[1]  # printed in the unit of Δ
-    assert report.judge((0.2, float("nan")), (0.2, float("nan")), 1)[1].startswith("single seed")
+def test_t_interval_known_values_and_coverage():
+    ci = stats.t_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / np.sqrt(3)  # t_{0.975, 2} * sd / sqrt(n), sd = 1
+    assert (ci.mean, ci.lo, ci.hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert np.isnan(stats.t_interval([1.0]).lo)
+    rng = np.random.default_rng(0)  # coverage of a true mean 0.3 with 5 normal seeds: 95% +- 1%
+    hits = [stats.t_interval(rng.normal(0.3, 2.0, 5)).excludes(0.3) == 0 for _ in range(4000)]
+    assert 0.94 < np.mean(hits) < 0.96
+
+
+def test_maze_bootstrap_matches_normal_theory():
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.1, 1.0, (1, 4000))
+    ci = stats.maze_bootstrap(a, np.zeros_like(a), draws=4000)
+    se = a.std() / np.sqrt(a.shape[1])
+    assert ci.mean == pytest.approx(a.mean())
+    assert ci.lo == pytest.approx(a.mean() - 1.96 * se, abs=0.15 * se)
+    assert ci.hi == pytest.approx(a.mean() + 1.96 * se, abs=0.15 * se)
+    same = stats.maze_bootstrap(np.full((3, 50), 0.7), np.full((3, 50), 0.2))
+    assert (same.lo, same.hi) == pytest.approx((0.5, 0.5))  # a constant difference has no maze variance
+    with pytest.raises(ValueError, match="seeds, mazes"):
+        stats.maze_bootstrap(np.zeros(3), np.zeros(3))
+
+
+@pytest.mark.parametrize("seed_ci, maze_ci, kind, expected", [
+    ((0.2, 0.1, 0.3), (0.2, 0.05, 0.35), "superiority", "reproduced"),
+    ((0.2, -0.1, 0.5), (0.2, 0.05, 0.35), "superiority", "inconclusive"),
+    ((0.2, 0.1, 0.3), (0.2, -0.05, 0.45), "superiority", "inconclusive"),
+    ((-0.2, -0.3, -0.1), (-0.2, -0.35, -0.05), "superiority", "contradicted"),
+    ((-0.2, -0.3, -0.1), None, "superiority", "contradicted"),
+    ((0.0, -0.005, 0.005), (0.0, -0.004, 0.004), "noninferiority", "reproduced"),
+    ((-0.004, -0.008, -0.001), (-0.004, -0.007, -0.002), "noninferiority", "reproduced"),  # within margin
+    ((-0.03, -0.05, -0.01), (-0.03, -0.04, -0.02), "noninferiority", "contradicted"),
+    ((0.0, -0.02, 0.02), (0.0, -0.004, 0.004), "noninferiority", "inconclusive"),
+    ((0.2, float("nan"), float("nan")), None, "superiority", "inconclusive"),
+])
+def test_verdict_rule(seed_ci, maze_ci, kind, expected):
+    maze = None if maze_ci is None else stats.Interval(*maze_ci)
+    assert stats.verdict(stats.Interval(*seed_ci), maze, kind=kind, margin=0.01) == expected
+
+
+def test_pass_at_k_per_maze_is_exact():
+    from math import comb
+
+    counts = np.array([0, 1, 5, 31, 32])
+    for k in (1, 4, 16, 32):
+        brute = [1 - comb(32 - c, k) / comb(32, k) for c in counts]
+        np.testing.assert_allclose(stats.pass_at_k_per_maze(counts, 32, k), brute, rtol=2e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="pass@8"):
+        stats.pass_at_k_per_maze(counts, 4, 8)
+
+
+def _record(method, seed, counts, entropy, steps=4, n=8):
+    evals = {str(s): {"correct": list(map(int, counts if s else np.zeros_like(counts))),
+                      "greedy": [0] * len(counts), "distinct": [n] * len(counts),
+                      "distinct_wrong": [n] * len(counts)} for s in (0, steps)}
+    return dict(method=method, seed=seed, steps=steps, num_samples=n, warm_start=f"w{seed}", evals=evals,
+                curves={"entropy": [[t, entropy] for t in range(1, steps + 1)]})
+
+
+def test_claims_on_synthetic_records_with_known_answer():
+    """Five seeds, 40 mazes of two sizes: a beats b by exactly one correct sample out of 8 on every maze
+    (pass@1 +12.5 points) and has entropy +0.1 - the claim is reproduced with exact per-seed differences;
+    swapped, it is contradicted; a seed whose warm starts differ is refused."""
+    rng = np.random.default_rng(0)
+    sources = ["maze_5x5"] * 20 + ["maze_7x7"] * 20
+    records = []
+    for seed in range(5):
+        base = rng.integers(0, 7, 40)
+        records += [_record("passk_analytic", seed, base + 1, 0.6 + 0.01 * seed),
+                    _record("pass1", seed, base, 0.5 + 0.01 * seed)]
+    by_key = {c.key: c for c in claims.CLAIMS}
+    j = claims.judge(by_key["no_cost"], records, sources)
+    assert j["diffs"] == pytest.approx([0.125] * 5) and j["verdict"] == "reproduced"
+    assert j["seed_ci"].lo == pytest.approx(0.125) and j["maze_ci"].lo == pytest.approx(0.125)
+    ent = claims.judge(by_key["entropy"], records, sources)
+    assert ent["diffs"] == pytest.approx([0.1] * 5) and ent["maze_ci"] is None and ent["verdict"] == "reproduced"
+    big = claims.judge(by_key["generalise"], records, sources)
+    assert big["metric"] == claims.Metric("pass@8", 7)  # k capped at the 8 samples, the largest size
+    swapped = [dict(r, method={"pass1": "passk_analytic", "passk_analytic": "pass1"}[r["method"]]) for r in records]
+    assert claims.judge(by_key["explore"], swapped, sources)["verdict"] == "contradicted"
+    assert claims.judge(by_key["transfer"], records, sources) is None  # no Pass@k -> Pass@1 runs
+    records[0]["warm_start"] = "other"
+    with pytest.raises(ValueError, match="different warm starts"):
+        claims.judge(by_key["explore"], records, sources)
 
 
 def test_analyses_outputs_and_quick_study(analysed, tmp_path):
-    """The analyses' files and a quick study (2 methods, 1 seed, 2 RL steps) assembled into RESULTS.md."""
+    """The analyses' files and a quick study (2 methods x 2 seeds, 2 RL steps) assembled into RESULTS.md
+    from the records alone (the run directory is deleted first); rerunning skips every recorded run."""
+    import shutil
+
     out = analysed[0]
-    spec = study.make_spec(quick=True, methods=["pass1", "passk_analytic"])
-    records = study.run(spec, str(tmp_path / "runs"), log=lambda msg: None)
-    agg = study.aggregate(spec, records)
-    assert agg["warm_start"]["ok"], agg["warm_start"]
-    study.write_outputs(agg, out)
+    spec = study.make_spec("quick", methods=["pass1", "passk_analytic"])
+    records_dir = os.path.join(out, "study")
+    runs = str(tmp_path / "runs")
+    records = study.run(spec, runs, records_dir=records_dir, log=lambda msg: None)
+    assert len(records) == 4 and {r["seed"] for r in records} == {0, 1}
+    assert all(set(r["evals"]) == {"0", "1", "2"} for r in records)
+    assert all(len(r["evals"]["2"]["correct"]) == 8 for r in records)  # 4 mazes x 2 sizes
+    for seed in (0, 1):  # paired: one warm start per seed, shared by its methods
+        assert len({r["warm_start"] for r in records if r["seed"] == seed}) == 1
+    text = json.dumps(records)
+    assert str(tmp_path) not in text  # no machine paths in the committed records
+    shutil.rmtree(runs)
+    ran = []
+    assert len(study.run(spec, runs, records_dir=records_dir, log=ran.append)) == 4 and ran == []
     path = report.write(out)
     for name in ("eta.csv", "eta.png", "bootstrap_convergence.csv", "bootstrap_convergence.png",
-                 "advantage_table.csv", "study.json", "study_table.csv", "study_pass_at_k.png",
-                 "study_curves.png", "RESULTS.md"):
+                 "advantage_table.csv", "study_quick_curves.png", "study_quick_pass_at_k.png", "RESULTS.md"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     text = open(path).read()
-    table7 = text.split("### 2.1")[1].split("### 2.2")[0]
-    for label in ("warm start", "Pass@1", "Pass@k, analytical"):
-        assert f"| {label}" in table7, label
     assert "Quick mode" in text and "1.732 / -0.056" in text and "| Pass@8 | 4 | 12.5%" in text
-    assert "Which claims reproduced" in text and "Pass@k training reaches a higher pass@k" in text
+    for label in ("warm start (step 0) (2)", "Pass@1 (2)", "Pass@k, analytical (2)"):
+        assert f"| {label}" in text, label
+    assert "The paper's claims" in text and "Pass@k training reaches a higher pass@16" in text
+    assert "complete seeds: 2 of 2" in text and "verified (step-0 evaluations identical)" in text
+
+
+def test_a_rebuilt_warm_start_supersedes_the_seeds_other_records(tmp_path):
+    """A seed continued on a machine that rebuilt a different warm start: the seed's older records move to
+    superseded/ and their methods are queued again, so the seed stays paired."""
+    spec = study.make_spec("quick")
+    old = dict(method="pass1", seed=0, warm_start="A", machine="m1", commit="c1")
+    study.write_record(study.record_path(spec, "pass1", 0, str(tmp_path)), old)
+    study.write_record(study.record_path(spec, "pass1", 1, str(tmp_path)), {**old, "seed": 1})
+    os.makedirs(tmp_path / "runs" / "pass1" / "seed0")
+    new = dict(method="passk_analytic", seed=0, warm_start="B", machine="m2", commit="c2")
+    msgs = []
+    assert study._supersede(spec, 0, new, str(tmp_path), str(tmp_path / "runs"), msgs.append) == ["pass1"]
+    assert os.path.exists(tmp_path / spec.name / "superseded" / "pass1" / "seed0.json")
+    assert not os.path.exists(study.record_path(spec, "pass1", 0, str(tmp_path)))
+    assert os.path.exists(study.record_path(spec, "pass1", 1, str(tmp_path)))  # other seeds untouched
+    assert not os.path.exists(tmp_path / "runs" / "pass1" / "seed0") and "differs" in msgs[0]
+    same = dict(new, warm_start="A")
+    study.write_record(study.record_path(spec, "pass1", 0, str(tmp_path)), old)
+    assert study._supersede(spec, 0, same, str(tmp_path), str(tmp_path / "runs"), msgs.append) == []

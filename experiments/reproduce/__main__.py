@@ -1,12 +1,14 @@
 """One command for the reproduction (writes RESULTS.md, CSV and PNG files into --out):
 
-    python -m experiments.reproduce --analyses            # exact analyses, seconds to a couple of minutes
-    python -m experiments.reproduce --study [--seeds 3]   # training study (CPU: hours; resumable)
-    python -m experiments.reproduce --all                 # both
-    python -m experiments.reproduce --study --quick       # smoke test of the study (CI, ~1-2 minutes)
+    python -m experiments.reproduce --analyses          # exact analyses, seconds to a couple of minutes
+    python -m experiments.reproduce --study             # the pre-registered study (CPU hours; resumable)
+    python -m experiments.reproduce --study --pilot --lr 2e-4   # a pilot run (Pass@1 only)
+    python -m experiments.reproduce --report            # regenerate RESULTS.md from the committed records
+    python -m experiments.reproduce --study --quick     # smoke test of the study (CI, a few minutes)
 
-Study runs (checkpoints, metrics) go to --runs (default runs/reproduce/<full|quick>); rerunning the same
-command skips finished runs and resumes interrupted ones.
+Runs (checkpoints, metrics) go to --runs (default runs/reproduce); each finished run leaves a small record
+under <out>/study/<design>/, which is all the report reads. Rerunning a command skips runs that have a
+record and resumes interrupted ones from their checkpoints.
 """
 from __future__ import annotations
 
@@ -25,12 +27,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--all", action="store_true", help="exact analyses and training study")
     what.add_argument("--analyses", action="store_true", help="exact analyses only")
     what.add_argument("--study", action="store_true", help="training study only")
-    p.add_argument("--quick", action="store_true", help="tiny study (smoke test) and a reduced bootstrap sweep")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 3, quick: 1)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of the study's methods")
-    p.add_argument("--steps", type=int, default=None, help="override the number of RL steps per run")
+    what.add_argument("--report", action="store_true", help="only regenerate RESULTS.md from the records")
+    design = p.add_mutually_exclusive_group()
+    design.add_argument("--quick", action="store_true", help="tiny study (smoke test), reduced bootstrap sweep")
+    design.add_argument("--pilot", action="store_true", help="the pilot design (Pass@1 only)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default: the design's)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the design's methods")
+    p.add_argument("--steps", type=int, default=None, help="RL steps per run (makes another design)")
+    p.add_argument("--lr", type=float, default=None, help="RL learning rate (makes another design)")
     p.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}, quick: .../quick)")
-    p.add_argument("--runs", default=None, help="run directory (default runs/reproduce/<full|quick>)")
+    p.add_argument("--runs", default=None, help="run directory (default runs/reproduce)")
     return p.parse_args(argv)
 
 
@@ -40,13 +46,11 @@ def main(argv=None) -> str:
 
     out = args.out or (os.path.join(DEFAULT_OUT, "quick") if args.quick else DEFAULT_OUT)
     os.makedirs(out, exist_ok=True)
-    runs_dir = args.runs or os.path.join("runs", "reproduce", "quick" if args.quick else "full")
-    if args.all or args.study:
-        import jax
-
-        # The runs of a study compile the same sampler and SFT programs again and again (each run builds
-        # its own jitted functions): a persistent compilation cache compiles each program once.
-        jax.config.update("jax_compilation_cache_dir", os.path.join(runs_dir, "jax_cache"))
+    records_dir = os.path.join(out, "study")
+    design = "quick" if args.quick else "pilot" if args.pilot else "main"
+    spec = study.make_spec(design, args.seeds, args.methods.split(",") if args.methods else None, args.steps,
+                           args.lr)
+    runs_dir = args.runs or os.path.join("runs", "reproduce")
     t0 = time.time()
     if args.all or args.analyses:
         if args.quick:
@@ -55,13 +59,16 @@ def main(argv=None) -> str:
             analyses.run(out)
         print(f"[reproduce] analyses written to {out} ({time.time() - t0:.0f} s)", file=sys.stderr)
     if args.all or args.study:
-        spec = study.make_spec(args.quick, args.seeds, args.methods.split(",") if args.methods else None,
-                               args.steps)
-        records = study.run(spec, runs_dir, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-        study.write_outputs(study.aggregate(spec, records), out)
-        print(f"[reproduce] study of {len(records)} runs written to {out} ({time.time() - t0:.0f} s)",
-              file=sys.stderr)
-    path = report.write(out)
+        import jax
+
+        # The runs compile the same sampler and SFT programs again and again (each run builds its own
+        # jitted functions): a persistent compilation cache compiles each program once.
+        jax.config.update("jax_compilation_cache_dir", os.path.join(runs_dir, "jax_cache"))
+        records = study.run(spec, runs_dir, records_dir=records_dir,
+                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(f"[reproduce] {len(records)} runs of design {spec.name!r} recorded under {records_dir} "
+              f"({time.time() - t0:.0f} s)", file=sys.stderr)
+    path = report.write(out, records_dir)
     print(f"[reproduce] {path}", file=sys.stderr)
     return path
 

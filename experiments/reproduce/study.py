@@ -1,35 +1,41 @@
-"""The training study: every Pass@k Training variant from one shared warm start, several seeds each.
+"""The training study: Pass@k Training variants against Pass@1 training, paired by seed.
 
-Design (the full study; ``--quick`` shrinks every size):
+Design (the numbers of each design are the ``StudySpec`` constants below; the main design and its verdict
+rule are pre-registered in ``DESIGN.md``):
 * Data are written once to verl-schema JSONL files (maze generator, data seed 0) and passed to every run
-  through ``task.options.train_files/test_files``, so every method and seed trains on the same problem
-  pool and is evaluated on the same held-out mazes (the trainer would otherwise regenerate both from
-  ``config.seed``, and a warm start shared across seeds could then have seen another seed's test mazes).
-* One warm start for all runs: every run sets ``sft.seed = SFT_SEED`` (the SFT data order and cache key),
-  so the first run trains and caches the SFT params in the study's private cache and every later run
-  reuses them; ``check_shared_warm_start`` verifies it from the runs' metrics.
-* ``config.seed`` then changes only the RL randomness: rollout sampling, the data order and the eval
-  samples (the model init it also seeds is overwritten by the warm start).
-* Each run lives in ``<runs>/<method>/seed<s>``; a finished run (``eval_final.json`` present) is skipped and
-  an interrupted one resumes from its checkpoint, so the study can be stopped and restarted.
+  through ``task.options.train_files/test_files``: every method and seed trains on the same problem pool
+  and is evaluated on the same held-out mazes.
+* **Each seed has its own warm start**: ``config.seed = s`` seeds the model init, the SFT data order
+  (``sft.seed = -1``: the run's seed) and the RL randomness, so seed variance includes the warm start.
+  Within a seed every method starts from that seed's warm start (built by the seed's first run, reused
+  from the study's SFT cache by the others) and is evaluated with the same evaluation key at the same
+  steps (a paired design: common random numbers across methods).
+* A finished run is reduced to a small **record** (``results/study/<design>/<method>/seed<s>.json``:
+  per-maze evaluation results at every evaluation point, the training curves, wall time, commit), which
+  is all the report needs; records are committed, so the report regenerates without rerunning anything
+  and the study resumes across machines: a run with a record is skipped, an interrupted one resumes from
+  its checkpoints under ``--runs``.
+* The warm start of a seed is fingerprinted by its step-0 evaluation (same params and same evaluation key
+  give the same per-maze results); the report refuses to pair runs of a seed whose fingerprints differ.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import math
 import os
-import re
+import platform
+import shutil
+import subprocess
 import time
 from typing import Any, Callable, Sequence
-
-import numpy as np
 
 from experiments import configs
 from passk_jax.metric_log import read_jsonl
 
-SFT_SEED = 0
 DATA_SEED = 0
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECORDS = os.path.join(HERE, "results", "study")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +50,9 @@ METHODS: tuple[Method, ...] = (
     Method("passk_full", "Pass@k, full sampling", "passk_full"),
     Method("passk_bootstrap", "Pass@k, bootstrap", "passk_bootstrap"),
     Method("passk_analytic", "Pass@k, analytical", "passk_k4"),
+    Method("passk_then_pass1", "Pass@k -> Pass@1", "passk_then_pass1"),
     Method("passk_combination", "Pass@k, combination", "passk_combination"),
     Method("passk_adaptive", "Pass@k, entropy-adaptive", "passk_adaptive"),
-    Method("passk_then_pass1", "Pass@k -> Pass@1", "passk_then_pass1"),
 )
 METHOD_BY_KEY = {m.key: m for m in METHODS}
 
@@ -63,42 +69,66 @@ class StudySpec:
     num_train: int                 # training problems in the shared pool
     test_per_size: int             # held-out mazes per size
     k: int                         # k of every Pass@k method (Pass@1 keeps k = 1)
+    eval_points: int               # evaluations per run, evenly spaced, including step 0 and the end
     overrides: dict[str, Any]
 
+    @property
+    def steps(self) -> int:
+        return int(self.overrides["train.steps"])
 
-# Full study: 7 methods x 3 seeds x 40 RL steps of the CPU default (16 prompts x 16 rollouts). Estimated
-# 1.5-2 hours on an idle 2-core CPU (a few seconds per RL step, ~1 minute of evaluation per run); not yet
-# measured. Difficulty: train on 5x5 and 7x7 (the CPU default), test on 5x5, 7x7 and the unseen 9x9, meant
-# to leave the warm start solving most 5x5 mazes, fewer 7x7 and few 9x9 ones ("some but not all"; the
-# report checks it per size). max_new_tokens = 48 covers the longest 9x9 shortest path of the test set
-# (33 moves). k = 4, N_rollout = 16 (paper: k = 4, N = 32).
-FULL = StudySpec(
-    name="full", methods=tuple(m.key for m in METHODS), seeds=3,
-    train_sizes=(5, 7), test_sizes=(5, 7, 9), num_train=4000, test_per_size=48, k=4,
-    overrides={
-        "rollout.prompts_per_step": 16, "rollout.num_samples": 16, "rollout.max_new_tokens": 48,
-        "train.steps": 40, "train.checkpoint_every": 20, "train.keep_checkpoints": 1,
-        "train.export_hf": False, "train.log_every": 5,
-        "eval.num_samples": 16, "eval.greedy": True,
-        "sft.steps": 300, "sft.num_examples": 2000, "sft.batch_size": 64,
-    })
+    @property
+    def eval_every(self) -> int:
+        if self.steps % (self.eval_points - 1):
+            raise ValueError(f"{self.eval_points} evaluation points need train.steps divisible by "
+                             f"{self.eval_points - 1}, got {self.steps}.")
+        return self.steps // (self.eval_points - 1)
 
-# Quick mode: a smoke test of the whole pipeline (CI), numbers are meaningless.
+    def fingerprint(self) -> str:
+        """A hash of everything that changes the runs' results (not the seed count or the method list)."""
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "seeds")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_COMMON = {"train.export_hf": False, "train.log_every": 10, "train.keep_checkpoints": 1,
+           "eval.greedy": True, "eval.temperature": 1.0, "eval.top_p": 0.95,
+           "sft.seed": -1, "sft.num_examples": 2000, "sft.batch_size": 64}
+
+# The main design (pre-registered in DESIGN.md with the pilot that chose it).
+MAIN = StudySpec(
+    name="main", methods=("pass1", "passk_analytic", "passk_bootstrap", "passk_full", "passk_then_pass1"),
+    seeds=5, train_sizes=(5, 7), test_sizes=(5, 7, 9), num_train=4000, test_per_size=256, k=4,
+    eval_points=4,
+    overrides={**_COMMON,
+               "rollout.prompts_per_step": 16, "rollout.num_samples": 16, "rollout.max_new_tokens": 48,
+               "step.learning_rate": 2e-4, "train.steps": 120, "train.checkpoint_every": 20,
+               "eval.num_samples": 32, "sft.steps": 300})
+
+# The pilot: Pass@1 training only, a smaller evaluation, the same training setup at several learning rates
+# (``--pilot --lr``), to see where Pass@1 training plateaus within the budget.
+PILOT = dataclasses.replace(
+    MAIN, name="pilot", methods=("pass1",), seeds=1, test_per_size=64, eval_points=6,
+    overrides={**MAIN.overrides, "train.steps": 150, "train.checkpoint_every": 30})
+
+# Quick mode: a smoke test of the whole pipeline (CI); the numbers are meaningless.
 QUICK = StudySpec(
-    name="quick", methods=("pass1", "passk_analytic", "passk_then_pass1"), seeds=1,
-    train_sizes=(5,), test_sizes=(5,), num_train=64, test_per_size=4, k=2,
-    overrides={
-        "rollout.prompts_per_step": 4, "rollout.num_samples": 4, "rollout.max_new_tokens": 12,
-        "rollout.decode_slots": 8, "step.warmup_steps": 0, "train.steps": 2, "train.checkpoint_every": 2, "train.keep_checkpoints": 1,
-        "train.export_hf": False, "eval.num_samples": 4, "eval.greedy": False,
-        "sft.steps": 2, "sft.num_examples": 16, "sft.batch_size": 8,
-    })
+    name="quick", methods=("pass1", "passk_analytic", "passk_then_pass1"), seeds=2,
+    train_sizes=(5,), test_sizes=(5, 7), num_train=64, test_per_size=4, k=2, eval_points=3,
+    overrides={**_COMMON,
+               "rollout.prompts_per_step": 4, "rollout.num_samples": 4, "rollout.max_new_tokens": 12,
+               "rollout.decode_slots": 8, "step.warmup_steps": 0, "step.learning_rate": 1e-4, "train.steps": 2,
+               "train.checkpoint_every": 2, "eval.num_samples": 4, "eval.greedy": True,
+               "sft.steps": 2, "sft.num_examples": 16, "sft.batch_size": 8})
+
+DESIGNS = {s.name: s for s in (MAIN, PILOT, QUICK)}
 
 
-def make_spec(quick: bool = False, seeds: int | None = None, methods: Sequence[str] | None = None,
-              steps: int | None = None) -> StudySpec:
-    """The full or quick spec with optional overrides of the number of seeds, the methods and RL steps."""
-    spec = QUICK if quick else FULL
+def make_spec(design: str = "main", seeds: int | None = None, methods: Sequence[str] | None = None,
+              steps: int | None = None, learning_rate: float | None = None) -> StudySpec:
+    """A named design with optional overrides of the seeds, the methods, the RL steps and the learning rate
+    (a changed step count or learning rate is another design: its records live apart)."""
+    if design not in DESIGNS:
+        raise ValueError(f"unknown study design {design!r}; choose from {', '.join(DESIGNS)}.")
+    spec = DESIGNS[design]
     if methods:
         unknown = [m for m in methods if m not in METHOD_BY_KEY]
         if unknown:
@@ -108,14 +138,26 @@ def make_spec(quick: bool = False, seeds: int | None = None, methods: Sequence[s
         if seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {seeds}.")
         spec = dataclasses.replace(spec, seeds=seeds)
+    renamed = spec.name
     if steps is not None:
+        if steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {steps}.")
         spec = dataclasses.replace(spec, overrides={**spec.overrides, "train.steps": steps})
+        renamed += f"_steps{steps}"
+    if learning_rate is not None:
+        if not learning_rate > 0:
+            raise ValueError(f"--lr must be > 0, got {learning_rate}.")
+        spec = dataclasses.replace(spec, overrides={**spec.overrides, "step.learning_rate": learning_rate})
+        renamed += f"_lr{learning_rate:g}"
+    spec = dataclasses.replace(spec, name=renamed)
+    spec.eval_every  # noqa: B018 - validates the evaluation points against the steps
     return spec
 
 
 # ----------------------------------------------------------------------------------------------- data
-def write_data(spec: StudySpec, data_dir: str) -> tuple[str, str, int]:
-    """Write the shared train/test pools (JSONL, verl schema); returns (train path, test path, #test)."""
+def write_data(spec: StudySpec, data_dir: str) -> tuple[str, str, list[str]]:
+    """Write the shared train/test pools (JSONL, verl schema); returns (train path, test path, the test
+    mazes' data sources in order)."""
     from passk_jax.tasks.maze import MazeTask
     from passk_jax.tasks.verl_data import write_verl
 
@@ -127,7 +169,7 @@ def write_data(spec: StudySpec, data_dir: str) -> tuple[str, str, int]:
     paths = os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "test.jsonl")
     for examples, path in zip((train, test), paths):
         write_verl(examples, path)
-    return paths[0], paths[1], len(test)
+    return paths[0], paths[1], [ex.data_source for ex in test]
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -157,195 +199,167 @@ def run_config(spec: StudySpec, method: Method, seed: int, *, train_file: str, t
                 s["step"] = {**s["step"], "k": spec.k}
         c.train.stages = tuple(stages)
     c.seed = seed
-    c.sft.seed = SFT_SEED  # one warm start (SFT data order and cache key) shared by every method and seed
+    c.train.eval_every = spec.eval_every
     c.task.options.train_files = train_file
     c.task.options.test_files = test_file
     c.task.num_train = spec.num_train
     c.eval.num_prompts = num_test
+    c.eval.sample_prompts = min(num_test, 256)
     c.sft.cache_dir = cache_dir
     return c
 
 
+# ---------------------------------------------------------------------------------------------- records
+def record_path(spec: StudySpec, method: str, seed: int, records_dir: str = RECORDS) -> str:
+    return os.path.join(records_dir, spec.name, method, f"seed{seed}.json")
 
-# ------------------------------------------------------------------------------------------------ run
-def run(spec: StudySpec, runs_dir: str, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Train every (method, seed) of ``spec`` under ``runs_dir``; returns one record per run."""
-    from passk_jax.rl import trainer
 
-    train_file, test_file, num_test = write_data(spec, os.path.join(runs_dir, "data"))
-    cache_dir = os.path.join(runs_dir, "sft_cache")
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def fingerprint(evaluation: dict[str, Any], curves: dict[str, list]) -> str:
+    """A hash of what a run's warm start alone determines: the step-0 evaluation's per-maze results and the
+    first RL step's rollout reward and length (same params, same keys -> the same samples)."""
+    keys = ("correct", "greedy", "distinct_wrong", "distinct")
+    first = {name: curves[name][0] if curves.get(name) else None for name in ("reward", "length")}
+    blob = json.dumps({**{k: evaluation.get(k) for k in keys}, **first}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def make_record(spec: StudySpec, method: str, seed: int, workdir: str, wall_s: float,
+                commit: str | None = None) -> dict[str, Any]:
+    """The record of a finished run: everything the report reads, no machine paths."""
+    evals = {}
+    details = os.path.join(workdir, "eval_details")
+    for name in sorted(os.listdir(details)):
+        with open(os.path.join(details, name)) as f:
+            d = json.load(f)
+        evals[str(d.pop("step"))] = d
+    sources = next(iter(evals.values()))["data_source"]
+    for d in evals.values():
+        if d.pop("data_source") != sources:
+            raise ValueError(f"run {workdir}: evaluations disagree on the held-out mazes.")
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    curves = {short: [[r["step"], r[name]] for r in records if name in r and "rollout/reward_mean" in r]
+              for short, name in (("entropy", "step/entropy"), ("reward", "rollout/reward_mean"),
+                                  ("length", "rollout/length_mean"))}
+    return dict(design=spec.name, design_fingerprint=spec.fingerprint(), method=method, seed=seed,
+                num_samples=int(spec.overrides["eval.num_samples"]), steps=spec.steps,
+                sources_sha=hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:16],
+                warm_start=fingerprint(evals["0"], curves), evals=evals, curves=curves, wall_s=round(wall_s, 1),
+                commit=commit or _commit(), machine=f"{platform.machine()} {os.cpu_count()} cpus")
+
+
+def write_record(path: str, record: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+def load_records(spec: StudySpec, records_dir: str = RECORDS) -> list[dict[str, Any]]:
+    """Every record of ``spec``'s methods and seeds that exists (a partial study is fine)."""
     out = []
-    for seed in range(spec.seeds):  # seed 0 first: its first run builds the shared warm start
-        for key in spec.methods:
-            method = METHOD_BY_KEY[key]
-            workdir = os.path.join(runs_dir, key, f"seed{seed}")
-            done = os.path.exists(os.path.join(workdir, "eval_final.json"))
-            t0 = time.time()
-            if not done:
-                log(f"[study] {method.label} seed {seed} -> {workdir}")
-                config = run_config(spec, method, seed, train_file=train_file, test_file=test_file,
-                                    num_test=num_test, cache_dir=cache_dir)
-                summary = trainer.train(config, workdir)
-                if summary.get("status") != "done":
-                    raise RuntimeError(f"run {workdir} ended with status {summary.get('status')!r}.")
-                log(f"[study] {method.label} seed {seed} done in {time.time() - t0:.0f} s")
-            out.append(load_run(workdir, method, seed))
+    for seed in range(spec.seeds):
+        for method in spec.methods:
+            path = record_path(spec, method, seed, records_dir)
+            if os.path.exists(path):
+                with open(path) as f:
+                    r = json.load(f)
+                if r["design_fingerprint"] != spec.fingerprint():
+                    raise ValueError(f"{path} was made by another version of design {spec.name!r} "
+                                     "(fingerprint differs); move it aside or rerun.")
+                out.append(r)
     return out
 
 
-def load_run(workdir: str, method: Method, seed: int) -> dict[str, Any]:
-    """The evaluations and training curves a finished run left in ``workdir``."""
-    with open(os.path.join(workdir, "eval_initial.json")) as f:
-        initial = json.load(f)
-    with open(os.path.join(workdir, "eval_final.json")) as f:
-        final = json.load(f)
-    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    curves = {name: [(r["step"], r[name]) for r in records if name in r and "rollout/reward_mean" in r]
-              for name in ("step/entropy", "rollout/reward_mean", "step/rollout_pass@k")}
-    sft_cached = next((r.get("sft/cached", 0.0) for r in records if r["step"] == 0 and
-                       ("sft/cached" in r or "sft/final_loss" in r)), None)
-    return dict(method=method.key, label=method.label, seed=seed, workdir=workdir, initial=initial,
-                final=final, curves=curves, sft_cached=sft_cached)
+def write_manifest(spec: StudySpec, sources: list[str], records_dir: str = RECORDS) -> None:
+    """``<design>/design.json``: the spec and the held-out mazes' data sources, in evaluation order."""
+    path = os.path.join(records_dir, spec.name, "design.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(spec=dataclasses.asdict(spec), fingerprint=spec.fingerprint(), sources=sources), f,
+                  indent=1)
 
 
-def check_shared_warm_start(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Evidence that every run started from the same params: at most one run trained the SFT (all others
-    reused the cache), and within a seed every method's initial evaluation is identical (same params, same
-    eval samples)."""
-    trained = [r["workdir"] for r in runs if r["sft_cached"] is not None and r["sft_cached"] < 1.0]
-    identical = True
-    for seed in {r["seed"] for r in runs}:
-        firsts = [r["initial"] for r in runs if r["seed"] == seed]
-        identical &= all(f == firsts[0] for f in firsts)
-    return dict(sft_trained_in=trained, ok=len(trained) <= 1 and identical,
-                initial_eval_identical_within_seed=identical)
+def load_manifest(design: str, records_dir: str = RECORDS) -> dict[str, Any] | None:
+    path = os.path.join(records_dir, design, "design.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
-# ------------------------------------------------------------------------------------------ aggregate
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error over seeds (NaN SE for a single seed)."""
-    v = np.asarray(values, np.float64)
-    return float(v.mean()), (float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan"))
+# ------------------------------------------------------------------------------------------------ run
+def _supersede(spec: StudySpec, seed: int, record: dict[str, Any], records_dir: str, root: str,
+               log: Callable[[str], None]) -> list[str]:
+    """Records of ``seed`` made from another warm start than ``record`` (the seed's warm start was rebuilt
+    on a machine whose floating point differs) move to ``<design>/superseded/``; returns their methods,
+    which must run again to stay paired."""
+    moved = []
+    for method in spec.methods:
+        path = record_path(spec, method, seed, records_dir)
+        if method == record["method"] or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            other = json.load(f)
+        if other["warm_start"] != record["warm_start"]:
+            dest = os.path.join(records_dir, spec.name, "superseded", method, f"seed{seed}.json")
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(path, dest)
+            shutil.rmtree(os.path.join(root, method, f"seed{seed}"), ignore_errors=True)
+            log(f"[study] seed {seed}: the warm start rebuilt here differs from the one {method} was trained "
+                f"from (machine {other['machine']}, commit {other['commit']}); its record moved to {dest} and "
+                "it runs again.")
+            moved.append(method)
+    return moved
 
 
-_SOURCE_KEY = re.compile(r"^eval/(.+)/pass@(\d+)$")
+def _timed_train(trainer, config, workdir: str) -> tuple[dict[str, Any], float]:
+    """``trainer.train`` and the run's wall time summed over every invocation (``study_wall_s`` in the
+    workdir carries it across interruptions)."""
+    path = os.path.join(workdir, "study_wall_s")
+    before = float(open(path).read()) if os.path.exists(path) else 0.0
+    t0 = time.time()
+    try:
+        return trainer.train(config, workdir), before + time.time() - t0
+    finally:
+        if os.path.isdir(workdir):
+            with open(path, "w") as f:
+                f.write(f"{before + time.time() - t0:.1f}")
 
 
-def eval_ks(ev: dict[str, float]) -> list[int]:
-    return sorted(int(m.group(1)) for key in ev if (m := re.match(r"^eval/pass@(\d+)$", key)))
+def run(spec: StudySpec, runs_dir: str, *, records_dir: str = RECORDS,
+        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train every (seed, method) of ``spec`` that has no record yet, seed by seed (a seed's first run
+    builds its warm start); returns every record."""
+    from passk_jax.rl import trainer
 
-
-def eval_sources(ev: dict[str, float]) -> list[str]:
-    return sorted({m.group(1) for key in ev if (m := _SOURCE_KEY.match(key))},
-                  key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)])
-
-
-def final_entropy(run: dict[str, Any], tail: int = 3) -> float:
-    """Mean policy entropy of the last ``tail`` RL steps (nats per token)."""
-    pts = run["curves"]["step/entropy"]
-    return float(np.mean([v for _, v in pts[-tail:]])) if pts else float("nan")
-
-
-def aggregate(spec: StudySpec, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per method (and the warm start): mean and SE over seeds of every reported quantity."""
-    first = runs[0]["final"]
-    ks, sources = eval_ks(first), eval_sources(first)
-    metric_keys = [f"eval/pass@{k}" for k in ks] + [f"eval/{s}/pass@{k}" for s in sources for k in ks]
-    metric_keys += [k for k in ("eval/greedy_accuracy", "eval/distinct_wrong_per_prompt", "eval/length_mean")
-                    if k in first]
-    rows = []
-
-    def row(key: str, label: str, evals: list[dict[str, float]], entropies: list[float]) -> dict[str, Any]:
-        stats = {m: mean_se([e[m] for e in evals]) for m in metric_keys}
-        stats["entropy_final"] = mean_se(entropies) if entropies else (float("nan"), float("nan"))
-        return dict(method=key, label=label, seeds=len(evals), stats=stats)
-
-    # The warm start: one initial evaluation per seed (identical across methods of a seed).
-    by_seed = {}
-    for r in runs:
-        by_seed.setdefault(r["seed"], r)
-    first_entropy = [r["curves"]["step/entropy"][0][1] for r in by_seed.values() if r["curves"]["step/entropy"]]
-    rows.append(row("warm_start", "warm start (SFT, before RL)", [r["initial"] for r in by_seed.values()],
-                    first_entropy))
-    for key in spec.methods:
-        mine = [r for r in runs if r["method"] == key]
-        if mine:
-            rows.append(row(key, METHOD_BY_KEY[key].label, [r["final"] for r in mine],
-                            [final_entropy(r) for r in mine]))
-    curves = {}
-    for key in spec.methods:
-        mine = [r for r in runs if r["method"] == key]
-        for name in ("step/entropy", "rollout/reward_mean"):
-            series = [dict(r["curves"][name]) for r in mine]
-            steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
-            curves.setdefault(name, {})[key] = dict(
-                steps=steps, mean=[float(np.mean([s[t] for s in series])) for t in steps],
-                se=[mean_se([s[t] for s in series])[1] for t in steps])
-    return dict(spec=dataclasses.asdict(spec), ks=ks, sources=sources, rows=rows, curves=curves,
-                warm_start=check_shared_warm_start(runs),
-                runs=[dict(method=r["method"], seed=r["seed"], workdir=r["workdir"]) for r in runs])
-
-
-def write_outputs(study: dict[str, Any], out_dir: str) -> None:
-    """study.json, study_table.csv and the study figures."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "study.json"), "w") as f:
-        json.dump(study, f, indent=1)
-    keys = list(study["rows"][0]["stats"])
-    with open(os.path.join(out_dir, "study_table.csv"), "w") as f:
-        f.write("method,seeds," + ",".join(f"{k},{k}_se" for k in keys) + "\n")
-        for r in study["rows"]:
-            vals = ",".join(f"{r['stats'][k][0]:.6g},{r['stats'][k][1]:.6g}" for k in keys)
-            f.write(f"{r['method']},{r['seeds']},{vals}\n")
-    _plot_pass_at_k(study, os.path.join(out_dir, "study_pass_at_k.png"))
-    _plot_curves(study, os.path.join(out_dir, "study_curves.png"))
-
-
-def _plot_pass_at_k(study: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks, sources = study["ks"], study["sources"]
-    panels = [("", "all test mazes")] + [(f"{s}/", s) for s in sources]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (tag, title) in zip(axes[0], panels):
-        for r in study["rows"]:
-            m = np.array([r["stats"][f"eval/{tag}pass@{k}"][0] for k in ks])
-            se = np.nan_to_num(np.array([r["stats"][f"eval/{tag}pass@{k}"][1] for k in ks]))
-            style = dict(color="k", ls="--") if r["method"] == "warm_start" else {}
-            ax.errorbar(ks, m, yerr=se, marker="o", ms=3, capsize=2, label=r["label"], **style)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("held-out pass@k (unbiased)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def _plot_curves(study: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    titles = {"step/entropy": "policy entropy (nats/token)", "rollout/reward_mean": "rollout reward (pass@1)"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, (name, title) in zip(axes, titles.items()):
-        for key, c in study["curves"].get(name, {}).items():
-            if not c["steps"]:
-                continue
-            m, se = np.array(c["mean"]), np.nan_to_num(np.array(c["se"]))
-            line, = ax.plot(c["steps"], m, label=METHOD_BY_KEY[key].label, lw=1.4)
-            ax.fill_between(c["steps"], m - se, m + se, color=line.get_color(), alpha=0.15)
-        ax.set_xlabel("RL step")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    root = os.path.join(runs_dir, spec.name)
+    train_file, test_file, sources = write_data(spec, os.path.join(root, "data"))
+    write_manifest(spec, sources, records_dir)
+    cache_dir = os.path.join(root, "sft_cache")
+    commit = _commit()  # the code the runs of this invocation use
+    for seed in range(spec.seeds):
+        pending = [m for m in spec.methods if not os.path.exists(record_path(spec, m, seed, records_dir))]
+        while pending:
+            key = pending.pop(0)
+            method = METHOD_BY_KEY[key]
+            workdir = os.path.join(root, key, f"seed{seed}")
+            log(f"[study] {spec.name}: {method.label}, seed {seed} -> {workdir}")
+            config = run_config(spec, method, seed, train_file=train_file, test_file=test_file,
+                                num_test=len(sources), cache_dir=cache_dir)
+            summary, wall_s = _timed_train(trainer, config, workdir)
+            if summary.get("status") != "done":
+                raise RuntimeError(f"run {workdir} ended with status {summary.get('status')!r}.")
+            record = make_record(spec, key, seed, workdir, wall_s, commit)
+            write_record(record_path(spec, key, seed, records_dir), record)
+            log(f"[study] {method.label}, seed {seed}: done in {record['wall_s']:.0f} s")
+            pending += _supersede(spec, seed, record, records_dir, root, log)
+    return load_records(spec, records_dir)

@@ -7,7 +7,6 @@ sample per prompt. A response counts as correct when its reward exceeds ``thresh
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any, Sequence
 
 import jax
@@ -50,18 +49,28 @@ def summarize(correct: np.ndarray, sources: Sequence[str], rewards: np.ndarray, 
             if name == "all":
                 out[f"{prefix}pass@{k}_stderr"] = float(per_prompt.std(ddof=1) / np.sqrt(len(idx))
                                                         if len(idx) > 1 else 0.0)
-    wrong = [Counter(texts[i * n + j] for j in range(n) if not correct[i, j]) for i in range(num_prompts)]
-    out[f"{prefix}distinct_wrong_per_prompt"] = float(np.mean([len(w) for w in wrong]))
+    out[f"{prefix}distinct_wrong_per_prompt"] = float(distinct_answers(correct, texts)[0].mean())
     return out
+
+
+def distinct_answers(correct: np.ndarray, texts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt, the number of distinct wrong responses and of distinct responses (i32[P] each); the
+    rows of prompt i are ``texts[i * n:(i + 1) * n]``."""
+    num_prompts, n = correct.shape
+    rows = [[texts[i * n + j] for j in range(n)] for i in range(num_prompts)]
+    wrong = [len({t for t, ok in zip(row, correct[i]) if not ok}) for i, row in enumerate(rows)]
+    return np.asarray(wrong, np.int32), np.asarray([len(set(row)) for row in rows], np.int32)
 
 
 def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: VerifierPool,
              examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
              temperature: float = 1.0, top_p: float = 0.95, greedy: bool = True, batch_prompts: int = 64,
-             threshold: float = 0.5, prefix: str = "eval/") -> tuple[dict[str, float], np.ndarray]:
-    """Sample and score the held-out examples, ``batch_prompts`` per sampler call; returns
-    (metrics, correct bool[P, n]). With several processes each scores its own rows and every process
-    returns the same metrics (see ``rollout.generate``)."""
+             threshold: float = 0.5, prefix: str = "eval/") -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Sample and score the held-out examples, ``batch_prompts`` per sampler call; returns (metrics,
+    per-prompt results): ``correct`` (i32[P], correct samples of each prompt out of ``num_samples``),
+    ``distinct_wrong`` and ``distinct`` (i32[P], distinct wrong / distinct responses), ``greedy`` (i32[P],
+    1 when the greedy response is correct; only with ``greedy``). With several processes each scores its
+    own rows and every process returns the same results (see ``rollout.generate``)."""
     params = sampler.prepare(params)  # one decode copy for every chunk
     parts = []
     for i, start in enumerate(range(0, len(examples), batch_prompts)):
@@ -73,6 +82,8 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
     correct = r.rewards > threshold
     out = summarize(correct, [ex.data_source for ex in examples], r.rewards, r.text_keys(), prefix)
     out[f"{prefix}length_mean"] = float(r.lengths.mean())
+    wrong, distinct = distinct_answers(correct, r.text_keys())
+    per_prompt = {"correct": correct.sum(1).astype(np.int32), "distinct_wrong": wrong, "distinct": distinct}
     if greedy:
         hits = []
         for start in range(0, len(examples), batch_prompts):
@@ -80,5 +91,6 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
                                  num_samples=1, max_new_tokens=max_new_tokens, key=key, temperature=0.0,
                                  phase="eval")
             hits.append(g.rewards[:, 0] > threshold)
-        out[f"{prefix}greedy_accuracy"] = float(np.concatenate(hits).mean())
-    return out, correct
+        per_prompt["greedy"] = np.concatenate(hits).astype(np.int32)
+        out[f"{prefix}greedy_accuracy"] = float(per_prompt["greedy"].mean())
+    return out, per_prompt

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -356,12 +356,29 @@ def _reset_outputs(workdir: str, start: int) -> None:
     names = ["eval_final.json", "report.md", "training_curves.png", "pass_at_k.png", "hf_export"]
     if start == 0:
         names.append("eval_initial.json")
+    details = os.path.join(workdir, EVAL_DETAILS)
+    if os.path.isdir(details):
+        names += [os.path.join(EVAL_DETAILS, f) for f in os.listdir(details)
+                  if not f.startswith("step_") or int(f[5:11]) > start or start == 0]
     for name in names:
         path = os.path.join(workdir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
         elif os.path.exists(path):
             os.remove(path)
+
+
+EVAL_DETAILS = "eval_details"
+
+
+def _save_eval_details(workdir: str, step: int, examples: Sequence, per_prompt: dict[str, np.ndarray]) -> None:
+    """``eval_details/step_<step>.json``: the per-prompt results of the evaluation after ``step`` RL steps
+    (``evaluation.evaluate``), in the order of the held-out examples, with their data sources."""
+    record = {"step": step, "data_source": [ex.data_source for ex in examples],
+              **{name: np.asarray(v).tolist() for name, v in per_prompt.items()}}
+    os.makedirs(os.path.join(workdir, EVAL_DETAILS), exist_ok=True)
+    with open(os.path.join(workdir, EVAL_DETAILS, f"step_{step:06d}.json"), "w") as f:
+        json.dump(record, f)
 
 
 def _finished(workdir: str, config: ConfigDict) -> bool:
@@ -451,8 +468,10 @@ def _train(config, workdir, plan, task, train_examples, test_examples, stop_afte
                     return summary
                 writer.write(0, sft_metrics)
                 state = step_fns(0)[0](params, jax.random.fold_in(root, 1))
-            initial, _ = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
-                                             key=jax.random.fold_in(root, 2), **eval_kwargs)
+            initial, per_prompt = evaluation.evaluate(sampler, state.params, task, tokenizer, pool,
+                                                      test_examples, key=jax.random.fold_in(root, 2), **eval_kwargs)
+            if is_main:
+                _save_eval_details(workdir, 0, test_examples, per_prompt)
             initial.update(monitor.take(0))
             writer.write(0, initial)
             if is_main:
@@ -493,8 +512,10 @@ def _train(config, workdir, plan, task, train_examples, test_examples, stop_afte
                             "perf/tokens_per_s": tokens / times["time/step"],
                             "train/stage": float(stage), "train/data_position": float(position)})
             if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
-                ev, _ = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
-                                            key=jax.random.fold_in(root, 2), **eval_kwargs)
+                ev, per_prompt = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
+                                                     key=jax.random.fold_in(root, 2), **eval_kwargs)
+                if is_main:
+                    _save_eval_details(workdir, step, test_examples, per_prompt)
                 scalars.update(ev)
                 verifier = {**verifier, **{k: v for k, v in monitor.take(step).items() if "/eval/" in k}}
             scalars.update(verifier)
@@ -516,8 +537,10 @@ def _train(config, workdir, plan, task, train_examples, test_examples, stop_afte
             summary.update(status=status, step=step, signal=guard.signal_name)
             log.warning("%s: checkpoint saved at step %d", guard.signal_name or "stop_after", step)
             return summary
-        final, _ = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
-                                       key=jax.random.fold_in(root, 2), **eval_kwargs)
+        final, per_prompt = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
+                                                key=jax.random.fold_in(root, 2), **eval_kwargs)
+        if is_main:
+            _save_eval_details(workdir, total_steps, test_examples, per_prompt)
         final.update(monitor.take(total_steps))
         writer.write(total_steps, final, phase="final")
         ckpt.wait()

@@ -78,6 +78,13 @@ def test_outputs_and_report(runs):
     final = json.load(open(os.path.join(wd, "eval_final.json")))
     for key in ("eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/greedy_accuracy", "eval/maze_5x5/pass@4"):
         assert key in final
+    details = sorted(os.listdir(os.path.join(wd, "eval_details")))
+    assert details == ["step_000000.json", "step_000002.json", "step_000004.json"]  # initial, eval_every, final
+    last = json.load(open(os.path.join(wd, "eval_details", details[-1])))
+    assert last["step"] == 4 and last["data_source"] == ["maze_5x5"] * 4
+    assert np.mean(last["correct"]) / 4 == pytest.approx(final["eval/pass@1"])  # per-prompt counts of 4
+    assert np.mean(last["greedy"]) == pytest.approx(final["eval/greedy_accuracy"])
+    assert np.mean(last["distinct_wrong"]) == pytest.approx(final["eval/distinct_wrong_per_prompt"])
     text = open(os.path.join(wd, "report.md")).read()
     assert "| before RL |" in text and "| after RL |" in text and "pass@4" in text
 
@@ -96,6 +103,10 @@ def test_resume_is_bitwise_exact(runs):
     for x, y in zip(ra, rb):
         keys = {k for k in x if not k.startswith(skip)}
         assert {k: x[k] for k in keys} == {k: y[k] for k in keys}
+    da, db = (os.path.join(runs[w], "eval_details") for w in ("full", "split"))
+    assert sorted(os.listdir(da)) == sorted(os.listdir(db))
+    for name in os.listdir(da):  # the per-prompt evaluations too, across the resume
+        assert json.load(open(os.path.join(da, name))) == json.load(open(os.path.join(db, name)))
 
 
 def test_export_loads_in_transformers(runs):

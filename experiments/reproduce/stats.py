@@ -1,0 +1,95 @@
+"""Statistics of the training study: paired differences over seeds, their intervals and the verdict rule.
+
+Every seed trains every method from that seed's own warm start and evaluates it on the same held-out mazes
+with the same evaluation key, so a claim "method a beats method b on metric m" is judged on the paired
+per-seed differences d_s = m(a, s) - m(b, s):
+
+* **seed interval**: mean(d) +- t_{0.975, S-1} * sd(d) / sqrt(S), the two-sided 95% t-interval over the S
+  seeds (it covers warm-start, RL-sampling and evaluation-sampling variance);
+* **maze interval**: the 2.5 / 97.5 percentiles of mean_s(mean over resampled mazes of a - b) under a
+  bootstrap that resamples the held-out mazes (the same draw for every seed and both methods), covering
+  the choice of test mazes. Metrics that are not averages over mazes (training entropy) have none.
+
+Verdict (the rule pre-registered in ``DESIGN.md``): a *superiority* claim (a > b) is **reproduced** when
+both intervals lie above 0, **contradicted** when both lie below 0, **inconclusive** otherwise. A
+*non-inferiority* claim (a is not worse than b by more than ``margin``) is reproduced when both lower
+bounds exceed -margin, contradicted when both upper bounds are below 0 (a significant cost that the margin
+does not excuse), inconclusive otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from passk_jax import metrics
+
+LEVEL = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    mean: float
+    lo: float
+    hi: float
+
+    def excludes(self, value: float) -> int:
+        """+1 if the interval lies above ``value``, -1 below, 0 if it contains it."""
+        return 1 if self.lo > value else -1 if self.hi < value else 0
+
+
+def t_interval(diffs: Sequence[float], level: float = LEVEL) -> Interval:
+    """Two-sided t-interval of the mean of ``diffs`` (one value per seed; NaN bounds for one seed)."""
+    d = np.asarray(diffs, np.float64)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return Interval(mean, float("nan"), float("nan"))
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return Interval(mean, mean - half, mean + half)
+
+
+def maze_bootstrap(a: np.ndarray, b: np.ndarray, *, draws: int = 2000, seed: int = 0,
+                   level: float = LEVEL) -> Interval:
+    """Percentile interval of mean_s mean_m (a - b)[s, m] when the mazes m are resampled with replacement
+    (one draw shared by every seed s); ``a``, ``b``: float[S, M] per-seed per-maze values."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if d.ndim != 2:
+        raise ValueError(f"maze_bootstrap needs [seeds, mazes] arrays, got shape {d.shape}.")
+    per_maze = d.mean(0)  # the seed mean commutes with the maze resampling
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(per_maze), size=(draws, len(per_maze)))
+    boot = per_maze[idx].mean(1)
+    tail = (1 - level) / 2 * 100
+    return Interval(float(per_maze.mean()), float(np.percentile(boot, tail)),
+                    float(np.percentile(boot, 100 - tail)))
+
+
+def verdict(seed_ci: Interval, maze_ci: Interval | None, *, kind: str = "superiority",
+            margin: float = 0.0) -> str:
+    """The pre-registered rule (module docstring): "reproduced", "contradicted" or "inconclusive"."""
+    cis = [seed_ci] + ([maze_ci] if maze_ci is not None else [])
+    if any(math.isnan(c.lo) or math.isnan(c.hi) for c in cis):
+        return "inconclusive"
+    if kind == "superiority":
+        sides = {c.excludes(0.0) for c in cis}
+        return {frozenset({1}): "reproduced", frozenset({-1}): "contradicted"}.get(frozenset(sides),
+                                                                                   "inconclusive")
+    if kind == "noninferiority":
+        if all(c.lo > -margin for c in cis):
+            return "reproduced"
+        if all(c.hi < 0.0 for c in cis):
+            return "contradicted"
+        return "inconclusive"
+    raise ValueError(f"unknown claim kind {kind!r}; use 'superiority' or 'noninferiority'.")
+
+
+def pass_at_k_per_maze(counts: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Unbiased pass@k of each maze from its number of correct samples out of ``n`` (``metrics.pass_at_k``,
+    the estimator the evaluation reports)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per maze, have {n}.")
+    c = np.asarray(counts, np.int64)
+    return np.asarray(metrics.pass_at_k(np.full_like(c, n), c, k), np.float64)

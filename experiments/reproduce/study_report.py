@@ -1,0 +1,238 @@
+"""Section 2 of RESULTS.md: the training study of one design, from its committed records only."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from experiments.reproduce import claims as claims_lib
+from experiments.reproduce import figures, stats, study
+from experiments.reproduce.claims import Metric
+
+# The paper's Table 7 (maze, Qwen2.5-7B-Instruct, average over sizes 7-21): (Pass@1, Pass@k) in percent.
+PAPER_TABLE7 = {"pass1": (13.9, 14.4), "passk_full": (12.7, 24.7), "passk_bootstrap": (16.8, 26.7),
+                "passk_analytic": (47.7, 65.0)}
+
+
+def _fmt(x: float, percent: bool, digits: int | None = None) -> str:
+    if x is None or math.isnan(x):
+        return "–"
+    d = (1 if percent else 2) if digits is None else digits
+    return f"{x * (100 if percent else 1):.{d}f}"
+
+
+def _ci(ci: stats.Interval | None, percent: bool, digits: int | None = None) -> str:
+    if ci is None:
+        return "n/a"
+    if math.isnan(ci.lo):
+        return "– (one seed)"
+    return f"[{_fmt(ci.lo, percent, digits)}, {_fmt(ci.hi, percent, digits)}]"
+
+
+def _mean_ci(values: Sequence[float], percent: bool, digits: int | None = None) -> str:
+    ci = stats.t_interval(values)
+    if math.isnan(ci.lo):
+        return _fmt(ci.mean, percent, digits)
+    return f"{_fmt(ci.mean, percent, digits)} ± {_fmt(ci.hi - ci.mean, percent, digits)}"
+
+
+def section(design: str, records_dir: str, out_dir: str, number: str = "2") -> list[str]:
+    """The markdown of one design's study (writes its figures into ``out_dir``); [] without a manifest."""
+    manifest = study.load_manifest(design, records_dir)
+    if manifest is None:
+        return []
+    spec = study.StudySpec(**{**manifest["spec"], **{k: tuple(v) for k, v in manifest["spec"].items()
+                                                     if isinstance(v, list)}})
+    sources = manifest["sources"]
+    records = study.load_records(spec, records_dir)
+    title = {"main": "Training study (pre-registered design)", "pilot": "Pilot (Pass@1 only)",
+             "quick": "Training study, quick mode"}.get(spec.name.split("_")[0], f"Training study ({spec.name})")
+    out = [f"## {number}. {title}", ""]
+    if spec.name.startswith("quick"):
+        out += ["> **Quick mode** (`--quick`): a smoke test of the pipeline with tiny sizes, a couple of RL "
+                "steps and two seeds. The numbers carry no information about the claims.", ""]
+    if not records:
+        return out + ["No finished run yet: `python -m experiments.reproduce --study` runs them "
+                      "(resumable; finished runs are skipped).", ""]
+    methods = [(m, study.METHOD_BY_KEY[m].label) for m in spec.methods]
+    done = {(r["method"], r["seed"]) for r in records}
+    complete = [s for s in range(spec.seeds) if all((m, s) in done for m in spec.methods)]
+    hours = sum(r["wall_s"] for r in records) / 3600
+    o = spec.overrides
+    sizes = ", ".join(f"{t}×{t}" for t in spec.train_sizes)
+    tests = ", ".join(f"{t}×{t}" for t in spec.test_sizes)
+    out += [f"**Design** (`{spec.name}`, fingerprint `{spec.fingerprint()}`). Tiny character-level transformer "
+            f"(~1M parameters) on mazes; train sizes {sizes}, held-out {tests} ({spec.test_per_size} mazes per "
+            f"size, the same for every run). Per seed: an SFT warm start of {o['sft.steps']} steps (the seed's "
+            f"own), then {spec.steps} RL steps of {o['rollout.prompts_per_step']} prompts × N = "
+            f"{o['rollout.num_samples']} rollouts at learning rate {o['step.learning_rate']:g}, k = {spec.k}, "
+            f"the paper's clip-higher token-mean loss. Evaluation at steps "
+            f"{', '.join(str(i * spec.eval_every) for i in range(spec.eval_points))}: {o['eval.num_samples']} "
+            "samples per maze at temperature 1.0, top-p 0.95 (unbiased pass@k), one greedy sample.", "",
+            f"**Progress.** {len(records)} of {spec.seeds * len(spec.methods)} runs; complete seeds: "
+            f"{len(complete)} of {spec.seeds}; {hours:.2f} hours of wall time so far (machines: "
+            f"{', '.join(sorted({r['machine'] for r in records}))}; commits "
+            f"{', '.join(sorted({r['commit'] for r in records}))}).", ""]
+    if len(complete) < spec.seeds:
+        out += [f"> **Partial study**: the verdicts below use the {len(complete)} complete seed(s) and are "
+                "provisional; `python -m experiments.reproduce --study` continues it.", ""]
+    out += _warm_start(records, spec, sources)
+    out += _results_table(records, methods, sources, spec)
+    out += _per_size(records, methods, sources, spec)
+    tag = spec.name
+    figures.learning_curves(records, methods, sources, os.path.join(out_dir, f"study_{tag}_curves.png"))
+    figures.pass_at_k_curves(records, methods, sources, spec.test_sizes,
+                             os.path.join(out_dir, f"study_{tag}_pass_at_k.png"))
+    out += [f"![learning curves](study_{tag}_curves.png)", "", f"![pass@k](study_{tag}_pass_at_k.png)", ""]
+    out += _claims(records, sources, spec, number)
+    return out
+
+
+def _warm_start(records, spec, sources) -> list[str]:
+    by_seed: dict[int, set[str]] = {}
+    for r in records:
+        by_seed.setdefault(r["seed"], set()).add(r["warm_start"])
+    ok = all(len(v) == 1 for v in by_seed.values())
+    distinct = len({next(iter(v)) for v in by_seed.values()})
+    warm = {r["seed"]: r for r in records}
+    cells = []
+    for size in spec.test_sizes:
+        p1 = np.mean([Metric("pass@1", size).value(r, 0, sources) for r in warm.values()])
+        pn = np.mean([Metric(f"pass@{r['num_samples']}", size).value(r, 0, sources) for r in warm.values()])
+        cells.append(f"{size}×{size} {p1:.1%} / {pn:.1%}")
+    n = records[0]["num_samples"]
+    return [f"**Warm starts.** Within each seed every method started from the same warm start: "
+            f"{'verified' if ok else '**NOT verified**'} (step-0 evaluations identical); {distinct} distinct "
+            f"warm start(s) over {len(by_seed)} seed(s). Warm-start pass@1 / pass@{n} per size (mean over "
+            f"seeds): {'; '.join(cells)}.", ""]
+
+
+def _results_table(records, methods, sources, spec) -> list[str]:
+    n = records[0]["num_samples"]
+    cols = [Metric("pass@1"), Metric(f"pass@{spec.k}"), Metric("pass@16").resolve(n), Metric(f"pass@{n}"),
+            Metric("greedy"), Metric("distinct"), Metric("distinct_wrong"), Metric("entropy")]
+    cols = list(dict.fromkeys(cols))
+    head = ["training"] + [c.label for c in cols] + ["paper Table 7 (Pass@1 / Pass@k)"]
+    out = [f"### Held-out results at the end of training (all sizes; mean ± 95% t-interval half-width over "
+           "seeds; rates in %)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    warm = list({r["seed"]: r for r in records}.values())
+    rows = [("warm start (step 0)", warm, 0)] + [(label, [r for r in records if r["method"] == key], None)
+                                                 for key, label in methods]
+    for label, mine, at in rows:
+        if not mine:
+            continue
+        cells = [_mean_ci([c.value(r, r["steps"] if at is None else at, sources) for r in mine], c.percent)
+                 for c in cols]
+        key = next((k for k, lab in methods if lab == label), None)
+        paper = PAPER_TABLE7.get(key)
+        out.append(f"| {label} ({len(mine)}) | " + " | ".join(cells) + f" | {f'{paper[0]} / {paper[1]}' if paper else '–'} |")
+    out += ["", "(n) = seeds. Entropy: mean token entropy of the policy on its training rollouts over the last "
+            f"{claims_lib.ENTROPY_WINDOW} RL steps (warm start: the first step). Distinct answers count "
+            "identical responses once. The paper's numbers are a 7B model on 7×7–21×21 mazes: compare "
+            "directions, not values.", ""]
+    return out
+
+
+def _per_size(records, methods, sources, spec) -> list[str]:
+    n = records[0]["num_samples"]
+    k = Metric("pass@16").resolve(n).name
+    out = [f"### Per maze size: pass@1 / {k} (%, mean over seeds)", "",
+           "| training | " + " | ".join(f"{s}×{s}" for s in spec.test_sizes) + " |",
+           "|---|" + "---|" * len(spec.test_sizes)]
+    warm = list({r["seed"]: r for r in records}.values())
+    for label, mine, at in [("warm start", warm, 0)] + [(lab, [r for r in records if r["method"] == key], None)
+                                                         for key, lab in methods]:
+        if not mine:
+            continue
+        cells = []
+        for size in spec.test_sizes:
+            v1 = np.mean([Metric("pass@1", size).value(r, r["steps"] if at is None else at, sources) for r in mine])
+            vk = np.mean([Metric(k, size).value(r, r["steps"] if at is None else at, sources) for r in mine])
+            cells.append(f"{v1 * 100:.1f} / {vk * 100:.1f}")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def judged(records, sources, spec, *, complete_only: bool = True) -> list[dict[str, Any]]:
+    """Every claim whose two methods are in the design, judged on the complete seeds."""
+    if complete_only:
+        done = {(r["method"], r["seed"]) for r in records}
+        seeds = {s for s in range(spec.seeds) if all((m, s) in done for m in spec.methods)}
+        records = [r for r in records if r["seed"] in seeds]
+    out = []
+    for claim in claims_lib.CLAIMS:
+        if claim.a in spec.methods and claim.b in spec.methods:
+            j = claims_lib.judge(claim, records, sources)
+            if j is not None:
+                out.append(j)
+    return out
+
+
+def _claims(records, sources, spec, number: str) -> list[str]:
+    results = judged(records, sources, spec)
+    if not results:
+        return []
+    out = [f"### {number}.1 The paper's claims", "",
+           "Per claim: the per-seed paired difference a − b at the end of training, its mean, the 95% "
+           "t-interval over seeds and the 95% maze-bootstrap interval; the verdict follows the rule "
+           "pre-registered in `experiments/reproduce/DESIGN.md` (superiority: both intervals above 0 → "
+           "reproduced, both below → contradicted; non-inferiority: both lower bounds above −margin → "
+           "reproduced, both upper bounds below 0 → contradicted; otherwise inconclusive).", "",
+           "| claim | paper | metric | a | b | Δ = a − b | seed 95% CI | maze 95% CI | per-seed Δ | verdict |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for j in results:
+        c, m = j["claim"], j["metric"]
+        pct = m.percent
+        per_seed = ", ".join(_fmt(d, pct) for d in j["diffs"])
+        label = m.label + (f", margin {_fmt(c.margin, pct)}" if c.kind == "noninferiority" else "")
+        out.append(f"| {c.text} | {c.paper} | {label} | {_fmt(np.mean(j['a']), pct)} | {_fmt(np.mean(j['b']), pct)} | "
+                   f"{_fmt(j['seed_ci'].mean, pct)} | {_ci(j['seed_ci'], pct)} | {_ci(j['maze_ci'], pct)} | "
+                   f"{per_seed} | **{j['verdict']}** |")
+    counts: dict[str, int] = {}
+    for j in results:
+        counts[j["verdict"]] = counts.get(j["verdict"], 0) + 1
+    out += ["", f"Verdicts over {len(results)} claims on {len(results[0]['seeds'])} seed(s): "
+            + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ". Each claim is tested at 95% "
+            "on its own (no multiplicity correction); the rates are in points of %.", ""]
+    out += _over_time(records, sources, spec, number)
+    return out
+
+
+def _over_time(records, sources, spec, number: str) -> list[str]:
+    """The primary differences at every evaluation point (descriptive)."""
+    steps = [i * spec.eval_every for i in range(1, spec.eval_points)]
+    keep = [c for c in claims_lib.CLAIMS if c.key in ("explore", "no_cost", "entropy", "diversity", "transfer")
+            and c.a in spec.methods and c.b in spec.methods]
+    if not keep:
+        return []
+    out = [f"### {number}.2 The differences during training (mean Δ over complete seeds, seed 95% CI)", "",
+           "| claim | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    done = {(r["method"], r["seed"]) for r in records}
+    seeds = {s for s in range(spec.seeds) if all((m, s) in done for m in spec.methods)}
+    recs = [r for r in records if r["seed"] in seeds]
+    for c in keep:
+        cells = []
+        for s in steps:
+            j = claims_lib.judge(c, recs, sources, step=s, draws=200)
+            if j is None:
+                cells.append("–")
+                continue
+            pct = j["metric"].percent
+            cells.append(f"{_fmt(j['seed_ci'].mean, pct)} {_ci(j['seed_ci'], pct)}")
+        out.append(f"| {c.key}: {j['metric'].label if j else c.metric.label} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def claims_csv(records, sources, spec, path: str) -> None:
+    """The claims table as CSV (numbers in the metric's unit: fractions for rates)."""
+    with open(path, "w") as f:
+        f.write("claim,a,b,metric,kind,margin,seeds,mean_a,mean_b,diff,seed_lo,seed_hi,maze_lo,maze_hi,verdict\n")
+        for j in judged(records, sources, spec):
+            c, m, mz = j["claim"], j["metric"], j["maze_ci"]
+            f.write(f"{c.key},{c.a},{c.b},{m.name}{'@' + str(m.size) if m.size else ''},{c.kind},{c.margin},"
+                    f"{len(j['seeds'])},{np.mean(j['a']):.6g},{np.mean(j['b']):.6g},{j['seed_ci'].mean:.6g},"
+                    f"{j['seed_ci'].lo:.6g},{j['seed_ci'].hi:.6g},{mz.lo if mz else float('nan'):.6g},"
+                    f"{mz.hi if mz else float('nan'):.6g},{j['verdict']}\n")
+
