@@ -405,8 +405,8 @@ def exceed(rewards, k: int, mask=None, *, a: float = 4.0, b: float = 10.0, base:
     reading equals ``c / ln(N_pos + 0.5)`` with ``c = a ln(base) / b``: the shape (hard prompts weigh more,
     the peak of eta moves to N_pos = 1) is the same, only the global scale differs. The default (c = 0.4)
     keeps f(1) = 0.99; ``a=4, b=1, base=10`` gives the log10 reading (c = 9.2). N_pos counts the valid rewards
-    that pass (``metrics.is_pass``); N_pos = 0 would make log(0.5) < 0 flip the sign, so f(0) := f(1) (binary prompts with
-    N_pos = 0 have zero advantage anyway)."""
+    that pass (``metrics.is_pass``); N_pos = 0 would make log(0.5) < 0 flip the sign, so f(0) := f(1)
+    (binary prompts with N_pos = 0 have zero advantage anyway)."""
     return _exceed_factor(rewards, mask, a, b, base, threshold) * passk_analytic(rewards, k, mask)
 
 
