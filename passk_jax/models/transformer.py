@@ -122,7 +122,7 @@ class ModelConfig:
 
 class KVCache(NamedTuple):
     """k: [layers, batch, kv_heads, head_dim, max_len] (RoPE already applied; slots minor, so the decode
-    scores q.k are a plain matmul whose right operand needs no packing transpose -- on CPU that is ~3x faster
+    scores q.k are a plain matmul whose right operand needs no packing transpose -- on CPU much faster
     than slots-major keys), v: [layers, batch, kv_heads, max_len, head_dim] (heads before slots, so attention
     reads each layer's cache without a transposed copy) -- or, for an unrolled layer stack
     (`scan_layers=False`), a tuple of one such array per layer (no layers axis), which each layer updates in
