@@ -65,6 +65,8 @@ import tempfile
 import time
 import traceback
 
+from passk_jax.models.families import CHECKPOINTS  # pure data: imports no jax
+
 BUDGET_S = 480.0          # the whole command, start to table
 RESERVE_S = 10.0          # kept for printing the table
 PHASES = ("sampler", "train_step", "rl_step")
@@ -82,8 +84,8 @@ NOT_RUN = ("skipped", "timeout", "OOM", "error", "crashed")
 # Peak numbers per card (dense bf16 FLOP/s, HBM bytes/s), matched against jax.devices()[0].device_kind.
 CARDS = (("H200", 989e12, 4.8e12), ("H100 PCIe", 756e12, 2.0e12), ("H100", 989e12, 3.35e12))
 
-# (hidden, intermediate, layers, heads, kv heads); vocab 151936, tied embeddings, QKV bias, rope 1e6.
-QWEN25 = {"qwen2.5-1.5b": (1536, 8960, 28, 12, 2), "qwen2.5-0.5b": (896, 4864, 24, 14, 2)}
+# The benchmarked models, in run order; their shapes are passk_jax/models/families.py's Qwen2.5 checkpoints.
+QWEN25 = ("qwen2.5-1.5b", "qwen2.5-0.5b")
 
 # Targets (issue 9): decode >= 50% of the HBM roofline at 256 rows and 2k context, train step >= 40% MFU,
 # both for Qwen2.5-1.5B; shown next to every row of that model and phase.
@@ -137,12 +139,8 @@ def model_config(name: str, param_dtype: str = "bfloat16", scan_layers: bool = T
     if name == "tiny":
         return ModelConfig.tiny(vocab_size=512, dtype="bfloat16", param_dtype=param_dtype, scan_layers=scan_layers,
                                 attention=attention)
-    d, f, layers, heads, kv = QWEN25[name]
-    return ModelConfig(vocab_size=151936, hidden_size=d, intermediate_size=f, num_layers=layers,
-                       num_heads=heads, num_kv_heads=kv, rope_theta=1e6, rms_norm_eps=1e-6,
-                       tie_word_embeddings=True, attention_bias=True, max_position_embeddings=32768,
-                       dtype="bfloat16", param_dtype=param_dtype, scan_layers=scan_layers, family="qwen2",
-                       attention=attention)
+    return ModelConfig.named(name, dtype="bfloat16", param_dtype=param_dtype, scan_layers=scan_layers,
+                             attention=attention)
 
 
 def matmul_params(cfg) -> int:
@@ -552,7 +550,8 @@ def row_note(r: dict) -> str:
         vs = "" if r["slots"] == 0 else (
             "; lockstep row did not run (no speed-up, tokens not compared)" if r["speedup"] is None else
             f"; {r['speedup']:.2f}x vs lockstep, tokens identical")
-        vocab = f"vocab {r['vocab']}" + (" (not 151936)" if r["body"] in QWEN25 else "")
+        real = CHECKPOINTS[r["body"]]["vocab_size"] if r["body"] in QWEN25 else None
+        vocab = f"vocab {r['vocab']}" + (f" (not {real})" if real else "")
         return (f"{body} body, {vocab}, {r['compute_dtype']} compute; {r['rows']} rows x <= {r['new_tokens']} new, "
                 f"{r['eos_ids']} EOS ids: lengths mean {r['len_mean']:.0f} median {r['len_median']:.0f} max "
                 f"{r['len_max']} ({100 * r['at_cap']:.0f}% at the cap); {r['decode_steps']} decode steps x "

@@ -114,19 +114,12 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 from experiments import configs  # noqa: E402
 from passk_jax import hlo, parallel  # noqa: E402
 from passk_jax.optim import make_optimizer  # noqa: E402
+from passk_jax.models.families import CHECKPOINTS  # noqa: E402
 from passk_jax.models.transformer import ModelConfig, Transformer, split  # noqa: E402
 from passk_jax.rl import step as rl_step  # noqa: E402
 from passk_jax.sampling import Sampler, default_buckets  # noqa: E402
 
-# Real architectures (Hugging Face config.json of the Instruct checkpoints), so no checkpoint is needed.
-ARCHITECTURES = {
-    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                       num_kv_heads=4, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                       attention_bias=True, max_position_embeddings=32768, family="qwen2"),
-    "qwen2.5-32b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40,
-                        num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                        attention_bias=True, max_position_embeddings=32768, family="qwen2"),
-}
+ARCHITECTURES = CHECKPOINTS  # named architectures (passk_jax/models/families.py): no checkpoint needed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", None, f"Target: {KNOWN_TOPOLOGIES}.")
@@ -187,7 +180,7 @@ def model_config(config, name: str, topo: Topology | None = None) -> tuple[Model
     if name:
         if name not in ARCHITECTURES:
             raise ValueError(f"unknown --model {name!r}; known: {', '.join(sorted(ARCHITECTURES))}.")
-        return ModelConfig(**ARCHITECTURES[name], **numerics), name
+        return ModelConfig.named(name, **numerics), name
     from passk_jax.tasks.tokenizer import build_char_tokenizer
 
     preset = getattr(ModelConfig, m.preset)

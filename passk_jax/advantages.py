@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from passk_jax.metrics import PASS_THRESHOLD, is_pass
+
 Array = jax.Array
 PKPO_BASELINES = ("none", "sloo", "sloo_minus_one")
 MAX_ROLLOUTS = 46340  # n (n + 1) must fit in int32 (see _analytic)
@@ -100,7 +102,7 @@ def _lo_hi(r: Array, valid: Array) -> tuple[Array, Array]:
 
 
 def _n_pos(r: Array, valid: Array, threshold: float) -> Array:
-    return jnp.sum(valid & (r >= threshold), axis=1, dtype=jnp.int32)
+    return jnp.sum(valid & is_pass(r, threshold), axis=1, dtype=jnp.int32)
 
 
 def _grpo(r: Array, valid: Array, ddof: int = 0, normalize: bool = True, tol: float = 0.0) -> Array:
@@ -379,10 +381,10 @@ def _accuracy(rewards, mask, threshold) -> Array:
 
 
 @_estimator("threshold", jit=False)
-def combination(rewards, k: int, mask=None, *, threshold: float = 0.5) -> Array:
+def combination(rewards, k: int, mask=None, *, threshold: float = PASS_THRESHOLD) -> Array:
     """Combination (Eq. 18): ``A = (N_pos/N) A_pass@k + (1 - N_pos/N) A_pass@1`` with the analytical Pass@k
-    advantage and GRPO (population std). N_pos counts valid rewards ``>= threshold`` (0/1 and -1/1 rewards
-    work with the default 0.5)."""
+    advantage and GRPO (population std). N_pos counts the valid rewards that pass (``metrics.is_pass``:
+    ``>= threshold``; 0/1 and -1/1 rewards work with the default 0.5)."""
     acc = _accuracy(rewards, mask, threshold)
     return acc * passk_analytic(rewards, k, mask) + (1.0 - acc) * grpo(rewards, mask)
 
@@ -396,15 +398,15 @@ def _exceed_factor(rewards, mask, a, b, base, threshold) -> Array:
 
 @_estimator("a", "b", "base", "threshold", jit=False)
 def exceed(rewards, k: int, mask=None, *, a: float = 4.0, b: float = 10.0, base: float = math.e,
-           threshold: float = 0.5) -> Array:
+           threshold: float = PASS_THRESHOLD) -> Array:
     """Exceeding Pass@k (Eq. 17): ``A' = f(N_pos) A_pass@k`` with ``f = a / (b log_base(N_pos + 0.5))``.
 
     The extracted formula reads ``4 / 10log(N_pos + 0.5)``, which is ambiguous (10 ln, log10, ...). Every
     reading equals ``c / ln(N_pos + 0.5)`` with ``c = a ln(base) / b``: the shape (hard prompts weigh more,
     the peak of eta moves to N_pos = 1) is the same, only the global scale differs. The default (c = 0.4)
-    keeps f(1) = 0.99; ``a=4, b=1, base=10`` gives the log10 reading (c = 9.2). N_pos counts valid rewards
-    ``>= threshold``; N_pos = 0 would make log(0.5) < 0 flip the sign, so f(0) := f(1) (binary prompts with
-    N_pos = 0 have zero advantage anyway)."""
+    keeps f(1) = 0.99; ``a=4, b=1, base=10`` gives the log10 reading (c = 9.2). N_pos counts the valid rewards
+    that pass (``metrics.is_pass``); N_pos = 0 would make log(0.5) < 0 flip the sign, so f(0) := f(1)
+    (binary prompts with N_pos = 0 have zero advantage anyway)."""
     return _exceed_factor(rewards, mask, a, b, base, threshold) * passk_analytic(rewards, k, mask)
 
 

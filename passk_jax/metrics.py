@@ -1,4 +1,5 @@
-"""Evaluation metrics: the unbiased pass@k estimator, pass@k curves, and the paper's eta diagnostic."""
+"""Evaluation metrics: what counts as a pass, the unbiased pass@k estimator, pass@k curves, and the paper's
+eta diagnostic."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -8,9 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from passk_jax import advantages
-
 Array = jax.Array
+
+PASS_THRESHOLD = 0.5
+"""A response passes when its reward is ``>= PASS_THRESHOLD`` (``is_pass``): 1 of 0/1 rewards and of -1/1
+rewards, and N_pos of the paper (``docs/paper.md``)."""
+
+
+def is_pass(rewards, threshold: float = PASS_THRESHOLD):
+    """``rewards >= threshold`` elementwise, on NumPy or JAX arrays (traceable): the one definition of a
+    pass used by the advantage estimators (N_pos), the step's ``rollout_pass@k`` and held-out evaluation."""
+    return rewards >= threshold
 
 
 def pass_at_k(n, c, k) -> Array:
@@ -74,6 +83,8 @@ def eta(n: int, k: int, estimator: str | Callable[[Array], Array] = "passk_analy
     Evaluated with the actual estimator on binary rewards (one prompt per N_pos, as the sum of |A_i|): a
     registry name (``options`` and e.g. ``key=`` are passed to ``advantages.compute``) or a callable
     ``rewards f32[P, n] -> f32[P, n]``. Returns f64[n + 1]."""
+    from passk_jax import advantages  # here, not at the top: advantages imports this module (is_pass)
+
     rewards = (np.arange(n)[None, :] < np.arange(n + 1)[:, None]).astype(np.float32)
     if callable(estimator):
         adv = estimator(jnp.asarray(rewards))

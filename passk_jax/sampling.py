@@ -181,8 +181,8 @@ class Sampler:
       kv_dtype: dtype of the KV caches (default: the compute dtype).
       layers: how a `Transformer` runs its layer stack while sampling: "model" (as its config says),
         "scan" / "unrolled" (either way: the parameters are stacked in both), or "auto" (default: "scan" on
-        CPU, where the scanned decode measured from 3% slower to 10% faster than the unrolled one at the
-        `tiny` and `small` presets, else "model"; the unrolled decode measured 1.35x faster on an H100).
+        CPU, where the scanned decode was as fast as or faster than the unrolled one, else "model": the
+        unrolled decode was faster on an H100; measurements in bench/RESULTS.md).
         Other modules always run as they are.
     """
 

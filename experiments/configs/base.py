@@ -50,7 +50,7 @@ def get_config() -> ConfigDict:
     c.rollout.sample_prompts = 0      # prompts per sampler call (0 = all; big models need chunks: KV cache)
     c.rollout.ignore_eos = False      # True: every rollout decodes max_new_tokens (fixed-length workloads)
     c.rollout.decode_slots = 64       # continuous batching over this many decode slots (0 = lockstep rows);
-                                      # at most prompts x samples of a sampler call (1.26x faster sampling here)
+                                      # at most prompts x samples of a sampler call (bench/RESULTS.md)
     c.rollout.decode_layout = "auto"  # decode weights: "replicated" (no per-token gathers), "training", "auto"
     c.rollout.dynamic_sampling = False
     c.rollout.max_refills = 4         # extra prompt batches to draw per step under dynamic sampling

@@ -13,7 +13,7 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     # The layer scan reuses one layer's buffers for all 28: the memory plan of the unrolled stack gives every
-    # layer's f32 attention scores their own slot (548 GiB temporaries per GPU vs 36 GiB; BUILD_NOTES.md).
+    # layer's f32 attention scores their own slot (over 10x the temporaries per GPU; bench/RESULTS.md).
     c.model.scan_layers = True
     c.task.options.template = "instruct"
     c.task.options.train_sizes = (9, 11, 13, 15)
@@ -24,12 +24,12 @@ def get_config():
     c.rollout.num_samples = 32
     c.rollout.max_new_tokens = 2048
     c.rollout.sample_prompts = 0      # all 128 x 32 rows in one sampler call over 512 decode slots: the KV cache
-    c.rollout.decode_slots = 512      # is 512 completions, not 4096 (plan: 87% of an H100, BUILD_NOTES.md)
+    c.rollout.decode_slots = 512      # is 512 completions, not 4096 (fits an H100 by the plan; bench/RESULTS.md)
     c.step.learning_rate = 1e-6
     c.step.warmup_steps = 10
     c.step.num_minibatches = 4
     c.step.num_microbatches = 16
-    c.step.logprob_chunk = 512        # no [rows, 2560, 152064] f32 logits: 63.9 -> 46.7 GiB per H100 (plan)
+    c.step.logprob_chunk = 512        # no [rows, 2560, 152064] f32 logits (bench/RESULTS.md)
     c.step.weight_decay = 0.0
     c.step.old_logprobs = "recompute"
     c.train.steps = 400

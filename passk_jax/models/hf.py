@@ -29,12 +29,12 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from passk_jax.models.families import BY_HF_ARCHITECTURE, FAMILIES
 from passk_jax.models.transformer import DTYPES, ModelConfig, Transformer
 from passk_jax.parallel import param_shardings, to_host
 from passk_jax.tasks.tokenizer import build_char_tokenizer, char_alphabet
 
-SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
-_ARCH_OF_FAMILY = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+SUPPORTED_ARCHITECTURES = {arch: f.name for arch, f in BY_HF_ARCHITECTURE.items()}  # from families.FAMILIES
 _ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
               "F64": np.dtype(np.float64)}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
@@ -117,19 +117,19 @@ def _plan(cfg: ModelConfig, state: nnx.State) -> list[tuple[tuple[str, ...], nnx
 def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "float32", **overrides: Any) -> ModelConfig:
     """ModelConfig from a config.json dict (transformers 4 `rope_theta/rope_scaling` or 5 `rope_parameters`)."""
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                   "llama": "LlamaForCausalLM"}.get(hf.get("model_type"), hf.get("model_type"))
+    model_type = hf.get("model_type")
+    arch = archs[0] if archs else FAMILIES[model_type].hf_architecture if model_type in FAMILIES else model_type
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}.")
-    family = SUPPORTED_ARCHITECTURES[arch]
+    fam = BY_HF_ARCHITECTURE[arch]
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu').")
     if hf.get("use_sliding_window", False):
         raise ValueError(f"{arch} with use_sliding_window=true is not supported.")
-    if family != "qwen2" and (hf.get("attention_bias", False) or hf.get("mlp_bias", False)):
+    if not fam.attention_bias and (hf.get("attention_bias", False) or hf.get("mlp_bias", False)):
         raise ValueError(f"{arch} with attention_bias/mlp_bias=true is not supported.")
     heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or (128 if family == "qwen3" else hf["hidden_size"] // heads)
+    head_dim = hf.get("head_dim") or fam.default_head_dim or hf["hidden_size"] // heads
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     if not rope:
@@ -143,20 +143,21 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=head_dim, rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), attention_bias=family == "qwen2",
-        qk_norm=family == "qwen3", max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        dtype=dtype, param_dtype=param_dtype, family=family)
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), attention_bias=fam.attention_bias,
+        qk_norm=fam.qk_norm, max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        dtype=dtype, param_dtype=param_dtype, family=fam.name)
     return ModelConfig(**{**fields, **overrides})
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
     """config.json dict that transformers (4 and 5) reads back as the same architecture."""
-    if cfg.attention_bias != (cfg.family == "qwen2") or cfg.qk_norm != (cfg.family == "qwen3"):
+    fam = FAMILIES[cfg.family]
+    if cfg.attention_bias != fam.attention_bias or cfg.qk_norm != fam.qk_norm:
         raise ValueError(f"family {cfg.family!r} with attention_bias={cfg.attention_bias}, qk_norm={cfg.qk_norm} "
                          f"has no Hugging Face equivalent (qwen2: biases, qwen3: q/k norm, llama: neither).")
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **(cfg.rope_scaling or {})}
     hf = dict(
-        architectures=[_ARCH_OF_FAMILY[cfg.family]], model_type=cfg.family, vocab_size=cfg.vocab_size,
+        architectures=[fam.hf_architecture], model_type=cfg.family, vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         hidden_act="silu", max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
@@ -164,12 +165,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
         dtype=dtype or cfg.param_dtype)
     if cfg.rope_scaling:
         hf["rope_scaling"] = dict(cfg.rope_scaling)
-    if cfg.family == "qwen2":
-        hf.update(use_sliding_window=False)
-    else:
-        hf.update(attention_bias=False)
-    if cfg.family == "llama":
-        hf.update(mlp_bias=False)
+    hf.update(fam.hf_export_fields)
     return hf
 
 

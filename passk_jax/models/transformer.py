@@ -1,7 +1,8 @@
 """Flax NNX decoder-only transformer for the Qwen2/Qwen2.5, Qwen3 and Llama 3.x families.
 
 Pre-norm blocks (RMSNorm -> grouped-query attention with RoPE -> residual, RMSNorm -> SwiGLU -> residual).
-Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm on q and k, Llama 3.x the "llama3" RoPE frequency scaling.
+Qwen2 adds q/k/v biases, Qwen3 a per-head RMSNorm on q and k, Llama 3.x the "llama3" RoPE frequency scaling
+(each family's constants and named checkpoint shapes: `families.py`).
 Every block parameter is stacked on a leading "layers" axis and the blocks run under one `lax.scan`, so the
 compiled program (and compile time) does not grow with depth; `scan_layers=False` unrolls the stack instead
 (faster on CPU: no stacked residual buffers to fill and slice). Hot paths use the pure `forward` on
@@ -20,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from passk_jax.models import attention
+from passk_jax.models import attention, families
 from passk_jax.parallel import constrain, logical_sharding, param_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-FAMILIES = ("qwen2", "qwen3", "llama")
+FAMILIES = tuple(families.FAMILIES)
 ATTENTION_KERNELS = ("auto", "plain", "blocked", "cudnn", "splash")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = {
@@ -108,13 +109,20 @@ class ModelConfig:
                     attention_bias=True, max_position_embeddings=4096, family="qwen2")
         return cls(**{**base, **overrides})
 
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The architecture of a named checkpoint in `families.CHECKPOINTS` (e.g. "qwen2.5-7b"), no weights."""
+        if name not in families.CHECKPOINTS:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(families.CHECKPOINTS))}.")
+        return cls(**{**families.CHECKPOINTS[name], **overrides})
+
     def num_params(self) -> int:
         return sum(math.prod(shape) for shape, _, _ in param_specs(self).values())
 
 
 class KVCache(NamedTuple):
     """k: [layers, batch, kv_heads, head_dim, max_len] (RoPE already applied; slots minor, so the decode
-    scores q.k are a plain matmul whose right operand needs no packing transpose -- on CPU that is ~3x faster
+    scores q.k are a plain matmul whose right operand needs no packing transpose -- on CPU much faster
     than slots-major keys), v: [layers, batch, kv_heads, max_len, head_dim] (heads before slots, so attention
     reads each layer's cache without a transposed copy) -- or, for an unrolled layer stack
     (`scan_layers=False`), a tuple of one such array per layer (no layers axis), which each layer updates in

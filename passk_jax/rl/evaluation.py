@@ -3,7 +3,7 @@
 Sampling follows the paper's evaluation settings (temperature 1.0, top-p 0.95, n_eval samples per
 prompt); pass@k is the unbiased estimator of ``passk_jax.metrics.pass_at_k`` computed from the per-prompt
 number of correct samples (never bootstrapped with replacement). Greedy accuracy is one temperature-0
-sample per prompt. A response counts as correct when its reward exceeds ``threshold``.
+sample per prompt. A response counts as correct when its reward passes (``metrics.is_pass``: ``>= threshold``).
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def distinct_answers(correct: np.ndarray, texts: Sequence[Any]) -> tuple[np.ndar
 def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: VerifierPool,
              examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
              temperature: float = 1.0, top_p: float = 0.95, greedy: bool = True, batch_prompts: int = 64,
-             threshold: float = 0.5, prefix: str = "eval/") -> tuple[dict[str, float], dict[str, np.ndarray]]:
+             threshold: float = metrics.PASS_THRESHOLD,
+             prefix: str = "eval/") -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Sample and score the held-out examples, ``batch_prompts`` per sampler call; returns (metrics,
     per-prompt results): ``correct`` (i32[P], correct samples of each prompt out of ``num_samples``),
     ``distinct_wrong`` and ``distinct`` (i32[P], distinct wrong / distinct responses), ``greedy`` (i32[P],
@@ -79,7 +80,7 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
             num_samples=num_samples, max_new_tokens=max_new_tokens, key=jax.random.fold_in(key, i),
             temperature=temperature, top_p=top_p, phase="eval"))
     r = rollout.Rollouts.concat(parts)
-    correct = r.rewards > threshold
+    correct = metrics.is_pass(r.rewards, threshold)
     out = summarize(correct, [ex.data_source for ex in examples], r.rewards, r.text_keys(), prefix)
     out[f"{prefix}length_mean"] = float(r.lengths.mean())
     wrong, distinct = distinct_answers(correct, r.text_keys())
@@ -90,7 +91,7 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
             g = rollout.generate(sampler, params, task, tokenizer, pool, examples[start:start + batch_prompts],
                                  num_samples=1, max_new_tokens=max_new_tokens, key=key, temperature=0.0,
                                  phase="eval")
-            hits.append(g.rewards[:, 0] > threshold)
+            hits.append(metrics.is_pass(g.rewards[:, 0], threshold))
         per_prompt["greedy"] = np.concatenate(hits).astype(np.int32)
         out[f"{prefix}greedy_accuracy"] = float(per_prompt["greedy"].mean())
     return out, per_prompt

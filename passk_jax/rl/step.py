@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from passk_jax import advantages, parallel
 from passk_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from passk_jax.metrics import pass_at_k
+from passk_jax.metrics import PASS_THRESHOLD, is_pass, pass_at_k
 from passk_jax.models.transformer import forward, head_weight
 from passk_jax.rl import losses
 
@@ -64,7 +64,7 @@ class StepConfig(OptimConfig):
     # batch split (paper: 4 mini-batches of 32 prompts)
     num_minibatches: int = 1
     num_microbatches: int = 1
-    success_threshold: float = 0.5  # reward > threshold counts as a pass for the rollout pass@k metric
+    success_threshold: float = PASS_THRESHOLD  # metrics.is_pass: reward >= threshold passes (rollout pass@k)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StepConfig:
@@ -359,7 +359,7 @@ def group_metrics(adv: jax.Array, rewards: jax.Array, valid: jax.Array, tok_per_
         "adv_abs_mean": jnp.sum(jnp.abs(adv) * v) / nv,
         "adv_zero_prompt_frac": jnp.mean(jnp.all(adv == 0, axis=-1).astype(jnp.float32)),
         "reward_mean": jnp.sum(rewards * v) / nv,
-        "rollout_pass@k": jnp.mean(group_pass_at_k(rewards > threshold, valid, k)),
+        "rollout_pass@k": jnp.mean(group_pass_at_k(is_pass(rewards, threshold), valid, k)),
         "response_length_mean": jnp.sum(tok_per_row * v) / nv,
         "response_length_max": jnp.max(jnp.where(valid, tok_per_row, 0.0)),
         "response_length_min": jnp.where(any_valid, jnp.min(jnp.where(valid, tok_per_row, jnp.inf)), 0.0),
