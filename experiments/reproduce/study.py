@@ -171,6 +171,7 @@ def run_config(spec: StudySpec, method: Method, seed: int, *, train_file: str, t
 def run(spec: StudySpec, runs_dir: str, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train every (method, seed) of ``spec`` under ``runs_dir``; returns one record per run."""
     from passk_jax.rl import trainer
+    from passk_jax.spec import RunSpec
 
     train_file, test_file, num_test = write_data(spec, os.path.join(runs_dir, "data"))
     cache_dir = os.path.join(runs_dir, "sft_cache")
@@ -185,7 +186,7 @@ def run(spec: StudySpec, runs_dir: str, *, log: Callable[[str], None] = print) -
                 log(f"[study] {method.label} seed {seed} -> {workdir}")
                 config = run_config(spec, method, seed, train_file=train_file, test_file=test_file,
                                     num_test=num_test, cache_dir=cache_dir)
-                summary = trainer.train(config, workdir)
+                summary = trainer.train(RunSpec.from_config(config), workdir)
                 if summary.get("status") != "done":
                     raise RuntimeError(f"run {workdir} ended with status {summary.get('status')!r}.")
                 log(f"[study] {method.label} seed {seed} done in {time.time() - t0:.0f} s")
