@@ -175,9 +175,11 @@ def main(argv: list[str]) -> None:
     prof = Profiler()
     instrument(prof)
     from passk_jax.rl import trainer
+    from passk_jax.spec import RunSpec
 
+    spec = RunSpec.from_config(config)
     t0 = time.perf_counter()
-    summary = trainer.train(config, workdir)
+    summary = trainer.train(spec, workdir)
     wall = time.perf_counter() - t0
     print(f"config {configs.selected_name()}: status {summary.get('status')}, workdir {workdir}", file=sys.stderr)
     print(table(prof, wall, int(summary.get("step", 0))))

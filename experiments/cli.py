@@ -16,7 +16,7 @@ flags.DEFINE_bool("debug", False, "Show the full traceback of an error instead o
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from passk_jax.rl.trainer import VerifierError
+    from passk_jax.rl.monitor import VerifierError
     from passk_jax.workdir import WorkdirError
 
     return ValueError, OSError, WorkdirError, VerifierError

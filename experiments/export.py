@@ -22,23 +22,20 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readabl
 
 def export_run(workdir: str, out: str, step: int | None = None) -> int:
     """Restore a run's params from its checkpoint and write them as an HF checkpoint; returns the step."""
-    import jax
-    from ml_collections import ConfigDict
-
     from passk_jax import parallel
     from passk_jax.checkpoint import Checkpointer
     from passk_jax.rl import trainer
+    from passk_jax.spec import RunSpec
 
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{workdir} has no config.json; is it a passk_jax run directory?")
     with open(cfg_path) as f:
-        config = ConfigDict(json.load(f))
-    mesh = parallel.make_mesh(**config.mesh.to_dict())
-    graphdef, params, model_cfg, tokenizer = trainer.build_model(config, mesh, workdir)
+        spec = RunSpec.from_json(json.load(f))
+    mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)
+    graphdef, params, model_cfg, tokenizer = trainer.build_model(spec, mesh, workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    fns = trainer.make_train_step(graphdef, trainer.stages(config)[0][1], mesh, params)
-    target = trainer._state_tree(fns[0](params, jax.random.PRNGKey(0)))
+    target = trainer.restore_target(spec, mesh, params)
     try:
         if step is None:
             found = ckpt.restore_latest(target)
@@ -51,7 +48,7 @@ def export_run(workdir: str, out: str, step: int | None = None) -> int:
             tree, _ = ckpt.restore(step, target)
     finally:
         ckpt.close()
-    trainer.export(graphdef, tree["params"], model_cfg, tokenizer, out, hf_path=config.model.hf_path or None)
+    trainer.export(graphdef, tree["params"], model_cfg, tokenizer, out, hf_path=spec.model.hf_path or None)
     return step
 
 

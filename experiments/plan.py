@@ -109,22 +109,22 @@ import jax  # noqa: E402  (after configure_devices)
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from experiments import configs  # noqa: E402
 from passk_jax import hlo, parallel  # noqa: E402
-from passk_jax.optim import make_optimizer  # noqa: E402
 from passk_jax.models.families import CHECKPOINTS  # noqa: E402
 from passk_jax.models.transformer import ModelConfig, Transformer, split  # noqa: E402
 from passk_jax.rl import step as rl_step  # noqa: E402
 from passk_jax.sampling import Sampler, default_buckets  # noqa: E402
+from passk_jax.spec import MeshSpec, ModelSpec, RunSpec  # noqa: E402
 
 ARCHITECTURES = CHECKPOINTS  # named architectures (passk_jax/models/families.py): no checkpoint needed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", None, f"Target: {KNOWN_TOPOLOGIES}.")
 flags.DEFINE_string("model", "", f"Architecture from the built-in table {sorted(ARCHITECTURES)}; default: the "
-                    "config's hf_path config.json, qwen2.5-7b for qwen25_7b_* configs, else the config's preset.")
+                    "config's hf_path config.json, the named config's ARCHITECTURE (qwen25_7b_*: qwen2.5-7b), else the "
+                    "config's preset.")
 flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (one may be -1); default: the config's mesh section.")
 flags.DEFINE_integer("prompt_len", 0, "Padded prompt length (sampler bucket); default 512, capped so that "
                      "prompt + max_new_tokens fits the model context.")
@@ -154,12 +154,10 @@ def plan_attention(kernel: str, topo: Topology | None) -> tuple[str, str]:
                        "compiler cannot build it)")
 
 
-def model_config(config, name: str, topo: Topology | None = None) -> tuple[ModelConfig, str]:
+def model_config(m: ModelSpec, name: str, topo: Topology | None = None) -> tuple[ModelConfig, str]:
     """(ModelConfig, description) from --model, the config's hf_path, or its preset, with the attention kernel
     of ``plan_attention``."""
-    m = config.model
-    numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                    scan_layers=str(m.get("scan_layers", False)).lower() == "true",
+    numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
                     attention=plan_attention(m.attention, topo)[0])
     if not name and m.hf_path:
         path = os.path.join(m.hf_path, "config.json")
@@ -173,10 +171,10 @@ def model_config(config, name: str, topo: Topology | None = None) -> tuple[Model
             cfg = config_from_hf(json.load(f))
         return dataclasses.replace(cfg, **numerics), m.hf_path
     if not name and m.preset == "hf":
-        if not configs.selected_name().startswith("qwen25_7b"):
+        name = configs.architecture(configs.selected_name())
+        if not name:
             raise ValueError(f"config {configs.selected_name()!r} loads a checkpoint; pass "
                              f"--model={'|'.join(ARCHITECTURES)} or --config.model.hf_path=DIR.")
-        name = "qwen2.5-7b"
     if name:
         if name not in ARCHITECTURES:
             raise ValueError(f"unknown --model {name!r}; known: {', '.join(sorted(ARCHITECTURES))}.")
@@ -187,7 +185,7 @@ def model_config(config, name: str, topo: Topology | None = None) -> tuple[Model
     return preset(vocab_size=len(build_char_tokenizer()), max_position_embeddings=m.max_len, **numerics), m.preset
 
 
-def mesh_sizes(config, spec: str, topo: Topology) -> dict[str, int]:
+def mesh_sizes(mesh: MeshSpec, spec: str, topo: Topology) -> dict[str, int]:
     """{data, fsdp, tensor} from --mesh or the config, checked against the topology's device count."""
     if spec:
         parts = spec.split(",")
@@ -195,7 +193,7 @@ def mesh_sizes(config, spec: str, topo: Topology) -> dict[str, int]:
             raise ValueError(f"--mesh must be three integers data,fsdp,tensor (one may be -1), got {spec!r}.")
         sizes = dict(zip(parallel.MESH_AXES, (int(p) for p in parts)))
     else:
-        sizes = {k: int(v) for k, v in config.mesh.to_dict().items()}
+        sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
     fixed = math.prod(v for v in sizes.values() if v != -1)
     wild = [k for k, v in sizes.items() if v == -1]
     ok = len(wild) <= 1 and all(v >= 1 or v == -1 for v in sizes.values()) and (
@@ -206,28 +204,6 @@ def mesh_sizes(config, spec: str, topo: Topology) -> dict[str, int]:
     if wild:
         sizes[wild[0]] = topo.devices // fixed
     return sizes
-
-
-def with_shardings(tree, shardings):
-    """ShapeDtypeStructs of ``tree`` carrying the matching NamedSharding of ``shardings`` (same structure)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def abstract_state(graphdef, params, step_cfg, mesh):
-    """TrainState of ShapeDtypeStructs with the step's shardings (nothing is allocated)."""
-    tx = make_optimizer(step_cfg)
-    use_ref = step_cfg.kl_coef != 0.0
-    rep = NamedSharding(mesh, PartitionSpec())
-
-    def build(p):
-        return rl_step.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0),
-                                  p if use_ref else None)
-
-    shapes = jax.eval_shape(build, params)
-    p_sh = parallel.param_shardings(params, mesh)
-    sh = rl_step.TrainState(rep, p_sh, parallel.param_shardings(shapes.opt_state, mesh), rep,
-                            p_sh if use_ref else None)
-    return with_shardings(shapes, sh)
 
 
 def abstract_batch(mesh, prompts: int, n: int, seq: int) -> rl_step.Batch:
@@ -417,18 +393,21 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    from passk_jax.rl.trainer import stages
-
     topo = parse_topology(FLAGS.topology)
     if jax.device_count() != topo.devices:
         raise ValueError(f"{topo.name} needs {topo.devices} devices but jax has {jax.device_count()}; run this "
                          "module as `python -m experiments.plan` so it sets the device count before jax starts.")
     config = configs.config_flag_value()
-    cfg, source = model_config(config, FLAGS.model, topo)
-    sizes = mesh_sizes(config, FLAGS.mesh, topo)
+    # the planned sampler call: --sample_prompts prompts (default: all), at most its rows as decode slots
+    c_r = config.rollout
+    c_r.sample_prompts = FLAGS.sample_prompts or c_r.prompts_per_step
+    c_r.decode_slots = min(c_r.decode_slots, c_r.sample_prompts * c_r.num_samples)
+    spec = RunSpec.from_config(config, host_checks=False)  # planned for another machine
+    cfg, source = model_config(spec.model, FLAGS.model, topo)
+    sizes = mesh_sizes(spec.mesh, FLAGS.mesh, topo)
     mesh = parallel.make_mesh(**sizes)
-    step_cfg = stages(config)[0][1]
-    r = config.rollout
+    step_cfg = spec.stages[0].step
+    r = spec.rollout
     P, n, T = int(r.prompts_per_step), int(r.num_samples), int(r.max_new_tokens)
     context = int(cfg.max_position_embeddings)
     fitting = [b for b in default_buckets(context) if b + T <= context]
@@ -442,15 +421,15 @@ def run() -> None:
         raise ValueError(f"prompt_len {prompt_len} + rollout.max_new_tokens {T} exceeds the model context {context}.")
     S, R = prompt_len + T, P * n
     rl_step.validate_batch(step_cfg, P, n, R, mesh)
-    sp = FLAGS.sample_prompts or P
+    sp = r.sample_prompts
     dp = sizes["data"] * sizes["fsdp"]
     M, K = step_cfg.num_minibatches, step_cfg.num_microbatches
 
     graphdef, params = split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    state = abstract_state(graphdef, params, step_cfg, mesh)
+    state = rl_step.abstract_state(step_cfg, mesh, params)
     print(f"plan: config={configs.selected_name()} model={source} ({_count(cfg.num_params())} params, "
           f"params {cfg.param_dtype}, compute {cfg.dtype}, remat {cfg.remat}); training attention: "
-          f"{plan_attention(config.model.attention, topo)[1]}")
+          f"{plan_attention(spec.model.attention, topo)[1]}")
     print(f"target: {topo.name} = {topo.devices} x {topo.chip}"
           + (f", {topo.hbm_bytes / GiB:.1f} GiB HBM each" if topo.hbm_bytes else "")
           + f"; mesh data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} "
@@ -459,8 +438,8 @@ def run() -> None:
           f"{M} mini-batches x {K} micro-batches = {R // (M * K)} rows per micro-batch "
           f"({R // (M * K) / dp:g} per data-parallel shard); old log-probs: {step_cfg.old_logprobs}")
     # decode: one shared prompt cache per prompt plus each row's (or each slot's) own completion slots
-    slots = int(config.rollout.decode_slots)
-    own_rows = min(slots, sp * n) if slots else sp * n
+    slots = r.decode_slots
+    own_rows = slots or sp * n
     per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     kv_bytes = per_slot * (sp * prompt_len + own_rows * max(1, T - 1))
     # continuous batching keeps the (n x smaller) prompt prefix on every device, the slots split over the rows
@@ -484,7 +463,7 @@ def run() -> None:
         # the layer stack Sampler(layers="auto") and the decode layout the target gets
         sampler = Sampler(graphdef, cfg, mesh=mesh, buckets=(prompt_len,),
                           layers="auto" if topo.hbm_bytes is None else "model",
-                          decode_layout=config.rollout.decode_layout, device_memory=topo.hbm_bytes)
+                          decode_layout=r.decode_layout, device_memory=topo.hbm_bytes)
         layout = sampler.layout_for(state.params)
         weights = sampler.abstract_weights(state.params)
         resident = opt_bytes + (per_device_bytes(state.params) if layout != "training" else 0.0)
@@ -499,7 +478,7 @@ def run() -> None:
                        {tuple(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(weights.params)
                         if x.dtype == jnp.bfloat16})
         unit, scale = _unit(max(decode_info[1], resident))
-        print(f"decode layout: {layout!r} ({config.rollout.decode_layout!r} requested): decode weights "
+        print(f"decode layout: {layout!r} ({r.decode_layout!r} requested): decode weights "
               f"{decode_info[1] / scale:.2f} {unit} per device; the training parameters and optimizer state "
               f"({resident / scale:.2f} {unit} per device) stay resident while sampling")
 

@@ -35,11 +35,12 @@ def main(argv: list[str]) -> None:
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from passk_jax.rl import trainer
+    from passk_jax.spec import RunSpec
 
     cli.show_progress_messages()
-    config = configs.config_flag_value()
+    spec = RunSpec.from_config(configs.config_flag_value())
     workdir = FLAGS.workdir or os.path.join("runs", configs.selected_name())
-    summary = trainer.train(config, workdir, new_run=FLAGS.new_run)
+    summary = trainer.train(spec, workdir, new_run=FLAGS.new_run)
     if summary.get("status") == "preempted":
         print(f"stopped by {summary.get('signal')} after step {summary['step']}; rerun the same command "
               "to resume.", file=sys.stderr)

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from passk_jax.metric_log import read_jsonl
+from passk_jax.spec import RunSpec
 
 CURVES = (("rollout/reward_mean", "mean reward of the rollouts"),
           ("step/rollout_pass@k", "group pass@k of the rollouts"),
@@ -69,7 +70,7 @@ def plot_pass_at_k(ks: list[int], table: dict[str, dict[int, float]], path: str)
     plt.close(fig)
 
 
-def write(workdir: str, config: Any) -> str:
+def write(workdir: str, spec: RunSpec) -> str:
     """Write report.md (+ training_curves.png, pass_at_k.png) into ``workdir``; returns the report path."""
     evals = {name: ev for name, ev in (("before RL", _load(os.path.join(workdir, "eval_initial.json"))),
                                        ("after RL", _load(os.path.join(workdir, "eval_final.json")))) if ev}
@@ -78,15 +79,14 @@ def write(workdir: str, config: Any) -> str:
     plot_curves([r for r in records if "rollout/reward_mean" in r], os.path.join(workdir, "training_curves.png"))
     if ks:
         plot_pass_at_k(ks, table, os.path.join(workdir, "pass_at_k.png"))
-    step_cfg = config.step
+    step_cfg = spec.step
     lines = [
         "# passk_jax run report", "",
-        f"- task: `{config.task.name}`; model: `{config.model.hf_path or config.model.preset}`",
-        f"- estimator: `{step_cfg.estimator}` (k = {step_cfg.k}); N_rollout = {config.rollout.num_samples}; "
-        f"prompts per step = {config.rollout.prompts_per_step}; RL steps = "
-        f"{sum(int(s['steps']) for s in config.train.stages) if config.train.stages else config.train.steps}",
-        f"- evaluation: {config.eval.num_prompts} held-out prompts x {config.eval.num_samples} samples, "
-        f"temperature {config.eval.temperature}, top-p {config.eval.top_p}; unbiased pass@k", "",
+        f"- task: `{spec.task.name}`; model: `{spec.model.hf_path or spec.model.preset}`",
+        f"- estimator: `{step_cfg.estimator}` (k = {step_cfg.k}); N_rollout = {spec.rollout.num_samples}; "
+        f"prompts per step = {spec.rollout.prompts_per_step}; RL steps = {spec.total_steps}",
+        f"- evaluation: {spec.eval.num_prompts} held-out prompts x {spec.eval.num_samples} samples, "
+        f"temperature {spec.eval.temperature}, top-p {spec.eval.top_p}; unbiased pass@k", "",
         "## Held-out pass@k", "",
         "| | " + " | ".join(f"pass@{k}" for k in ks) + " | greedy |",
         "|---|" + "---|" * (len(ks) + 1),

@@ -48,7 +48,7 @@ def test_step_rollout_pass_at_k_counts_the_edge_as_a_pass():
 def test_evaluation_counts_the_edge_as_a_pass(monkeypatch):
     p, n = REWARDS.shape
 
-    def fake_generate(sampler, params, task, tokenizer, pool, examples, *, num_samples, **kw):
+    def fake_generate(env, params, examples, *, num_samples, **kw):
         rewards = REWARDS if num_samples == n else REWARDS[:, :1]
         rows = rewards.size
         return rollout.Rollouts(list(examples), [[1]] * len(examples), np.zeros((rows, 1), np.int32),
@@ -61,8 +61,9 @@ def test_evaluation_counts_the_edge_as_a_pass(monkeypatch):
 
     monkeypatch.setattr(rollout, "generate", fake_generate)
     examples = [type("Ex", (), {"data_source": "edge"})() for _ in range(p)]
-    out, per_prompt = evaluation.evaluate(FakeSampler(), None, None, None, None, examples, num_samples=n,
-                                          max_new_tokens=1, key=jax.random.PRNGKey(0))
+    env = rollout.Env(FakeSampler(), None, None, None)
+    out, per_prompt = evaluation.evaluate(env, None, examples, num_samples=n, max_new_tokens=1,
+                                          key=jax.random.PRNGKey(0))
     np.testing.assert_array_equal(per_prompt["correct"], PASSES)
     assert out["eval/greedy_accuracy"] == pytest.approx(0.5)  # the edge reward passes, the one below fails
     assert out["eval/pass@1"] == pytest.approx(np.mean(PASSES / n))

@@ -30,6 +30,12 @@ def get(name: str) -> ConfigDict:
     return importlib.import_module(f"experiments.configs.{name}").get_config()
 
 
+def architecture(name: str) -> str | None:
+    """The built-in architecture (``experiments.plan.ARCHITECTURES``) a named config's checkpoint has, when
+    its module declares one (``ARCHITECTURE = "qwen2.5-7b"``): what plans it without the checkpoint."""
+    return getattr(importlib.import_module(f"experiments.configs.{name}"), "ARCHITECTURE", None)
+
+
 def define_config_flag(argv: list[str] | None = None) -> None:
     """Resolve ``--config=NAME`` in argv to this package's file and define the ``config`` flag."""
     from ml_collections import config_flags

@@ -3,6 +3,8 @@ verl-schema dataset from local Parquet/JSONL, math-verify scoring, Pass@k Traini
 Set --config.model.hf_path=... --config.task.options.train_files=... --config.task.options.test_files=..."""
 from experiments.configs import qwen25_7b_maze
 
+ARCHITECTURE = qwen25_7b_maze.ARCHITECTURE
+
 
 def get_config():
     c = qwen25_7b_maze.get_config()

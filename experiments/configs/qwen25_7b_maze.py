@@ -5,6 +5,8 @@ Pass@k Training (analytical, k=4), lr 1e-6 with 10 warm-up steps, 128 prompts pe
 --config.model.hf_path=/path/to/Qwen2.5-7B-Instruct."""
 from experiments.configs import base
 
+ARCHITECTURE = "qwen2.5-7b"  # what experiments.plan plans without the checkpoint
+
 
 def get_config():
     c = base.get_config()

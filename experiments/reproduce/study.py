@@ -324,11 +324,13 @@ def _supersede(spec: StudySpec, seed: int, record: dict[str, Any], records_dir: 
 def _timed_train(trainer, config, workdir: str) -> tuple[dict[str, Any], float]:
     """``trainer.train`` and the run's wall time summed over every invocation (``study_wall_s`` in the
     workdir carries it across interruptions)."""
+    from passk_jax.spec import RunSpec
+
     path = os.path.join(workdir, "study_wall_s")
     before = float(open(path).read()) if os.path.exists(path) else 0.0
     t0 = time.time()
     try:
-        return trainer.train(config, workdir), before + time.time() - t0
+        return trainer.train(RunSpec.from_config(config), workdir), before + time.time() - t0
     finally:
         if os.path.isdir(workdir):
             with open(path, "w") as f:

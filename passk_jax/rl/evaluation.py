@@ -14,9 +14,7 @@ import numpy as np
 
 from passk_jax import metrics
 from passk_jax.rl import rollout
-from passk_jax.sampling import Sampler
-from passk_jax.tasks import Example, Task
-from passk_jax.tasks.pool import VerifierPool
+from passk_jax.tasks import Example
 
 
 def powers_of_two(n: int) -> list[int]:
@@ -62,9 +60,8 @@ def distinct_answers(correct: np.ndarray, texts: Sequence[Any]) -> tuple[np.ndar
     return np.asarray(wrong, np.int32), np.asarray([len(set(row)) for row in rows], np.int32)
 
 
-def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: VerifierPool,
-             examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
-             temperature: float = 1.0, top_p: float = 0.95, greedy: bool = True, batch_prompts: int = 64,
+def evaluate(env: rollout.Env, params: Any, examples: Sequence[Example], *, num_samples: int,
+             max_new_tokens: int, key: jax.Array, temperature: float = 1.0, top_p: float = 0.95, greedy: bool = True, batch_prompts: int = 64,
              threshold: float = metrics.PASS_THRESHOLD,
              prefix: str = "eval/") -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Sample and score the held-out examples, ``batch_prompts`` per sampler call; returns (metrics,
@@ -72,11 +69,11 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
     ``distinct_wrong`` and ``distinct`` (i32[P], distinct wrong / distinct responses), ``greedy`` (i32[P],
     1 when the greedy response is correct; only with ``greedy``). With several processes each scores its
     own rows and every process returns the same results (see ``rollout.generate``)."""
-    params = sampler.prepare(params)  # one decode copy for every chunk
+    params = env.sampler.prepare(params)  # one decode copy for every chunk
     parts = []
     for i, start in enumerate(range(0, len(examples), batch_prompts)):
         parts.append(rollout.generate(
-            sampler, params, task, tokenizer, pool, examples[start:start + batch_prompts],
+            env, params, examples[start:start + batch_prompts],
             num_samples=num_samples, max_new_tokens=max_new_tokens, key=jax.random.fold_in(key, i),
             temperature=temperature, top_p=top_p, phase="eval"))
     r = rollout.Rollouts.concat(parts)
@@ -88,7 +85,7 @@ def evaluate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
     if greedy:
         hits = []
         for start in range(0, len(examples), batch_prompts):
-            g = rollout.generate(sampler, params, task, tokenizer, pool, examples[start:start + batch_prompts],
+            g = rollout.generate(env, params, examples[start:start + batch_prompts],
                                  num_samples=1, max_new_tokens=max_new_tokens, key=key, temperature=0.0,
                                  phase="eval")
             hits.append(metrics.is_pass(g.rewards[:, 0], threshold))

@@ -125,8 +125,19 @@ class Rollouts:
                         None if any(i is None for i in ids) else np.concatenate(ids))
 
 
-def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: VerifierPool,
-             examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
+@dataclasses.dataclass(frozen=True)
+class Env:
+    """What rollouts are sampled with and scored against, fixed for a run: the sampler (one model graph),
+    the task (prompts and verifier), the tokenizer and the verifier pool. The policy parameters change every
+    step and are passed per call."""
+
+    sampler: Sampler
+    task: Task
+    tokenizer: Any
+    pool: VerifierPool
+
+
+def generate(env: Env, params: Any, examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              chunk_prompts: int = 0, phase: str = "train", ignore_eos: bool = False,
              decode_slots: int = 0) -> Rollouts:
@@ -140,6 +151,7 @@ def generate(sampler: Sampler, params: Any, task: Task, tokenizer: Any, pool: Ve
     ``chunk_prompts`` > 0 samples at most that many prompts per sampler call (the decode KV cache grows
     with prompts x samples; large models need chunks), chunk c drawing with ``fold_in(key, c)``.
     """
+    sampler, task, tokenizer, pool = env.sampler, env.task, env.tokenizer, env.pool
     t0 = time.perf_counter()
     params = sampler.prepare(params)  # no-op for weights prepared by the caller (once per policy update)
     prompts = [encode_prompt(tokenizer, task.render(ex)) for ex in examples]

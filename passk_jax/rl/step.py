@@ -204,6 +204,27 @@ def make_loss_and_grads(graphdef: Any, cfg: StepConfig) -> Callable[..., tuple[j
     return loss_and_grads
 
 
+def state_shardings(cfg: StepConfig, mesh: Mesh, params: Any) -> TrainState:
+    """The shardings of the ``TrainState`` that ``make_train_step``'s ``init_state`` makes for ``params``."""
+    p_sh = parallel.param_shardings(params, mesh)
+    rep = NamedSharding(mesh, PartitionSpec())
+    opt = parallel.param_shardings(jax.eval_shape(make_optimizer(cfg).init, params), mesh)
+    return TrainState(rep, p_sh, opt, rep, p_sh if cfg.kl_coef != 0.0 else None)
+
+
+def abstract_state(cfg: StepConfig, mesh: Mesh, params: Any) -> TrainState:
+    """That ``TrainState`` as ShapeDtypeStructs with its shardings, from concrete or abstract ``params``;
+    nothing is allocated or compiled (a checkpoint's restore target, a memory plan's input)."""
+    tx = make_optimizer(cfg)
+
+    def build(p):
+        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0),
+                          p if cfg.kl_coef != 0.0 else None)
+
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        jax.eval_shape(build, params), state_shardings(cfg, mesh, params))
+
+
 def make_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
                     ) -> tuple[Callable[[Any, jax.Array | None], TrainState], Callable[[TrainState, Batch], Any]]:
     """Build ``(init_state, train_step)`` for a model and a mesh.
@@ -217,10 +238,8 @@ def make_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
     cfg.validate()
     tx = make_optimizer(cfg)
     use_ref = cfg.kl_coef != 0.0
-    p_sh = parallel.param_shardings(params, mesh)
-    rep = NamedSharding(mesh, PartitionSpec())
-    state_sh = TrainState(rep, p_sh, parallel.param_shardings(jax.eval_shape(tx.init, params), mesh), rep,
-                          p_sh if use_ref else None)
+    state_sh = state_shardings(cfg, mesh, params)
+    p_sh, rep = state_sh.params, state_sh.step
     row_spec = parallel.logical_spec(BATCH, mesh)
     row_axes = row_spec[0] if len(row_spec) else None
     dp = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,10 +1,10 @@
-"""The training loop: warm start, rollout, score, train step, evaluate, checkpoint, log, report, export.
+"""The training loop in three parts: ``setup`` (workdir, task, model, resume or warm start and the initial
+evaluation), ``Run.rl_step`` (rollouts, score, train step, metrics, evaluation, checkpoint) and ``finish``
+(final evaluation, export, report); ``train(spec, workdir)`` runs all three.
 
-``train(config, workdir)`` runs a whole experiment from an ``ml_collections`` config (see
-``experiments/configs/base.py`` for every field). Starting in a workdir that has checkpoints resumes from
-the newest readable one; resuming is exact (bit-identical on CPU) because every random draw is derived from
-(seed, step) and the data order from (seed, position), and both are saved. SIGTERM / SIGINT save a
-checkpoint and stop cleanly (preemption).
+Starting in a workdir that has checkpoints resumes from the newest readable one; resuming is exact
+(bit-identical on CPU) because every random draw is derived from (seed, step) and the data order from
+(seed, position), and both are saved. SIGTERM / SIGINT save a checkpoint and stop cleanly (preemption).
 
 Multi-process runs (``parallel.initialize_distributed``) are one multi-controller job: every process runs
 this same loop and the same compiled programs over the global mesh; each scores only its own rollout rows
@@ -15,6 +15,7 @@ export are written by all processes together (Orbax / ``hf.save_pretrained`` coo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,19 +25,20 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from passk_jax import advantages, parallel, report, sft
+from passk_jax import parallel, report, sft
 from passk_jax import workdir as workdir_lib
 from passk_jax.checkpoint import Checkpointer, PreemptionGuard
 from passk_jax.metric_log import MetricWriter, console_line
 from passk_jax.models import hf
-from passk_jax.models.transformer import ATTENTION_KERNELS, ModelConfig, init as init_model
+from passk_jax.models.transformer import ModelConfig, init as init_model, split
 from passk_jax.rl import evaluation, rollout
-from passk_jax.rl.step import StepConfig, TrainState, make_train_step, validate_batch
-from passk_jax.sampling import DECODE_LAYOUTS, Sampler
-from passk_jax.tasks import get as get_task, reward_spec
+from passk_jax.rl.data import DataStream, load_examples, make_task
+from passk_jax.rl.monitor import VerifierMonitor
+from passk_jax.rl.step import TrainState, abstract_state, make_train_step
+from passk_jax.sampling import Sampler
+from passk_jax.spec import RolloutSpec, RunSpec
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tasks.tokenizer import build_char_tokenizer, load_tokenizer
 
@@ -47,150 +49,13 @@ CONSOLE_KEYS = {"rollout/reward_mean": "reward", "step/rollout_pass@k": "pass@k"
                 "time/sample": "t_sample", "time/score": "t_score", "time/update": "t_update"}
 
 
-# --------------------------------------------------------------------------------------------- config
-def stages(config: ConfigDict) -> list[tuple[int, StepConfig]]:
-    """[(number of steps, StepConfig)] per stage; a config without stages is one stage of train.steps."""
-    base = config.step.to_dict()
-    specs = list(config.train.stages) or [{"steps": config.train.steps, "step": {}}]
-    out = []
-    for i, spec in enumerate(specs):
-        spec = dict(spec)
-        unknown = sorted(set(spec) - {"steps", "step"})
-        if unknown:
-            raise ValueError(f"train.stages[{i}] has unknown key(s) {unknown}; use 'steps' and 'step'.")
-        merged = {**base, **dict(spec.get("step", {}))}
-        if "estimator_options" in merged:
-            merged["estimator_options"] = dict(merged["estimator_options"])
-        out.append((int(spec["steps"]), StepConfig.from_dict(merged)))
-    return out
-
-
-def validate(config: ConfigDict) -> list[tuple[int, StepConfig]]:
-    """Every check that can run before anything compiles; each failure is one sentence naming the field."""
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ValueError(msg)
-    r, e = config.rollout, config.eval
-    need(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}.")
-    need(r.num_samples >= 1, f"rollout.num_samples must be >= 1, got {r.num_samples}.")
-    need(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}.")
-    need(r.sample_prompts >= 0, f"rollout.sample_prompts must be >= 0 (0 = all at once), got {r.sample_prompts}.")
-    need(e.sample_prompts >= 1, f"eval.sample_prompts must be >= 1, got {e.sample_prompts}.")
-    need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
-    need(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}.")
-    need(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}.")
-    call_rows = (r.sample_prompts or r.prompts_per_step) * r.num_samples
-    dp = data_parallel_size(config.mesh)
-    need(0 <= r.decode_slots <= call_rows,
-         f"rollout.decode_slots must be in [0, {call_rows}] (0 = lockstep; at most the rows of one sampler call, "
-         f"rollout.sample_prompts x rollout.num_samples), got {r.decode_slots}.")
-    need(r.decode_slots % dp == 0,
-         f"rollout.decode_slots={r.decode_slots} is not divisible by the data-parallel size data*fsdp={dp}.")
-    need(r.decode_layout in DECODE_LAYOUTS,
-         f"rollout.decode_layout must be one of {DECODE_LAYOUTS}, got {r.decode_layout!r}.")
-    need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
-    need(e.temperature >= 0, f"eval.temperature must be >= 0, got {e.temperature}.")
-    t = config.task
-    need(t.num_train is None or t.num_train >= 1, f"task.num_train must be >= 1 (or None: every row), got {t.num_train}.")
-    need(t.verifier_workers >= 0, f"task.verifier_workers must be >= 0 (0 = in-process), got {t.verifier_workers}.")
-    need(t.verifier_timeout_s > 0, f"task.verifier_timeout_s must be > 0, got {t.verifier_timeout_s}.")
-    need(0 <= t.max_error_frac <= 1, f"task.max_error_frac must be in [0, 1], got {t.max_error_frac}.")
-    need(t.max_failed_steps >= 1, f"task.max_failed_steps must be >= 1, got {t.max_failed_steps}.")
-    need(config.train.log_every >= 1, f"train.log_every must be >= 1, got {config.train.log_every}.")
-    need(config.train.keep_checkpoints >= 1,
-         f"train.keep_checkpoints must be >= 1, got {config.train.keep_checkpoints}.")
-    need(e.num_samples >= 1 and e.num_prompts >= 1, "eval.num_samples and eval.num_prompts must be >= 1.")
-    need(config.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
-    need(str(config.model.get("scan_layers", False)).lower() in ("true", "false"),
-         f"model.scan_layers must be true or false, got {config.model.get('scan_layers')!r}.")
-    need(config.model.get("attention", "auto") in ATTENTION_KERNELS,
-         f"model.attention must be one of {ATTENTION_KERNELS}, got {config.model.get('attention')!r}.")
-    for kernel, backend in (("cudnn", "gpu"), ("splash", "tpu")):
-        need(config.model.get("attention") != kernel or jax.default_backend() == backend,
-             f"model.attention={kernel!r} runs only on a {backend.upper()} (this backend is "
-             f"{jax.default_backend()}); use 'auto' or 'blocked'.")
-    need(config.train.eval_every >= 0, "train.eval_every must be >= 0 (0 = only before and after).")
-    need(config.model.hf_path or config.model.preset != "hf",
-         "this config loads a Hugging Face checkpoint: set --config.model.hf_path=/path/to/model_dir.")
-    need(config.model.hf_path or config.model.preset in ("tiny", "small"),
-         f"model.preset must be 'tiny' or 'small' (or set model.hf_path), got {config.model.preset!r}.")
-    need(not config.model.hf_path or os.path.isdir(config.model.hf_path),
-         f"model.hf_path {config.model.hf_path!r} is not a directory.")
-    plan = stages(config)
-    need(sum(steps for steps, _ in plan) >= 0, "train.steps must be >= 0.")
-    for i, (steps, cfg) in enumerate(plan):
-        where = "step" if not config.train.stages else f"train.stages[{i}].step"
-        need(steps >= 0, f"a stage has steps={steps}; it must be >= 0.")
-        need(cfg.k <= r.num_samples, f"{where}.k={cfg.k} exceeds rollout.num_samples={r.num_samples} "
-                                     "(k samples are drawn from the rollouts of a prompt).")
-        if cfg.old_logprobs == "sampler" and (r.top_p < 1 or r.top_k > 0 or r.temperature != cfg.temperature):
-            raise ValueError(f"{where}.old_logprobs='sampler' needs rollout.top_p=1, rollout.top_k=0 and "
-                             "rollout.temperature equal to step.temperature; use old_logprobs='recompute'.")
-        try:
-            cfg.validate()
-            validate_batch(cfg, r.prompts_per_step, r.num_samples, r.prompts_per_step * r.num_samples)
-            advantages.validate(cfg.estimator, r.num_samples, cfg.k, **dict(cfg.estimator_options))
-        except ValueError as err:  # the step's own messages name the field without its section
-            raise ValueError(f"{where}: {err}") from None
-    return plan
-
-
-def data_parallel_size(mesh_config: ConfigDict) -> int:
-    """data x fsdp of the configured mesh over this job's devices (a -1 size takes the rest)."""
-    data, fsdp, _ = parallel.mesh_sizes(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, jax.device_count())
-    return data * fsdp
-
-
-def make_task(config: ConfigDict):
-    """The configured task (options set to "" or None count as unset); a wrong option is one clear error."""
-    options = {k: v for k, v in config.task.options.to_dict().items() if v not in ("", None)}
-    try:
-        task = get_task(config.task.name, **options)
-    except TypeError as err:
-        raise ValueError(f"task.options do not fit task {config.task.name!r}: {err}.") from err
-    try:
-        reward_spec(task)
-    except ValueError as err:
-        raise ValueError(f"task {config.task.name!r}: {err}") from None
-    return task
-
-
-# --------------------------------------------------------------------------------------------- data
-class DataStream:
-    """Deterministic infinite stream over examples: position p -> a fresh permutation per epoch."""
-
-    def __init__(self, examples: list, seed: int):
-        if not examples:
-            raise ValueError("the training split is empty.")
-        self.examples, self.seed = examples, seed
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def take(self, position: int, count: int) -> list:
-        out = []
-        for p in range(position, position + count):
-            epoch, i = divmod(p, len(self.examples))
-            if self._perm is None or self._perm[0] != epoch:
-                self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
-            out.append(self.examples[self._perm[1][i]])
-        return out
-
-
-# --------------------------------------------------------------------------------------------- setup
-def scan_layers(config: ConfigDict) -> bool:
-    """``model.scan_layers`` (default False: the unrolled stack steps faster on CPU and on an H100, and
-    compiles slower; see BUILD_NOTES)."""
-    return str(config.model.get("scan_layers", False)).lower() == "true"
-
-
-def build_model(config: ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
+# --------------------------------------------------------------------------------------------- model
+def build_model(spec: RunSpec, mesh: jax.sharding.Mesh, workdir: str):
     """(graphdef, params, ModelConfig, tokenizer): a local HF checkpoint, or a fresh char-level model."""
-    m = config.model
+    m = spec.model
     if m.hf_path:
         model, cfg = hf.load_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
-                                        remat=m.remat, scan_layers=scan_layers(config),
-                                        attention=m.get("attention", "auto"))
-        from passk_jax.models.transformer import split
-
+                                        remat=m.remat, scan_layers=m.scan_layers, attention=m.attention)
         graphdef, params = split(model)
         return graphdef, params, cfg, hf.load_tokenizer(m.hf_path)
     tok_dir = os.path.join(workdir, "tokenizer")
@@ -203,31 +68,65 @@ def build_model(config: ConfigDict, mesh: jax.sharding.Mesh, workdir: str):
             tokenizer.save_pretrained(tok_dir)
     preset = getattr(ModelConfig, m.preset)
     cfg = preset(vocab_size=len(tokenizer), max_position_embeddings=m.max_len, dtype=m.dtype,
-                 param_dtype=m.param_dtype, remat=m.remat, scan_layers=scan_layers(config),
-                 attention=m.get("attention", "auto"))
-    graphdef, params = init_model(cfg, seed=config.seed, mesh=mesh)
+                 param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention)
+    graphdef, params = init_model(cfg, seed=spec.seed, mesh=mesh)
     return graphdef, params, cfg, tokenizer
 
 
-def warm_start(config, graphdef, params, mesh, task, tokenizer, train_examples, model_cfg, guard=None):
+def checkpoint_tree(state: TrainState) -> dict:
+    """The array tree a checkpoint stores for a ``TrainState`` (``ref_params`` only when there is one)."""
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "key": state.key}
+    if state.ref_params is not None:
+        tree["ref_params"] = state.ref_params
+    return tree
+
+
+def state_from_tree(tree: dict) -> TrainState:
+    return TrainState(tree["step"], tree["params"], tree["opt_state"], tree["key"], tree.get("ref_params"))
+
+
+def restore_target(spec: RunSpec, mesh: jax.sharding.Mesh, params: Any) -> dict:
+    """The abstract checkpoint tree of a run (shapes, dtypes, shardings on ``mesh``) to restore into;
+    nothing is compiled."""
+    return checkpoint_tree(abstract_state(spec.stages[0].step, mesh, params))
+
+
+def export(graphdef: Any, params: Any, model_cfg: ModelConfig, tokenizer: Any, out_dir: str, *,
+           hf_path: str | None = None) -> None:
+    """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer) of ``params`` that loads
+    through ``AutoModelForCausalLM`` / ``AutoTokenizer`` with the trained model's logits and the training
+    tokenizer's ids. ``hf_path``: the checkpoint the run started from; its tokenizer files are copied
+    verbatim and its config.json's other fields (bos / eos ids, ...) are kept.
+
+    Every process must call it (the parameters are gathered); process 0 writes."""
+    extra = None
+    if hf_path:
+        with open(os.path.join(hf_path, "config.json")) as f:
+            extra = json.load(f)
+    hf.save_pretrained((graphdef, params), model_cfg, out_dir, tokenizer=tokenizer, tokenizer_source=hf_path or None,
+                       extra_config=extra)
+
+
+# --------------------------------------------------------------------------------------------- phases
+def warm_start(spec: RunSpec, graphdef, params, mesh, env: rollout.Env, train_examples, model_cfg, guard=None):
     """SFT on demonstrations, cached under sft.cache_dir keyed by everything that determines the result.
 
     A preemption signal (``guard.requested``, on any process) stops SFT early; the partial result is not
     cached."""
     stop = (lambda: False) if guard is None else (lambda: parallel.process_any(guard.requested))
-    s = config.sft
-    seed = config.seed if s.seed < 0 else s.seed
-    key = sft.cache_key(str(model_cfg), config.task.to_dict(), s.to_dict(), seed,
-                        config.rollout.max_new_tokens, config.model.hf_path)
+    s = spec.sft
+    seed = spec.seed if s.seed < 0 else s.seed
+    key = sft.cache_key(str(model_cfg), spec.config_json["task"], spec.config_json["sft"], seed,
+                        spec.rollout.max_new_tokens, spec.model.hf_path)
     if s.cache:
         cached = sft.cached_params(s.cache_dir, key, params)
         if cached is not None:
             log.info("warm start: reusing cached SFT params %s/%s", s.cache_dir, key)
             return cached, {"sft/cached": 1.0}
     t0 = time.perf_counter()
-    data = sft.build_dataset(task, tokenizer, train_examples[:s.num_examples],
+    data = sft.build_dataset(env.task, env.tokenizer, train_examples[:s.num_examples],
                              demos_per_example=s.demos_per_example,
-                             max_new_tokens=config.rollout.max_new_tokens, seed=seed)
+                             max_new_tokens=spec.rollout.max_new_tokens, seed=seed)
     bar = tqdm(total=s.steps, desc="warm start (SFT)", leave=False, disable=jax.process_index() != 0)
 
     def progress(i, loss):
@@ -247,25 +146,13 @@ def warm_start(config, graphdef, params, mesh, task, tokenizer, train_examples, 
     return params, {"sft/final_loss": history[-1], **elapsed, "sft/examples": float(len(data[0]))}
 
 
-def _state_tree(state: TrainState) -> dict:
-    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "key": state.key}
-    if state.ref_params is not None:
-        tree["ref_params"] = state.ref_params
-    return tree
-
-
-def _from_tree(tree: dict) -> TrainState:
-    return TrainState(tree["step"], tree["params"], tree["opt_state"], tree["key"], tree.get("ref_params"))
-
-
-# --------------------------------------------------------------------------------------------- loop
-def collect(config, sampler, params, task, tokenizer, pool, stream, position, key):
-    """One step's rollouts (with dynamic sampling when enabled); returns (rollouts, new position)."""
-    r_cfg, P = config.rollout, config.rollout.prompts_per_step
+def collect(r_cfg: RolloutSpec, env: rollout.Env, params, stream: DataStream, position: int, key):
+    """One step's rollouts (with dynamic sampling when enabled); returns (rollouts, new position, metrics)."""
+    P = r_cfg.prompts_per_step
     kwargs = dict(num_samples=r_cfg.num_samples, max_new_tokens=r_cfg.max_new_tokens,
                   temperature=r_cfg.temperature, top_p=r_cfg.top_p, top_k=r_cfg.top_k,
                   chunk_prompts=r_cfg.sample_prompts, ignore_eos=r_cfg.ignore_eos, decode_slots=r_cfg.decode_slots)
-    r = rollout.generate(sampler, params, task, tokenizer, pool, stream.take(position, P), key=key, **kwargs)
+    r = rollout.generate(env, params, stream.take(position, P), key=key, **kwargs)
     position += P
     if not r_cfg.dynamic_sampling:
         return r, position, {}
@@ -278,8 +165,8 @@ def collect(config, sampler, params, task, tokenizer, pool, stream, position, ke
                 f"non-constant rewards after rollout.max_refills={r_cfg.max_refills} refills; raise the cap or "
                 "disable rollout.dynamic_sampling.")
         refills += 1
-        extra = rollout.generate(sampler, params, task, tokenizer, pool, stream.take(position, P),
-                                 key=jax.random.fold_in(key, refills), **kwargs)
+        extra = rollout.generate(env, params, stream.take(position, P), key=jax.random.fold_in(key, refills),
+                                 **kwargs)
         position += P
         kept.append(extra.select(extra.rewards.max(1) > extra.rewards.min(1)))
     merged = rollout.Rollouts.concat(kept)
@@ -287,67 +174,258 @@ def collect(config, sampler, params, task, tokenizer, pool, stream, position, ke
     return merged, position, {"rollout/refills": float(refills)}
 
 
-def load_examples(config: ConfigDict, task) -> tuple[list, list]:
-    """(train, test) examples; an empty split is one error naming its file (or the generator's size)."""
-    out = []
-    for split, num in (("train", config.task.num_train), ("test", config.eval.num_prompts)):
-        examples = task.examples(split, num=num, seed=config.seed)
-        if not examples:
-            source = config.task.options.get(f"{split}_files") or None
-            where = (f"task.options.{split}_files={source!r} has no rows" if source else
-                     f"task {config.task.name!r} produced no {split} examples")
-            raise ValueError(f"the {split} split is empty: {where}.")
-        out.append(examples)
-    return out[0], out[1]
+# --------------------------------------------------------------------------------------------- run
+@dataclasses.dataclass(eq=False)
+class Run:
+    """A run between ``setup`` and ``finish``: the model, the rollout environment, the train state and
+    where the run stands (``step`` RL steps done, ``position`` prompts drawn). ``status`` is "running" until
+    setup or ``finish`` decides ("done", "preempted", "stopped"); ``close()`` releases every resource and the
+    workdir lock (``train`` and a ``with`` block call it)."""
 
+    spec: RunSpec
+    workdir: str
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    model_cfg: ModelConfig
+    param_shapes: Any  # ShapeDtypeStructs (with shardings) of the parameters: what the train steps compile for
+    env: rollout.Env
+    test_examples: list
+    stream: DataStream
+    ckpt: Checkpointer
+    guard: PreemptionGuard
+    lock: workdir_lib.RunLock
+    state: TrainState | None = None
+    step: int = 0
+    position: int = 0
+    saved: int = 0
+    status: str = "running"
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    writer: MetricWriter | None = None
+    monitor: VerifierMonitor | None = None
+    bar: Any = None
+    stopping: bool = False
+    _fns: dict[int, tuple] = dataclasses.field(default_factory=dict)
 
-class VerifierError(RuntimeError):
-    """Every response of several consecutive steps failed in the verifier."""
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
 
+    @property
+    def root(self) -> jax.Array:
+        return jax.random.PRNGKey(self.spec.seed)
 
-class VerifierMonitor:
-    """Verifier counters per phase (train / eval), per step and cumulative (saved in checkpoints so they
-    survive resume), a loud console line when a step's share of failed responses exceeds
-    ``task.max_error_frac``, and a stop when every response of ``task.max_failed_steps`` consecutive train
-    steps failed. Counts are summed over processes, so every process takes the same decision."""
+    @property
+    def running(self) -> bool:
+        """Whether another ``rl_step`` is due: still running, not preempted, steps left."""
+        return self.status == "running" and not self.stopping and self.step < self.spec.total_steps
 
-    KINDS = ("scored", "errors", "invalid", "timeouts", "restarts")
+    def step_fns(self, stage: int) -> tuple:
+        """(init_state, train_step) of a stage, built on first use."""
+        if stage not in self._fns:
+            self._fns[stage] = make_train_step(self.graphdef, self.spec.stages[stage].step, self.mesh,
+                                               self.param_shapes)
+        return self._fns[stage]
 
-    def __init__(self, pool: VerifierPool, max_error_frac: float, max_failed_steps: int,
-                 totals: dict[str, float] | None = None, say=print):
-        self.pool, self.max_error_frac, self.max_failed_steps = pool, max_error_frac, max_failed_steps
-        self.totals: dict[str, float] = dict(totals or {})
-        self.failed_streak = 0
-        self.say = say
+    def preempted(self) -> bool:
+        """A preemption signal on any process (the same answer on every process)."""
+        return parallel.process_any(self.guard.requested)
 
-    def take(self, step: int) -> dict[str, float]:
-        """Metrics of the scoring done since the previous call: ``verifier/<phase>/<kind>`` for this step
-        and ``verifier/<phase>/<kind>_total`` since the run began."""
-        counts, examples = self.pool.take_counts()
-        phases = ("train", "eval") + tuple(sorted(set(counts) - {"train", "eval"}))
-        flat = parallel.process_sum({f"{phase}/{kind}": float(counts.get(phase, {}).get(kind, 0))
-                                     for phase in phases for kind in self.KINDS})
-        out = {}
-        for name, value in sorted(flat.items()):
-            self.totals[name] = self.totals.get(name, 0.0) + value
-            out[f"verifier/{name}"] = value
-            out[f"verifier/{name}_total"] = self.totals[name]
-        for phase in phases:
-            scored = flat.get(f"{phase}/scored", 0.0)
-            failed = flat.get(f"{phase}/errors", 0.0) + flat.get(f"{phase}/timeouts", 0.0)
-            if scored and failed / scored > self.max_error_frac:
-                first = (examples.get(phase) or ["on another process"])[0]
-                self.say(f"WARNING step {step} ({phase}): {failed:.0f} of {scored:.0f} responses "
-                         f"({failed / scored:.0%}) failed in the verifier and scored 0 (e.g. {first}).")
-            if phase == "train" and scored:
-                self.failed_streak = self.failed_streak + 1 if failed == scored else 0
-                if self.failed_streak >= self.max_failed_steps:
-                    first = (examples.get(phase) or ["on another process"])[0]
-                    raise VerifierError(
-                        f"every response of the last {self.failed_streak} training steps failed in the verifier "
-                        f"(e.g. {first}); fix the task's score function (task.max_failed_steps="
-                        f"{self.max_failed_steps} stops the run; earlier checkpoints are kept).")
+    def evaluate(self) -> dict[str, float]:
+        """Held-out evaluation of the current policy (the same key every time); its per-prompt results go
+        to ``eval_details/step_<step>.json``."""
+        e = self.spec.eval
+        out, per_prompt = evaluation.evaluate(
+            self.env, self.state.params, self.test_examples, num_samples=e.num_samples,
+            max_new_tokens=self.spec.rollout.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+            greedy=e.greedy, batch_prompts=e.sample_prompts, key=jax.random.fold_in(self.root, 2))
+        if self.is_main:
+            _save_eval_details(self.workdir, self.step, self.test_examples, per_prompt)
         return out
+
+    def save(self, stage: int) -> None:
+        self.ckpt.save(self.step, checkpoint_tree(self.state), {
+            "data_position": self.position, "stage": stage, "verifier": dict(self.monitor.totals)})
+        self.saved = self.step
+
+    def rl_step(self) -> dict[str, float]:
+        """One RL step: sample and score rollouts, update, log the metrics (and evaluate, checkpoint when
+        due); returns the logged metrics."""
+        spec, sampler, step = self.spec, self.env.sampler, self.step
+        stage = spec.stage_of(step)
+        t0 = time.perf_counter()
+        rkey = jax.random.fold_in(jax.random.fold_in(self.root, 3), step)
+        weights = sampler.prepare(self.state.params)  # the decode copy, once per policy update
+        r, self.position, extra = collect(spec.rollout, self.env, weights, self.stream, self.position, rkey)
+        del weights  # free it before the update
+        verifier = self.monitor.take(step + 1)  # stops here, before the update, when every response failed
+        bucket = next(b for b in sampler.buckets if b >= max(len(p) for p in r.prompts))
+        batch = rollout.to_batch(r, bucket=bucket, pad_id=self.env.tokenizer.pad_token_id)
+        t1 = time.perf_counter()
+        self.state, step_metrics = self.step_fns(stage)[1](self.state, batch)
+        step_metrics = jax.device_get(step_metrics)
+        t2 = time.perf_counter()
+        self.step = step = step + 1
+        k = spec.stages[stage].step.k
+        scalars = {f"step/{name.replace(f'@{k}', '@k')}": v for name, v in step_metrics.items()
+                   if np.ndim(v) == 0}
+        scalars.update(rollout.rollout_metrics(r))
+        scalars.update(extra)
+        times = parallel.process_max({**r.timings, "time/update": t2 - t1, "time/step": t2 - t0})
+        scalars.update({name: times[name] for name in r.timings})
+        tokens = float(r.lengths.sum())
+        scalars.update({"time/update": times["time/update"], "time/step": times["time/step"],
+                        "perf/tokens_per_s": tokens / times["time/step"],
+                        "train/stage": float(stage), "train/data_position": float(self.position)})
+        total = spec.total_steps
+        if spec.train.eval_every and step % spec.train.eval_every == 0 and step < total:
+            scalars.update(self.evaluate())
+            verifier = {**verifier, **{k: v for k, v in self.monitor.take(step).items() if "/eval/" in k}}
+        scalars.update(verifier)
+        scalars = self.writer.write(step, scalars)
+        self.bar.update(1)
+        if self.is_main and step % spec.train.log_every == 0:
+            self.bar.write(console_line(step, total, scalars, CONSOLE_KEYS))
+        self.stopping = self.preempted()
+        if step % spec.train.checkpoint_every == 0 or step == total or self.stopping:
+            self.save(stage)
+        return scalars
+
+    def close(self) -> None:
+        self.guard.restore()
+        if self.writer is not None:
+            self.writer.close()
+        self.ckpt.close()
+        self.env.pool.close()
+        self.lock.release()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def setup(spec: RunSpec, workdir: str, *, new_run: bool = False) -> Run:
+    """Claim ``workdir`` and make the run ready for its next RL step: build the task, the model and the
+    rollout environment, then resume from the newest readable checkpoint, or warm start (SFT) and evaluate
+    the initial policy. A run that is already finished, or preempted during the warm start, comes back with
+    that ``status`` and its ``summary``.
+
+    Every check that can fail (data files, workdir lock / ownership / writability) runs before the model is
+    built. ``new_run``: the workdir holds another run (a different config): move its files to
+    ``previous_runs/`` and start afresh instead of refusing."""
+    task = make_task(spec.task)
+    train_examples, test_examples = load_examples(spec, task)
+    lock = workdir_lib.claim(workdir, spec.config_json, new_run=new_run)
+    try:
+        mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)
+        graphdef, params, model_cfg, tokenizer = build_model(spec, mesh, workdir)
+        stream = DataStream(train_examples, spec.seed)
+        sampler = Sampler(graphdef, model_cfg, mesh=mesh, pad_id=tokenizer.pad_token_id,
+                          decode_layout=spec.rollout.decode_layout)
+        pool = VerifierPool(num_workers=spec.task.verifier_workers, timeout_s=spec.task.verifier_timeout_s)
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=spec.train.keep_checkpoints)
+    except BaseException:
+        lock.release()
+        raise
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    run = Run(spec, workdir, mesh, graphdef, model_cfg, shapes, rollout.Env(sampler, task, tokenizer, pool),
+              test_examples, stream, ckpt, PreemptionGuard(), lock, summary={"workdir": workdir})
+    try:
+        run.state = run.step_fns(0)[0](params, jax.random.fold_in(run.root, 1))
+        _start(run, params, train_examples)
+    except BaseException:
+        run.close()
+        raise
+    return run
+
+
+def _start(run: Run, params: Any, train_examples: list) -> None:
+    """Resume, or warm start and evaluate; then open the progress bar (``setup``'s second half)."""
+    spec, workdir, total = run.spec, run.workdir, run.spec.total_steps
+    restored = run.ckpt.restore_latest(checkpoint_tree(run.state))
+    start = 0 if restored is None else restored[0]
+    if start > total:
+        raise ValueError(f"workdir {workdir} has a checkpoint at step {start} but this config trains "
+                         f"{total} steps; raise train.steps or use another workdir.")
+    if restored is not None and start == total and _finished(workdir, spec):
+        log.info("run in %s already finished at step %d; nothing to do (report: %s).", workdir, start,
+                 os.path.join(workdir, "report.md"))
+        with open(os.path.join(workdir, "eval_final.json")) as f:
+            run.summary.update(status="done", step=start, final=json.load(f))
+        run.status = "done"
+        return
+    if run.is_main:
+        _reset_outputs(workdir, start)
+    run.writer = MetricWriter(workdir, purge_step=start + 1 if restored is not None else 0)
+    run.writer.truncate_after(start if restored is not None else -1)
+    run.monitor = VerifierMonitor(run.env.pool, spec.task.max_error_frac, spec.task.max_failed_steps,
+                                  None if restored is None else restored[2].get("verifier"),
+                                  say=tqdm.write if run.is_main else (lambda _: None))
+    if restored is None:
+        if spec.sft.steps > 0:
+            params, sft_metrics = warm_start(spec, run.graphdef, params, run.mesh, run.env, train_examples,
+                                             run.model_cfg, run.guard)
+            if run.preempted():  # preempted during the warm start: nothing worth a checkpoint yet
+                run.summary.update(status="preempted", step=0, signal=run.guard.signal_name)
+                run.status = "preempted"
+                return
+            run.writer.write(0, sft_metrics)
+            run.state = run.step_fns(0)[0](params, jax.random.fold_in(run.root, 1))
+        initial = run.evaluate()
+        initial.update(run.monitor.take(0))
+        run.writer.write(0, initial)
+        if run.is_main:
+            _dump(os.path.join(workdir, "eval_initial.json"), initial)
+    else:
+        _, tree, meta = restored
+        run.state, run.position = state_from_tree(tree), int(meta["data_position"])
+        log.info("resuming from checkpoint step %d of %d in %s", start, total, run.ckpt.directory)
+    run.bar = tqdm(total=total, initial=start, desc="RL", disable=not run.is_main, dynamic_ncols=True)
+    run.step = run.saved = start
+    run.stopping = run.preempted()
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """End the run: after a preemption or an early stop, checkpoint the last step; after the last step,
+    evaluate, export and write the report. Returns the summary (``status``, ``step``, ``final``...)."""
+    if run.status != "running":
+        return run.summary
+    spec, workdir, step, total = run.spec, run.workdir, run.step, run.spec.total_steps
+    run.bar.close()
+    stopping = run.stopping or run.preempted()
+    if stopping or step < total:
+        if step > 0 and step != run.saved:
+            run.save(spec.stage_of(step - 1))
+        run.ckpt.wait()
+        run.status = "preempted" if stopping else "stopped"
+        run.summary.update(status=run.status, step=step, signal=run.guard.signal_name)
+        log.warning("%s: checkpoint saved at step %d", run.guard.signal_name or "stop_after", step)
+        return run.summary
+    final = run.evaluate()
+    final.update(run.monitor.take(total))
+    run.writer.write(total, final, phase="final")
+    run.ckpt.wait()
+    if spec.train.export_hf:  # every process joins the parameter gathers; process 0 writes
+        export(run.graphdef, run.state.params, run.model_cfg, run.env.tokenizer, os.path.join(workdir, "hf_export"),
+               hf_path=spec.model.hf_path or None)
+    if run.is_main:
+        _dump(os.path.join(workdir, "eval_final.json"), final)
+        report.write(workdir, spec)
+    run.status = "done"
+    run.summary.update(status="done", step=step, final=final)
+    return run.summary
+
+
+def train(spec: RunSpec, workdir: str, *, stop_after: int | None = None, new_run: bool = False) -> dict[str, Any]:
+    """Run (or resume) the experiment described by ``spec`` in ``workdir``; returns the final summary.
+
+    ``new_run``: see ``setup``. ``stop_after``: checkpoint and return after this global step, as if
+    preempted (status "stopped")."""
+    with setup(spec, workdir, new_run=new_run) as run:
+        while run.running and (stop_after is None or run.step < stop_after):
+            run.rl_step()
+        return finish(run)
 
 
 def _reset_outputs(workdir: str, start: int) -> None:
@@ -381,203 +459,9 @@ def _save_eval_details(workdir: str, step: int, examples: Sequence, per_prompt: 
         json.dump(record, f)
 
 
-def _finished(workdir: str, config: ConfigDict) -> bool:
-    need = ["eval_final.json", "report.md"] + (["hf_export/config.json"] if config.train.export_hf else [])
+def _finished(workdir: str, spec: RunSpec) -> bool:
+    need = ["eval_final.json", "report.md"] + (["hf_export/config.json"] if spec.train.export_hf else [])
     return all(os.path.exists(os.path.join(workdir, name)) for name in need)
-
-
-def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
-          new_run: bool = False) -> dict[str, Any]:
-    """Run (or resume) the experiment described by ``config`` in ``workdir``; returns the final summary.
-
-    Every check that can fail (config, data files, workdir lock / ownership / writability) runs before the
-    model is built. ``new_run``: the workdir holds another run (a different config): move its files to
-    ``previous_runs/`` and start afresh instead of refusing. ``stop_after``: checkpoint and return after this
-    global step, as if preempted (status "stopped").
-    """
-    plan = validate(config)
-    task = make_task(config)
-    train_examples, test_examples = load_examples(config, task)
-    lock = workdir_lib.claim(workdir, json.loads(config.to_json_best_effort()), new_run=new_run)
-    try:
-        return _train(config, workdir, plan, task, train_examples, test_examples, stop_after)
-    finally:
-        lock.release()
-
-
-def _train(config, workdir, plan, task, train_examples, test_examples, stop_after) -> dict[str, Any]:
-    is_main = jax.process_index() == 0
-    mesh = parallel.make_mesh(**config.mesh.to_dict())
-    graphdef, params, model_cfg, tokenizer = build_model(config, mesh, workdir)
-    stream = DataStream(train_examples, config.seed)
-    sampler = Sampler(graphdef, model_cfg, mesh=mesh, pad_id=tokenizer.pad_token_id,
-                      decode_layout=config.rollout.decode_layout)
-    pool = VerifierPool(num_workers=config.task.verifier_workers, timeout_s=config.task.verifier_timeout_s)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-    guard = PreemptionGuard()
-    total_steps = sum(steps for steps, _ in plan)
-    steps_fns: dict[int, tuple] = {}
-
-    def step_fns(stage: int):
-        if stage not in steps_fns:
-            steps_fns[stage] = make_train_step(graphdef, plan[stage][1], mesh, params)
-        return steps_fns[stage]
-
-    def stage_of(step: int) -> int:
-        edge = 0
-        for i, (steps, _) in enumerate(plan):
-            edge += steps
-            if step < edge:
-                return i
-        return len(plan) - 1
-
-    root = jax.random.PRNGKey(config.seed)
-    eval_kwargs = dict(num_samples=config.eval.num_samples, max_new_tokens=config.rollout.max_new_tokens,
-                       temperature=config.eval.temperature, top_p=config.eval.top_p, greedy=config.eval.greedy,
-                       batch_prompts=config.eval.sample_prompts)
-    state = step_fns(0)[0](params, jax.random.fold_in(root, 1))
-    writer = None
-    summary: dict[str, Any] = {"workdir": workdir}
-    preempted = lambda: parallel.process_any(guard.requested)  # noqa: E731 - the same answer on every process
-    try:
-        restored = ckpt.restore_latest(_state_tree(state))
-        start = 0 if restored is None else restored[0]
-        if start > total_steps:
-            raise ValueError(f"workdir {workdir} has a checkpoint at step {start} but this config trains "
-                             f"{total_steps} steps; raise train.steps or use another workdir.")
-        if restored is not None and start == total_steps and _finished(workdir, config):
-            log.info("run in %s already finished at step %d; nothing to do (report: %s).", workdir, start,
-                     os.path.join(workdir, "report.md"))
-            with open(os.path.join(workdir, "eval_final.json")) as f:
-                summary.update(status="done", step=start, final=json.load(f))
-            return summary
-        if is_main:
-            _reset_outputs(workdir, start)
-        writer = MetricWriter(workdir, purge_step=start + 1 if restored is not None else 0)
-        writer.truncate_after(start if restored is not None else -1)
-        monitor = VerifierMonitor(pool, config.task.max_error_frac, config.task.max_failed_steps,
-                                  None if restored is None else restored[2].get("verifier"),
-                                  say=tqdm.write if is_main else (lambda _: None))
-        if restored is None:
-            position = 0
-            if config.sft.steps > 0:
-                params, sft_metrics = warm_start(config, graphdef, params, mesh, task, tokenizer,
-                                                 train_examples, model_cfg, guard)
-                if preempted():  # preempted during the warm start: nothing worth a checkpoint yet
-                    summary.update(status="preempted", step=0, signal=guard.signal_name)
-                    return summary
-                writer.write(0, sft_metrics)
-                state = step_fns(0)[0](params, jax.random.fold_in(root, 1))
-            initial, per_prompt = evaluation.evaluate(sampler, state.params, task, tokenizer, pool,
-                                                      test_examples, key=jax.random.fold_in(root, 2), **eval_kwargs)
-            if is_main:
-                _save_eval_details(workdir, 0, test_examples, per_prompt)
-            initial.update(monitor.take(0))
-            writer.write(0, initial)
-            if is_main:
-                _dump(os.path.join(workdir, "eval_initial.json"), initial)
-        else:
-            _, tree, meta = restored
-            state, position = _from_tree(tree), int(meta["data_position"])
-            log.info("resuming from checkpoint step %d of %d in %s", start, total_steps, ckpt.directory)
-        bar = tqdm(total=total_steps, initial=start, desc="RL", disable=not is_main, dynamic_ncols=True)
-        step = saved = start
-        stopping = preempted()
-        while step < total_steps:
-            if stopping or (stop_after is not None and step >= stop_after):
-                break
-            stage = stage_of(step)
-            t0 = time.perf_counter()
-            rkey = jax.random.fold_in(jax.random.fold_in(root, 3), step)
-            weights = sampler.prepare(state.params)  # the decode copy, once per policy update
-            r, position, extra = collect(config, sampler, weights, task, tokenizer, pool, stream, position, rkey)
-            del weights  # free it before the update
-            verifier = monitor.take(step + 1)  # stops here, before the update, when every response failed
-            bucket = next(b for b in sampler.buckets if b >= max(len(p) for p in r.prompts))
-            batch = rollout.to_batch(r, bucket=bucket, pad_id=tokenizer.pad_token_id)
-            t1 = time.perf_counter()
-            state, step_metrics = step_fns(stage)[1](state, batch)
-            step_metrics = jax.device_get(step_metrics)
-            t2 = time.perf_counter()
-            step += 1
-            k = plan[stage][1].k
-            scalars = {f"step/{name.replace(f'@{k}', '@k')}": v for name, v in step_metrics.items()
-                       if np.ndim(v) == 0}
-            scalars.update(rollout.rollout_metrics(r))
-            scalars.update(extra)
-            times = parallel.process_max({**r.timings, "time/update": t2 - t1, "time/step": t2 - t0})
-            scalars.update({name: times[name] for name in r.timings})
-            tokens = float(r.lengths.sum())
-            scalars.update({"time/update": times["time/update"], "time/step": times["time/step"],
-                            "perf/tokens_per_s": tokens / times["time/step"],
-                            "train/stage": float(stage), "train/data_position": float(position)})
-            if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
-                ev, per_prompt = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
-                                                     key=jax.random.fold_in(root, 2), **eval_kwargs)
-                if is_main:
-                    _save_eval_details(workdir, step, test_examples, per_prompt)
-                scalars.update(ev)
-                verifier = {**verifier, **{k: v for k, v in monitor.take(step).items() if "/eval/" in k}}
-            scalars.update(verifier)
-            scalars = writer.write(step, scalars)
-            bar.update(1)
-            if is_main and step % config.train.log_every == 0:
-                bar.write(console_line(step, total_steps, scalars, CONSOLE_KEYS))
-            stopping = preempted()
-            if step % config.train.checkpoint_every == 0 or step == total_steps or stopping or step == stop_after:
-                ckpt.save(step, _state_tree(state), _meta(position, stage, monitor))
-                saved = step
-        bar.close()
-        stopping = stopping or preempted()
-        if stopping or step < total_steps:
-            if step > 0 and step != saved:
-                ckpt.save(step, _state_tree(state), _meta(position, stage_of(step - 1), monitor))
-            ckpt.wait()
-            status = "preempted" if stopping else "stopped"
-            summary.update(status=status, step=step, signal=guard.signal_name)
-            log.warning("%s: checkpoint saved at step %d", guard.signal_name or "stop_after", step)
-            return summary
-        final, per_prompt = evaluation.evaluate(sampler, state.params, task, tokenizer, pool, test_examples,
-                                                key=jax.random.fold_in(root, 2), **eval_kwargs)
-        if is_main:
-            _save_eval_details(workdir, total_steps, test_examples, per_prompt)
-        final.update(monitor.take(total_steps))
-        writer.write(total_steps, final, phase="final")
-        ckpt.wait()
-        if config.train.export_hf:  # every process joins the parameter gathers; process 0 writes
-            export(graphdef, state.params, model_cfg, tokenizer, os.path.join(workdir, "hf_export"),
-                   hf_path=config.model.hf_path or None)
-        if is_main:
-            _dump(os.path.join(workdir, "eval_final.json"), final)
-            report.write(workdir, config)
-        summary.update(status="done", step=step, final=final)
-        return summary
-    finally:
-        guard.restore()
-        if writer is not None:
-            writer.close()
-        ckpt.close()
-        pool.close()
-
-
-def _meta(position: int, stage: int, monitor: VerifierMonitor) -> dict[str, Any]:
-    return {"data_position": position, "stage": stage, "verifier": dict(monitor.totals)}
-
-
-def export(graphdef: Any, params: Any, model_cfg: ModelConfig, tokenizer: Any, out_dir: str, *,
-           hf_path: str | None = None) -> None:
-    """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer) of ``params`` that loads
-    through ``AutoModelForCausalLM`` / ``AutoTokenizer`` with the trained model's logits and the training
-    tokenizer's ids. ``hf_path``: the checkpoint the run started from; its tokenizer files are copied
-    verbatim and its config.json's other fields (bos / eos ids, ...) are kept.
-
-    Every process must call it (the parameters are gathered); process 0 writes."""
-    extra = None
-    if hf_path:
-        with open(os.path.join(hf_path, "config.json")) as f:
-            extra = json.load(f)
-    hf.save_pretrained((graphdef, params), model_cfg, out_dir, tokenizer=tokenizer, tokenizer_source=hf_path or None,
-                       extra_config=extra)
 
 
 def _dump(path: str, obj: dict) -> None:

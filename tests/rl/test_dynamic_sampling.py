@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import configs
 from passk_jax.rl import rollout, trainer
+from passk_jax.rl.data import DataStream
+from passk_jax.spec import RolloutSpec
 
 
 def fake_rollouts(examples, n):
@@ -19,23 +20,20 @@ def fake_rollouts(examples, n):
 
 @pytest.fixture
 def config():
-    c = configs.get("passk_k4")
-    c.rollout.prompts_per_step, c.rollout.num_samples, c.rollout.decode_slots = 4, 4, 8
-    c.rollout.dynamic_sampling, c.rollout.max_refills = True, 3
-    return c
+    return RolloutSpec(prompts_per_step=4, num_samples=4, decode_slots=8, dynamic_sampling=True, max_refills=3)
 
 
 def test_drops_constant_groups_and_refills(monkeypatch, config):
-    monkeypatch.setattr(rollout, "generate", lambda *a, **kw: fake_rollouts(a[5], 4))
-    stream = trainer.DataStream(list(range(20)), seed=0)
-    r, position, extra = trainer.collect(config, None, None, None, None, None, stream, 0, key=jax.random.PRNGKey(0))
+    monkeypatch.setattr(rollout, "generate", lambda *a, **kw: fake_rollouts(a[2], 4))
+    stream = DataStream(list(range(20)), seed=0)
+    r, position, extra = trainer.collect(config, None, None, stream, 0, key=jax.random.PRNGKey(0))
     assert len(r.examples) == 4 and r.rewards.shape == (4, 4) and r.tokens.shape == (16, 3)
     assert np.all(r.rewards.max(1) > r.rewards.min(1))
     assert position == 4 * (1 + extra["rollout/refills"])
 
 
 def test_refill_cap_is_a_clear_error(monkeypatch, config):
-    monkeypatch.setattr(rollout, "generate", lambda *a, **kw: fake_rollouts(a[5], 4))
-    stream = trainer.DataStream([0, 5, 10, 20], seed=0)  # every prompt has constant rewards
+    monkeypatch.setattr(rollout, "generate", lambda *a, **kw: fake_rollouts(a[2], 4))
+    stream = DataStream([0, 5, 10, 20], seed=0)  # every prompt has constant rewards
     with pytest.raises(RuntimeError, match="max_refills=3"):
-        trainer.collect(config, None, None, None, None, None, stream, 0, key=jax.random.PRNGKey(0))
+        trainer.collect(config, None, None, stream, 0, key=jax.random.PRNGKey(0))

@@ -14,7 +14,8 @@ import pytest
 from experiments import configs
 from passk_jax import metrics
 from passk_jax.metric_log import read_jsonl
-from passk_jax.rl import evaluation, trainer
+from passk_jax.rl import evaluation, monitor, trainer
+from passk_jax.spec import RunSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = {
@@ -24,6 +25,10 @@ OVERRIDES = {
     "eval.num_prompts": 4, "eval.num_samples": 4,
     "sft.steps": 3, "sft.num_examples": 32, "sft.batch_size": 8,
 }
+
+
+def tiny_spec(cache_dir, **extra):
+    return RunSpec.from_config(tiny_config(cache_dir, **extra))
 
 
 def tiny_config(cache_dir, **extra):
@@ -42,9 +47,9 @@ def runs(tmp_path_factory):
     """One uninterrupted run and one stopped after step 2 then resumed, sharing the SFT cache."""
     base = tmp_path_factory.mktemp("trainer")
     full, split = str(base / "full"), str(base / "split")
-    out_full = trainer.train(tiny_config(base / "cache"), full)
-    out_stop = trainer.train(tiny_config(base / "cache"), split, stop_after=2)
-    out_resume = trainer.train(tiny_config(base / "cache"), split)
+    out_full = trainer.train(tiny_spec(base / "cache"), full)
+    out_stop = trainer.train(tiny_spec(base / "cache"), split, stop_after=2)
+    out_resume = trainer.train(tiny_spec(base / "cache"), split)
     return dict(full=full, split=split, out_full=out_full, out_stop=out_stop, out_resume=out_resume, base=base)
 
 
@@ -158,7 +163,7 @@ def test_rerun_of_a_finished_run_changes_nothing(runs, caplog):
     wd = _copy_run(runs, "rerun")
     before = open(os.path.join(wd, "metrics.jsonl")).read()
     caplog.set_level("INFO")
-    out = trainer.train(tiny_config(runs["base"] / "cache"), wd)
+    out = trainer.train(tiny_spec(runs["base"] / "cache"), wd)
     assert out["status"] == "done" and out["step"] == 4 and "already finished" in caplog.text
     assert open(os.path.join(wd, "metrics.jsonl")).read() == before
 
@@ -169,7 +174,7 @@ def test_changed_config_is_refused_before_compiling(runs):
     wd = _copy_run(runs, "changed")
     files = {name: open(os.path.join(wd, name), "rb").read() for name in ("config.json", "metrics.jsonl")}
     with pytest.raises(WorkdirError, match=r"step\.kl_coef \(0\.0 -> 0\.1\)"):
-        trainer.train(tiny_config(runs["base"] / "cache", **{"step.kl_coef": 0.1}), wd)
+        trainer.train(tiny_spec(runs["base"] / "cache", **{"step.kl_coef": 0.1}), wd)
     assert {name: open(os.path.join(wd, name), "rb").read() for name in files} == files
     assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()) == [2, 3, 4]
 
@@ -183,7 +188,7 @@ def test_corrupt_newest_checkpoint_then_longer_resume_finishes(runs, caplog):
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     caplog.set_level("INFO")
-    out = trainer.train(tiny_config(runs["base"] / "cache", **{"train.steps": 5}), wd)
+    out = trainer.train(tiny_spec(runs["base"] / "cache", **{"train.steps": 5}), wd)
     assert out["status"] == "done" and out["step"] == 5
     assert "step 4" in caplog.text and "unreadable" in caplog.text and "resuming from checkpoint step 3" in caplog.text
     assert os.listdir(os.path.join(wd, "checkpoints", "corrupt")) == ["4"]
@@ -222,8 +227,8 @@ def test_out_of_range_rewards_are_errors_and_an_always_failing_verifier_stops(tm
     c = tiny_config(tmp_path / "cache", **{"task.name": "maze_reward_5", "task.verifier_workers": 0,
                                            "task.max_failed_steps": 2, "sft.steps": 0, "eval.greedy": False,
                                            "train.eval_every": 0})
-    with pytest.raises(trainer.VerifierError, match=r"last 2 training steps failed.*outside the task's range"):
-        trainer.train(c, str(tmp_path / "run"))
+    with pytest.raises(monitor.VerifierError, match=r"last 2 training steps failed.*outside the task's range"):
+        trainer.train(RunSpec.from_config(c), str(tmp_path / "run"))
     records = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
     step1 = next(r for r in records if r["step"] == 1)
     assert step1["verifier/train/invalid"] == step1["verifier/train/scored"] == 16
@@ -246,7 +251,7 @@ def test_empty_data_file_is_named(tmp_path, split):
     files = {"train_files": good, "test_files": good, f"{split}_files": str(empty)}
     c.task.options = files
     with pytest.raises(ValueError, match=f"the {split} split is empty: task.options.{split}_files='{empty}'"):
-        trainer.train(c, str(tmp_path / "run"))
+        trainer.train(RunSpec.from_config(c), str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")  # refused before the workdir was touched
 
 
@@ -276,7 +281,7 @@ def test_eval_pass_at_k_matches_estimator():
 ])
 def test_config_validation(tmp_path, key, value, needle):
     with pytest.raises(ValueError, match=needle):
-        trainer.validate(tiny_config(tmp_path, **{key: value}))
+        tiny_spec(tmp_path, **{key: value})
 
 
 def test_unknown_config_and_field_messages():
@@ -331,10 +336,9 @@ def test_every_named_config_validates(name):
     c = configs.get(name)
     if c.model.preset == "hf":
         with pytest.raises(ValueError, match="hf_path"):
-            trainer.validate(c)
+            RunSpec.from_config(c)
     else:
-        plan = trainer.validate(c)
-        assert sum(steps for steps, _ in plan) == c.train.steps
+        assert RunSpec.from_config(c).total_steps == c.train.steps
 
 
 def test_long_responses_train_and_evaluate(tmp_path):
@@ -347,10 +351,10 @@ def test_long_responses_train_and_evaluate(tmp_path):
                                            "rollout.prompts_per_step": 2, "rollout.num_samples": 4, "train.steps": 1,
                                            "train.eval_every": 0, "eval.num_prompts": 2, "eval.num_samples": 4,
                                            "eval.greedy": False, "train.export_hf": False})
-    out = trainer.train(c, str(tmp_path / "run"))
+    out = trainer.train(RunSpec.from_config(c), str(tmp_path / "run"))
     assert out["status"] == "done"
     step = next(r for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if "rollout/length_max" in r)
     assert step["rollout/length_mean"] == 1024 and step["rollout/truncated_frac"] == 1.0
     assert np.isfinite(step["step/loss"]) and step["step/entropy"] > 0
     assert "eval/pass@4" in out["final"]
-    assert no_cache_kernel(trainer.build_model(c, None, str(tmp_path / "run"))[2]) == "blocked"
+    assert no_cache_kernel(trainer.build_model(RunSpec.from_config(c), None, str(tmp_path / "run"))[2]) == "blocked"

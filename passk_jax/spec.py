@@ -1,0 +1,288 @@
+"""The typed description of one run: frozen sections (model, task, rollout, step, eval, train, sft, mesh)
+under a ``RunSpec``, each checking its own fields where it is built; ``RunSpec`` checks what spans sections.
+
+``RunSpec.from_config(config)`` is the one conversion from an ``ml_collections`` config (the named configs
+of ``experiments/configs`` and their ``--config.a.b=value`` overrides); the library takes the spec and never
+reads a config. ``RunSpec.config_json`` is the config as JSON, exactly what a workdir's ``config.json``
+records (``passk_jax.workdir`` compares it field by field). ``check_host()`` adds the checks that depend on
+this machine (device count, backend, files). Every failure is one sentence naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from passk_jax import advantages
+from passk_jax.models.transformer import ATTENTION_KERNELS
+from passk_jax.rl.step import StepConfig, validate_batch
+from passk_jax.sampling import DECODE_LAYOUTS
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A fresh character-level model (``preset`` "tiny" | "small") or a local Hugging Face checkpoint
+    (``hf_path``; then ``preset`` is ignored). ``preset`` "hf": the run needs ``hf_path``, a directory on
+    the machine that runs it (``RunSpec.check_host``)."""
+
+    preset: str = "tiny"
+    hf_path: str = ""
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
+    attention: str = "auto"
+    max_len: int = 256
+
+    def __post_init__(self):
+        _need(self.attention in ATTENTION_KERNELS,
+              f"model.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}.")
+        _need(bool(self.hf_path) or self.preset in ("tiny", "small", "hf"),
+              f"model.preset must be 'tiny' or 'small' (or set model.hf_path), got {self.preset!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A task of the ``passk_jax.tasks`` registry, its options, and the verifier's process settings."""
+
+    name: str = "maze"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # "" / None count as unset
+    num_train: int | None = 4000
+    verifier_workers: int = 1
+    verifier_timeout_s: float = 10.0
+    max_error_frac: float = 0.5
+    max_failed_steps: int = 3
+
+    def __post_init__(self):
+        t = self
+        _need(t.num_train is None or t.num_train >= 1,
+              f"task.num_train must be >= 1 (or None: every row), got {t.num_train}.")
+        _need(t.verifier_workers >= 0, f"task.verifier_workers must be >= 0 (0 = in-process), got {t.verifier_workers}.")
+        _need(t.verifier_timeout_s > 0, f"task.verifier_timeout_s must be > 0, got {t.verifier_timeout_s}.")
+        _need(0 <= t.max_error_frac <= 1, f"task.max_error_frac must be in [0, 1], got {t.max_error_frac}.")
+        _need(t.max_failed_steps >= 1, f"task.max_failed_steps must be >= 1, got {t.max_failed_steps}.")
+
+    @property
+    def set_options(self) -> dict[str, Any]:
+        """The options that are set (not "" or None): the keyword arguments of the task's constructor."""
+        return {k: v for k, v in self.options.items() if v not in ("", None)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+    """Training rollouts: P prompts x n samples per step, sampling settings, dynamic sampling."""
+
+    prompts_per_step: int = 16
+    num_samples: int = 16
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    sample_prompts: int = 0
+    ignore_eos: bool = False
+    decode_slots: int = 64
+    decode_layout: str = "auto"
+    dynamic_sampling: bool = False
+    max_refills: int = 4
+
+    def __post_init__(self):
+        r = self
+        _need(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}.")
+        _need(r.num_samples >= 1, f"rollout.num_samples must be >= 1, got {r.num_samples}.")
+        _need(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}.")
+        _need(r.sample_prompts >= 0,
+              f"rollout.sample_prompts must be >= 0 (0 = all at once), got {r.sample_prompts}.")
+        _need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
+        _need(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}.")
+        _need(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}.")
+        _need(0 <= r.decode_slots <= r.call_rows,
+              f"rollout.decode_slots must be in [0, {r.call_rows}] (0 = lockstep; at most the rows of one sampler "
+              f"call, rollout.sample_prompts x rollout.num_samples), got {r.decode_slots}.")
+        _need(r.decode_layout in DECODE_LAYOUTS,
+              f"rollout.decode_layout must be one of {DECODE_LAYOUTS}, got {r.decode_layout!r}.")
+
+    @property
+    def call_rows(self) -> int:
+        """Rows of one sampler call: prompts per call x samples."""
+        return (self.sample_prompts or self.prompts_per_step) * self.num_samples
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """Held-out evaluation: prompts, samples per prompt, sampling settings, prompts per sampler call."""
+
+    num_prompts: int = 64
+    num_samples: int = 16
+    temperature: float = 1.0
+    top_p: float = 0.95
+    greedy: bool = True
+    sample_prompts: int = 64
+
+    def __post_init__(self):
+        e = self
+        _need(e.sample_prompts >= 1, f"eval.sample_prompts must be >= 1, got {e.sample_prompts}.")
+        _need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
+        _need(e.temperature >= 0, f"eval.temperature must be >= 0, got {e.temperature}.")
+        _need(e.num_samples >= 1 and e.num_prompts >= 1, "eval.num_samples and eval.num_prompts must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """``steps`` RL steps with one ``StepConfig``."""
+
+    steps: int
+    step: StepConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """Number of RL steps, eval / checkpoint / log cadence, export; ``stages``: explicit sequential stages
+    (their step configs already merged over the base ``step`` section), empty for one stage of ``steps``."""
+
+    steps: int = 40
+    eval_every: int = 0
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    stages: tuple[Stage, ...] = ()
+    export_hf: bool = True
+
+    def __post_init__(self):
+        _need(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}.")
+        _need(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}.")
+        _need(self.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
+        _need(self.eval_every >= 0, "train.eval_every must be >= 0 (0 = only before and after).")
+
+
+@dataclasses.dataclass(frozen=True)
+class SftSpec:
+    """Supervised warm start on task demonstrations, cached under ``cache_dir``; ``seed`` -1 = the run's."""
+
+    steps: int = 300
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    num_examples: int = 2000
+    demos_per_example: int = 1
+    cache: bool = True
+    cache_dir: str = "runs/.sft_cache"
+    seed: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """Device mesh sizes over ('data', 'fsdp', 'tensor'); -1 = every remaining device."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    seed: int
+    model: ModelSpec
+    task: TaskSpec
+    rollout: RolloutSpec
+    step: StepConfig
+    train: TrainSpec
+    eval: EvalSpec
+    sft: SftSpec
+    mesh: MeshSpec
+    config_json: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        r = self.rollout
+        _need(sum(s.steps for s in self.stages) >= 0, "train.steps must be >= 0.")
+        for i, stage in enumerate(self.stages):
+            where = "step" if not self.train.stages else f"train.stages[{i}].step"
+            cfg = stage.step
+            _need(stage.steps >= 0, f"a stage has steps={stage.steps}; it must be >= 0.")
+            _need(cfg.k <= r.num_samples, f"{where}.k={cfg.k} exceeds rollout.num_samples={r.num_samples} "
+                                          "(k samples are drawn from the rollouts of a prompt).")
+            if cfg.old_logprobs == "sampler" and (r.top_p < 1 or r.top_k > 0 or r.temperature != cfg.temperature):
+                raise ValueError(f"{where}.old_logprobs='sampler' needs rollout.top_p=1, rollout.top_k=0 and "
+                                 "rollout.temperature equal to step.temperature; use old_logprobs='recompute'.")
+            try:
+                cfg.validate()
+                validate_batch(cfg, r.prompts_per_step, r.num_samples, r.prompts_per_step * r.num_samples)
+                advantages.validate(cfg.estimator, r.num_samples, cfg.k, **dict(cfg.estimator_options))
+            except ValueError as err:  # the step's own messages name the field without its section
+                raise ValueError(f"{where}: {err}") from None
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages the run trains: ``train.stages``, or one stage of ``train.steps`` with ``step``."""
+        return self.train.stages or (Stage(self.train.steps, self.step),)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_of(self, step: int) -> int:
+        """The stage that trains global step ``step`` (0-based); past the end, the last one."""
+        edge = 0
+        for i, stage in enumerate(self.stages):
+            edge += stage.steps
+            if step < edge:
+                return i
+        return len(self.stages) - 1
+
+    def check_host(self) -> RunSpec:
+        """The checks that depend on this machine: the data-parallel size of the mesh over this job's
+        devices, the backend an attention kernel needs, the checkpoint directory. Returns the spec."""
+        import jax
+
+        from passk_jax import parallel
+
+        r = self.rollout
+        data, fsdp, _ = parallel.mesh_sizes(self.mesh.data, self.mesh.fsdp, self.mesh.tensor, jax.device_count())
+        _need(r.decode_slots % (data * fsdp) == 0,
+              f"rollout.decode_slots={r.decode_slots} is not divisible by the data-parallel size "
+              f"data*fsdp={data * fsdp}.")
+        for kernel, backend in (("cudnn", "gpu"), ("splash", "tpu")):
+            _need(self.model.attention != kernel or jax.default_backend() == backend,
+                  f"model.attention={kernel!r} runs only on a {backend.upper()} (this backend is "
+                  f"{jax.default_backend()}); use 'auto' or 'blocked'.")
+        _need(bool(self.model.hf_path) or self.model.preset != "hf",
+              "this config loads a Hugging Face checkpoint: set --config.model.hf_path=/path/to/model_dir.")
+        _need(not self.model.hf_path or os.path.isdir(self.model.hf_path),
+              f"model.hf_path {self.model.hf_path!r} is not a directory.")
+        return self
+
+    @classmethod
+    def from_config(cls, config: Any, *, host_checks: bool = True) -> RunSpec:
+        """The spec of an ``ml_collections`` config; ``host_checks``: also run ``check_host()``."""
+        spec = cls.from_json(config.to_dict(), config_json=json.loads(config.to_json_best_effort()))
+        return spec.check_host() if host_checks else spec
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], config_json: Mapping[str, Any] | None = None) -> RunSpec:
+        """The spec of a config as nested mappings of plain values (a workdir's config.json, or a config's
+        ``to_dict()``); ``config_json``: its JSON form (default: ``data``)."""
+        m, t = dict(data["model"]), dict(data["task"])
+        scan = m.get("scan_layers", False)
+        _need(str(scan).lower() in ("true", "false"), f"model.scan_layers must be true or false, got {scan!r}.")
+        m["scan_layers"] = str(scan).lower() == "true"
+        t["options"] = dict(t.get("options") or {})
+        base = dict(data["step"])
+        step = StepConfig.from_dict(base)
+        stages = []
+        for i, stage in enumerate(data["train"].get("stages") or ()):
+            stage = dict(stage)
+            unknown = sorted(set(stage) - {"steps", "step"})
+            if unknown:
+                raise ValueError(f"train.stages[{i}] has unknown key(s) {unknown}; use 'steps' and 'step'.")
+            stages.append(Stage(int(stage["steps"]), StepConfig.from_dict({**base, **dict(stage.get("step", {}))})))
+        train = {**data["train"], "stages": tuple(stages)}
+        return cls(seed=int(data["seed"]), model=ModelSpec(**m), task=TaskSpec(**t),
+                   rollout=RolloutSpec(**data["rollout"]), step=step, train=TrainSpec(**train),
+                   eval=EvalSpec(**data["eval"]), sft=SftSpec(**data["sft"]), mesh=MeshSpec(**data["mesh"]),
+                   config_json=data if config_json is None else config_json)
