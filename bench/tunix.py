@@ -229,6 +229,7 @@ def run_ours(workdir: str | Path) -> dict:
     from passk_jax.models.transformer import split
     from passk_jax.rl import rollout
     from passk_jax.rl import step as st
+    from passk_jax.rl.batch import Batch, batch_shardings
     from passk_jax.sampling import Sampler
 
     workdir = Path(workdir)
@@ -264,9 +265,9 @@ def run_ours(workdir: str | Path) -> dict:
     mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
     init_state, train_fn = st.make_train_step(graphdef, step_cfg, mesh, params)
     box = [init_state(params)]
-    batch = jax.device_put(st.Batch(data["tokens"], data["positions"], data["token_mask"], data["loss_mask"],
+    batch = jax.device_put(Batch(data["tokens"], data["positions"], data["token_mask"], data["loss_mask"],
                                     data["old_logprobs"], data["rewards"], np.ones((P, n), bool)),
-                           st.batch_shardings(mesh))
+                           batch_shardings(mesh))
 
     def update():
         box[0], m = train_fn(box[0], batch)

@@ -1,4 +1,4 @@
-"""Host-side glue of one RL step: prompts -> group samples -> verifier rewards -> a ``step.Batch``.
+"""Host-side glue of one RL step: prompts -> group samples -> verifier rewards -> a ``batch.Batch``.
 
 Row layout everywhere is prompt-major (row = p * n + j). The batch a train step consumes is the prompt,
 left-padded to the sampler's bucket, followed by the completion, right-padded to ``max_new_tokens``; the
@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from passk_jax import parallel
-from passk_jax.rl.step import Batch, batch_shardings
+from passk_jax.rl.batch import Batch, batch_shardings
 from passk_jax.sampling import Sampler, SampleOutput, left_pad
 from passk_jax.tasks import Example, Task, reward_spec
 from passk_jax.tasks.pool import VerifierPool
