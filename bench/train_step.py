@@ -82,7 +82,7 @@ def bench_preset(preset: str, P: int, n: int, prompt_len: int, completion_len: i
     init, train_step = st.make_train_step(graphdef, step_cfg, mesh, params)
     state = init(params)
     batch = jax.device_put(Batch(tokens, positions, token_mask, loss_mask, old, rewards,
-                                    np.ones((P, n), bool)), batch_shardings(mesh))
+                                 np.ones((P, n), bool)), batch_shardings(mesh))
     box = [state]
 
     def run_jax():
