@@ -362,6 +362,7 @@ class Child:
     def make_batch(self, rows_per_prompt: int, num_prompts: int, prompt_len: int, new: int, seed: int):
         import numpy as np
         from passk_jax.rl import rollout
+        from passk_jax.sampling import PaddedPrompts
         rng = np.random.default_rng(seed)
         prompts = self.prompts(num_prompts, prompt_len, seed)
         R = num_prompts * rows_per_prompt
@@ -372,9 +373,9 @@ class Child:
         behaviour = -math.log(self.cfg.vocab_size) + 0.05 * rng.standard_normal((R, new))
         logprobs = np.where(mask, behaviour, 0.0).astype(np.float32)
         rewards = self.reward(tokens, mask).reshape(num_prompts, rows_per_prompt)
-        r = rollout.Rollouts([None] * num_prompts, prompts, tokens, logprobs, mask, lengths, lengths >= new,
-                             [""] * R, rewards, {})
-        return rollout.to_batch(r, bucket=prompt_len, pad_id=0)
+        r = rollout.Rollouts([None] * num_prompts, PaddedPrompts.pad(prompts, (prompt_len,), pad_id=0), tokens,
+                             logprobs, mask, lengths, lengths >= new, [""] * R, rewards, {})
+        return rollout.to_batch(r)
 
     @staticmethod
     def reward(tokens, mask):
@@ -458,9 +459,9 @@ class Child:
             t["sample"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             rewards = self.reward(tokens, mask).reshape(s.train_prompts, s.train_n)
-            r = rollout.Rollouts([None] * len(prompts), prompts, tokens, logprobs, mask, lengths, truncated,
-                                 [""] * tokens.shape[0], rewards, {})
-            batch = rollout.to_batch(r, bucket=s.train_prompt_len, pad_id=0)
+            r = rollout.Rollouts([None] * len(prompts), out.prompts, tokens, logprobs, mask, lengths, truncated,
+                                 [""] * tokens.shape[0], rewards, {})  # the sampler's bucket: train_prompt_len
+            batch = rollout.to_batch(r)
             t["reward"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             self.state, m = self.train_fn(self.state, batch)

@@ -3,23 +3,24 @@
     python -m bench.profile_run [--config=passk_k4] [--config.train.steps=10 ...] [--workdir=DIR] [--keep-sft]
 
 Runs the named config (any `--config.a.b=value` override works, as with `experiments.run`) in a fresh
-workdir and times every phase by wrapping the functions the trainer calls (no change to the trainer):
+workdir with a recording `passk_jax.timing.Timers` passed to `trainer.train`; the library reports each phase
+to it (no change to the run's numerics; the recorder waits on the arrays of jitted phases):
 
-  warm start (SFT)     `trainer.warm_start`
-  prompt preparation   rendering + tokenising prompts (`rollout.encode_prompt`)
+  warm start (SFT)     the SFT warm start (`trainer.warm_start`)
+  prompt preparation   rendering + tokenising prompts (`rollout.generate`)
   prefill / decode     the sampler's two jitted programs, each waited on (this adds one sync between them)
   fetch to host        the rest of `rollout.generate`'s sampling time (device -> host copy, padding)
-  detokenise           `rollout.decode_response`
+  detokenise           decoding the completions to text (`rollout.generate`)
   score                `VerifierPool.score` (the verifier, in worker processes or in-process)
   batch assembly       `rollout.to_batch`
   update               the jitted train step (advantage kernel, old-policy pass, loss, backward, AdamW),
                        waited on
-  eval                 held-out evaluation (its sampling and scoring included)
+  eval                 held-out evaluation (`Run.evaluate`: its sampling and scoring included)
   checkpoint           `Checkpointer.save` and `.wait` (async Orbax: the wait is where a save costs)
   logging              `MetricWriter.write` (JSONL + TensorBoard)
   other                wall time minus the phases: compilation outside the timed calls, report, export
 
-A call nested in another phase is charged to the innermost one, except inside eval and the warm start,
+A phase nested in another is charged to the innermost one, except inside eval and the warm start,
 which keep everything they call (their sampling is not RL-step sampling). The
 share of "host-only" phases (prompt preparation, detokenise, score, batch assembly, logging) is the time
 the accelerator would sit idle on a GPU/TPU. By default the SFT cache is disabled so the warm start is
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import shutil
 import sys
 import tempfile
@@ -38,6 +38,7 @@ import time
 from absl import app, flags
 
 from experiments import configs
+from passk_jax.timing import Timers
 
 FLAGS = flags.FLAGS
 
@@ -53,8 +54,9 @@ ORDER = ("warm start (SFT)", "prompt preparation", "prefill", "decode", "fetch t
          "batch assembly", "update", "eval", "checkpoint", "logging", "other")
 
 
-class Profiler:
-    """Exclusive wall time per phase: a nested phase's time is subtracted from its parent's."""
+class Profiler(Timers):
+    """Exclusive wall time per phase: a nested phase's time is subtracted from its parent's; jitted phases
+    are waited on."""
 
     def __init__(self):
         self.total = collections.Counter()
@@ -80,64 +82,9 @@ class Profiler:
             if self.stack:
                 self.stack[-1][2] += elapsed
 
-    def wrap(self, owner, attr: str, name: str, block: bool = False):
+    def wait(self, x):
         import jax
-        fn = getattr(owner, attr)
-
-        @functools.wraps(fn)
-        def wrapped(*args, **kwargs):
-            with self.phase(name):
-                out = fn(*args, **kwargs)
-                if block:
-                    jax.block_until_ready(out)
-                return out
-
-        setattr(owner, attr, wrapped)
-
-
-def instrument(prof: Profiler) -> None:
-    from passk_jax.checkpoint import Checkpointer
-    from passk_jax.metric_log import MetricWriter
-    from passk_jax.rl import evaluation, rollout, trainer
-    from passk_jax.sampling import Sampler
-    from passk_jax.tasks.pool import VerifierPool
-
-    prof.wrap(trainer, "warm_start", "warm start (SFT)")
-    prof.wrap(rollout, "encode_prompt", "prompt preparation")
-    prof.wrap(rollout, "decode_response", "detokenise")
-    prof.wrap(VerifierPool, "score", "score")
-    prof.wrap(rollout, "generate", "fetch to host")  # the remainder once prefill/decode/prep are nested
-    prof.wrap(rollout, "to_batch", "batch assembly")
-    prof.wrap(evaluation, "evaluate", "eval")
-    prof.wrap(Checkpointer, "save", "checkpoint")
-    prof.wrap(Checkpointer, "wait", "checkpoint")
-    prof.wrap(MetricWriter, "write", "logging")
-
-    init = Sampler.__init__
-
-    def sampler_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        prof.wrap(self, "_prefill", "prefill", block=True)
-        prof.wrap(self, "_decode", "decode", block=True)
-        prof.wrap(self, "_decode_slots", "decode", block=True)  # continuous batching (rollout.decode_slots)
-
-    Sampler.__init__ = sampler_init
-
-    make = trainer.make_train_step
-
-    def make_train_step(*args, **kwargs):
-        init_state, step = make(*args, **kwargs)
-
-        def timed(state, batch):
-            import jax
-            with prof.phase("update"):
-                out = step(state, batch)
-                jax.block_until_ready(out)
-                return out
-
-        return init_state, timed
-
-    trainer.make_train_step = make_train_step
+        return jax.block_until_ready(x)
 
 
 def table(prof: Profiler, wall: float, rl_steps: int) -> str:
@@ -173,13 +120,12 @@ def main(argv: list[str]) -> None:
         sft_dir = tempfile.mkdtemp(prefix="passk_profile_sft_")
         config.sft.cache_dir = sft_dir
     prof = Profiler()
-    instrument(prof)
     from passk_jax.rl import trainer
     from passk_jax.spec import RunSpec
 
     spec = RunSpec.from_config(config)
     t0 = time.perf_counter()
-    summary = trainer.train(spec, workdir)
+    summary = trainer.train(spec, workdir, timers=prof)
     wall = time.perf_counter() - t0
     print(f"config {configs.selected_name()}: status {summary.get('status')}, workdir {workdir}", file=sys.stderr)
     print(table(prof, wall, int(summary.get("step", 0))))

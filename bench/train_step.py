@@ -32,6 +32,7 @@ from bench.common import interleaved_times, median_ratio, twin_models
 from passk_jax import parallel
 from passk_jax.models.transformer import ModelConfig, forward
 from passk_jax.rl import step as st
+from passk_jax.rl.batch import Batch, batch_shardings
 
 EPS_LOW, EPS_HIGH, LR, CLIP = 0.2, 0.28, 1e-6, 1.0
 
@@ -80,8 +81,8 @@ def bench_preset(preset: str, P: int, n: int, prompt_len: int, completion_len: i
     mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
     init, train_step = st.make_train_step(graphdef, step_cfg, mesh, params)
     state = init(params)
-    batch = jax.device_put(st.Batch(tokens, positions, token_mask, loss_mask, old, rewards,
-                                    np.ones((P, n), bool)), st.batch_shardings(mesh))
+    batch = jax.device_put(Batch(tokens, positions, token_mask, loss_mask, old, rewards,
+                                 np.ones((P, n), bool)), batch_shardings(mesh))
     box = [state]
 
     def run_jax():

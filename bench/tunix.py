@@ -229,6 +229,7 @@ def run_ours(workdir: str | Path) -> dict:
     from passk_jax.models.transformer import split
     from passk_jax.rl import rollout
     from passk_jax.rl import step as st
+    from passk_jax.rl.batch import Batch, batch_shardings
     from passk_jax.sampling import Sampler
 
     workdir = Path(workdir)
@@ -251,7 +252,7 @@ def run_ours(workdir: str | Path) -> dict:
                              eos_ids=(), key=jax.random.PRNGKey(next(keys)))
         host = jax.device_get((out.tokens, out.logprobs, out.mask, out.lengths, out.truncated))
         assert int(host[3].min()) == new, "rows stopped early"
-        return host
+        return (*host, out.prompts)
 
     first, t, _ = _best_of(sample, repeats)
     results["sampler"] = dict(tokens_per_s=R * new / t, time_s=t, first_call_s=first, rows=R, new_tokens=new)
@@ -264,9 +265,9 @@ def run_ours(workdir: str | Path) -> dict:
     mesh = parallel.make_mesh(data=1, devices=jax.devices()[:1])
     init_state, train_fn = st.make_train_step(graphdef, step_cfg, mesh, params)
     box = [init_state(params)]
-    batch = jax.device_put(st.Batch(data["tokens"], data["positions"], data["token_mask"], data["loss_mask"],
-                                    data["old_logprobs"], data["rewards"], np.ones((P, n), bool)),
-                           st.batch_shardings(mesh))
+    batch = jax.device_put(Batch(data["tokens"], data["positions"], data["token_mask"], data["loss_mask"],
+                                 data["old_logprobs"], data["rewards"], np.ones((P, n), bool)),
+                           batch_shardings(mesh))
 
     def update():
         box[0], m = train_fn(box[0], batch)
@@ -281,12 +282,12 @@ def run_ours(workdir: str | Path) -> dict:
 
     def rl_step():
         t0 = time.perf_counter()
-        tokens, logprobs, mask, lengths, truncated = sample(box[0].params)
+        tokens, logprobs, mask, lengths, truncated, padded = sample(box[0].params)
         t1 = time.perf_counter()
         rewards = Child.reward(tokens, mask).reshape(P, n)
-        r = rollout.Rollouts([None] * P, prompts, tokens, logprobs, mask, lengths, truncated, [""] * R,
+        r = rollout.Rollouts([None] * P, padded, tokens, logprobs, mask, lengths, truncated, [""] * R,
                              rewards, {})
-        b = rollout.to_batch(r, bucket=plen, pad_id=0)
+        b = rollout.to_batch(r)
         t2 = time.perf_counter()
         box[0], m = train_fn(box[0], b)
         jax.block_until_ready((box[0], m))

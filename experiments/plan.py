@@ -115,6 +115,7 @@ from passk_jax import hlo, parallel  # noqa: E402
 from passk_jax.models.families import CHECKPOINTS  # noqa: E402
 from passk_jax.models.transformer import ModelConfig, Transformer, split  # noqa: E402
 from passk_jax.rl import step as rl_step  # noqa: E402
+from passk_jax.rl.batch import Batch, batch_shardings  # noqa: E402
 from passk_jax.sampling import Sampler, default_buckets  # noqa: E402
 from passk_jax.spec import MeshSpec, ModelSpec, RunSpec  # noqa: E402
 
@@ -206,11 +207,11 @@ def mesh_sizes(mesh: MeshSpec, spec: str, topo: Topology) -> dict[str, int]:
     return sizes
 
 
-def abstract_batch(mesh, prompts: int, n: int, seq: int) -> rl_step.Batch:
+def abstract_batch(mesh, prompts: int, n: int, seq: int) -> Batch:
     rows = prompts * n
-    sh = rl_step.batch_shardings(mesh)
+    sh = batch_shardings(mesh)
     sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=s)  # noqa: E731
-    return rl_step.Batch(sds((rows, seq), jnp.int32, sh.tokens), sds((rows, seq), jnp.int32, sh.positions),
+    return Batch(sds((rows, seq), jnp.int32, sh.tokens), sds((rows, seq), jnp.int32, sh.positions),
                          sds((rows, seq), jnp.bool_, sh.token_mask), sds((rows, seq), jnp.bool_, sh.loss_mask),
                          sds((rows, seq), jnp.float32, sh.sampler_logprobs),
                          sds((prompts, n), jnp.float32, sh.rewards), sds((prompts, n), jnp.bool_, sh.valid))

@@ -39,6 +39,7 @@ from passk_jax import parallel
 from passk_jax.models.transformer import (DTYPES, KVCache, ModelConfig, Transformer, cache_shardings, forward,
                                           init_cache, map_cache, split, unstack_layers)
 from passk_jax.sampling_ops import select_tokens
+from passk_jax.timing import NO_TIMERS, Timers
 
 MAX_EOS_IDS = 8  # eos_ids are padded to this many (traced), so changing them does not recompile
 DECODE_LAYOUTS = ("auto", "replicated", "training")
@@ -86,6 +87,7 @@ class SampleOutput(NamedTuple):
     lengths: jax.Array       # i32[P*n]     number of completion tokens (EOS included)
     truncated: jax.Array     # bool[P*n]    no EOS within max_new_tokens
     prompt_index: jax.Array  # i32[P*n]     p for each row
+    prompts: PaddedPrompts   # the P prompts as prefill read them (host numpy)
 
 
 def decode_phases(max_new_tokens: int, first: int = 32, max_phases: int = 4) -> tuple[int, ...]:
@@ -123,6 +125,59 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0
             mask[i, length - len(p):] = True
     positions = np.maximum(np.arange(length, dtype=np.int32)[None] - (length - lens)[:, None], 0)
     return tokens, positions.astype(np.int32), mask
+
+
+def bucket_for(buckets: Sequence[int], longest: int) -> int:
+    """The smallest of the (sorted) ``buckets`` that holds a prompt of ``longest`` tokens."""
+    return next(b for b in buckets if b >= longest)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class PaddedPrompts:
+    """P prompts left-padded (``left_pad``) to the smallest of ``buckets`` that holds the longest: the layout
+    prefill reads and the prompt columns of the train batch (``rollout.to_batch``). Host numpy; ``select``
+    and ``concat`` keep that layout (they only drop or add left padding columns)."""
+
+    tokens: np.ndarray     # i32[P, W]
+    positions: np.ndarray  # i32[P, W]
+    mask: np.ndarray       # bool[P, W]
+    buckets: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    pad_id: int = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def pad(cls, prompts: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int) -> PaddedPrompts:
+        buckets = tuple(sorted(set(int(b) for b in buckets)))
+        return cls(*left_pad(prompts, bucket_for(buckets, max(len(p) for p in prompts)), pad_id), buckets,
+                   int(pad_id))
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def _width(self, width: int) -> PaddedPrompts:
+        """The same prompts left-padded to ``width`` (as ``left_pad`` would): left columns dropped or added."""
+        cut = self.tokens.shape[1] - width
+
+        def fit(x: np.ndarray, fill: Any) -> np.ndarray:
+            return x[:, cut:] if cut >= 0 else np.pad(x, ((0, 0), (-cut, 0)), constant_values=fill)
+
+        return PaddedPrompts(fit(self.tokens, self.pad_id), fit(self.positions, 0), fit(self.mask, False),
+                             self.buckets, self.pad_id)
+
+    def select(self, keep: np.ndarray) -> PaddedPrompts:
+        """The prompts where ``keep`` (bool[P]) is True, in the bucket of the longest of them."""
+        keep = np.asarray(keep, bool)
+        kept = PaddedPrompts(self.tokens[keep], self.positions[keep], self.mask[keep], self.buckets, self.pad_id)
+        longest = int(kept.mask.sum(1).max()) if len(kept) else 1
+        return kept._width(bucket_for(self.buckets, longest))
+
+    @staticmethod
+    def concat(items: Sequence[PaddedPrompts]) -> PaddedPrompts:
+        """The prompts of every item in order, in the widest item's bucket."""
+        width = max(item.tokens.shape[1] for item in items)
+        items = [item._width(width) for item in items]
+        return PaddedPrompts(*(np.concatenate([getattr(item, f) for item in items])
+                               for f in ("tokens", "positions", "mask")), items[0].buckets, items[0].pad_id)
 
 
 def as_prompt_list(prompts: Any) -> list[list[int]]:
@@ -362,37 +417,44 @@ class Sampler:
         for i, p in enumerate(prompts):
             if min(p) < 0 or max(p) >= vocab:
                 raise ValueError(f"prompt {i} has a token id outside the vocabulary [0, {vocab}).")
-        return next(b for b in self.buckets if b >= longest)
+        return bucket_for(self.buckets, longest)
 
     def sample(self, params: Any, prompts: Any, *, num_samples: int, max_new_tokens: int,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-               eos_ids: Sequence[int] = (), key: jax.Array, decode_slots: int = 0) -> SampleOutput:
+               eos_ids: Sequence[int] = (), key: jax.Array, decode_slots: int = 0,
+               timers: Timers = NO_TIMERS) -> SampleOutput:
         """Sample `num_samples` completions of each prompt; see SampleOutput.  temperature 0 = greedy.
         `params`: prepared `DecodeWeights` (make them once per policy update) or plain parameters.
         `decode_slots` > 0: continuous batching over that many slots (`_decode_slots_fn`); the same tokens
-        and log-probs as lockstep decoding for one key."""
+        and log-probs as lockstep decoding for one key. `timers`: reports the "prefill" and "decode" phases
+        (`passk_jax.timing`)."""
         prompts = as_prompt_list(prompts)
         self.check_slots(int(decode_slots), len(prompts) * int(num_samples))
         eos_ids = tuple(int(e) for e in np.atleast_1d(np.asarray(eos_ids, np.int64)))
-        bucket = self.validate(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids)
+        self.validate(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_p=top_p, top_k=top_k, eos_ids=eos_ids)
         n = int(num_samples)
-        tokens, positions, mask = left_pad(prompts, bucket, self.pad_id)
+        padded = PaddedPrompts.pad(prompts, self.buckets, self.pad_id)
+        tokens, positions, mask = padded.tokens, padded.positions, padded.mask
         next_pos = np.repeat(mask.sum(1).astype(np.int32), n)  # position of each row's first new token
         eos = np.full((MAX_EOS_IDS,), -1, np.int32)
         eos[:len(eos_ids)] = eos_ids
         params = self.prepare(params).params
         with self._mesh_context():
-            cache, logits = self._prefill(params, self._rows(tokens), self._rows(positions), self._rows(mask))
+            with timers.phase("prefill"):
+                cache, logits = timers.wait(
+                    self._prefill(params, self._rows(tokens), self._rows(positions), self._rows(mask)))
             args = (params, cache, logits, self._rows(next_pos), jnp.asarray(eos), jnp.float32(temperature),
                     jnp.float32(top_p), jnp.int32(top_k), key)
-            if decode_slots:
-                out = self._decode_slots(*args, num_samples=n, max_new_tokens=int(max_new_tokens),
-                                         slots=int(decode_slots))
-            else:
-                out = self._decode(*args, num_samples=n, max_new_tokens=int(max_new_tokens))
+            with timers.phase("decode"):
+                if decode_slots:
+                    out = self._decode_slots(*args, num_samples=n, max_new_tokens=int(max_new_tokens),
+                                             slots=int(decode_slots))
+                else:
+                    out = self._decode(*args, num_samples=n, max_new_tokens=int(max_new_tokens))
+                timers.wait(out)
         prompt_index = self._rows(np.repeat(np.arange(len(prompts), dtype=np.int32), n))
-        return SampleOutput(*out, prompt_index=prompt_index)
+        return SampleOutput(*out, prompt_index=prompt_index, prompts=padded)
 
     def _mesh_context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
@@ -419,7 +481,8 @@ class Sampler:
 
     def _decode_fn(self, params, prompt_cache, logits, next_pos, eos, temperature, top_p, top_k, key,
                    *, num_samples: int, max_new_tokens: int):
-        """Decode P*n rows from the P-row prompt cache; returns the SampleOutput fields but prompt_index."""
+        """Decode P*n rows from the P-row prompt cache; returns the SampleOutput fields but prompt_index and
+        prompts."""
         self.trace_counts["decode"] += 1
         steps = max_new_tokens
         if not self.cfg.scan_layers:  # per-layer weights sliced once here, not on every decode step

@@ -28,6 +28,7 @@ import pytest
 from passk_jax import parallel
 from passk_jax.metric_log import read_jsonl
 from passk_jax.rl import rollout
+from passk_jax.sampling import PaddedPrompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
@@ -236,7 +237,8 @@ def test_device_rows_batch_equals_host_batch():
         mask = np.arange(t)[None] < lengths[:, None]
         tokens = np.where(mask, r.integers(3, 50, (rows, t)), 0).astype(np.int32)
         logprobs = np.where(mask, -r.random((rows, t)), 0).astype(np.float32)
-        prompts = [list(r.integers(3, 50, r.integers(1, 6))) for _ in range(num_prompts)]
+        prompts = PaddedPrompts.pad([list(r.integers(3, 50, r.integers(1, 6))) for _ in range(num_prompts)], (8,),
+                                    pad_id=0)
         rewards = r.random((num_prompts, n)).astype(np.float32)
         return prompts, tokens, logprobs, mask, lengths.astype(np.int32), rewards
 
@@ -254,8 +256,7 @@ def test_device_rows_batch_equals_host_batch():
     pick = lambda parts: rollout.Rollouts.concat([p.select(k) for p, k in zip(parts, keep)])  # noqa: E731
     h, d = pick(host), pick(device)
     assert isinstance(d.tokens, rollout.DeviceRows) and d.tokens.shape == h.tokens.shape == (8, t)
-    hb = rollout.to_batch(h, bucket=8, pad_id=0)
-    db = rollout.to_batch(d, bucket=8, pad_id=0)
+    hb, db = rollout.to_batch(h), rollout.to_batch(d)
     for name, x, y in zip(hb._fields, hb, db):
         assert y.dtype == x.dtype, name
         np.testing.assert_array_equal(np.asarray(y), x, err_msg=name)

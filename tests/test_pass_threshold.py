@@ -9,6 +9,7 @@ import pytest
 from passk_jax import advantages, metrics
 from passk_jax.rl import evaluation, rollout
 from passk_jax.rl import step as rl_step
+from passk_jax.sampling import PaddedPrompts
 
 AT = metrics.PASS_THRESHOLD
 BELOW = float(np.nextafter(np.float32(AT), np.float32(0)))
@@ -51,7 +52,8 @@ def test_evaluation_counts_the_edge_as_a_pass(monkeypatch):
     def fake_generate(env, params, examples, *, num_samples, **kw):
         rewards = REWARDS if num_samples == n else REWARDS[:, :1]
         rows = rewards.size
-        return rollout.Rollouts(list(examples), [[1]] * len(examples), np.zeros((rows, 1), np.int32),
+        prompts = PaddedPrompts.pad([[1]] * len(examples), (1,), pad_id=0)
+        return rollout.Rollouts(list(examples), prompts, np.zeros((rows, 1), np.int32),
                                 np.zeros((rows, 1), np.float32), np.ones((rows, 1), bool), np.ones(rows, np.int32),
                                 np.zeros(rows, bool), [f"t{i}" for i in range(rows)], rewards, {})
 

@@ -15,7 +15,7 @@ from flax import nnx
 from passk_jax import parallel
 from passk_jax.models import hf
 from passk_jax.models.transformer import Transformer, forward, split
-from passk_jax.sampling import Sampler, decode_phases, default_buckets, left_pad
+from passk_jax.sampling import PaddedPrompts, Sampler, decode_phases, default_buckets, left_pad
 from passk_jax.sampling_ops import modified_logits, token_logprobs
 
 VOCAB = 128
@@ -51,6 +51,25 @@ def test_buckets_and_left_pad():
     np.testing.assert_array_equal(tokens, [[1, 1, 4, 5, 6], [1, 1, 1, 1, 9]])
     np.testing.assert_array_equal(positions, [[0, 0, 0, 1, 2], [0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(mask, [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1]])
+
+
+def test_padded_prompts_select_and_concat_equal_a_fresh_left_pad():
+    """The sampler's prompt layout after dynamic sampling's select / concat is exactly left_pad of the kept
+    prompts to the smallest bucket that holds them (the train batch's prompt columns)."""
+    buckets = (4, 8, 16)
+    a = [[3] * 10, [4, 5], [6] * 5]
+    b = [[7], [8, 9, 10]]
+    pa, pb = PaddedPrompts.pad(a, buckets, pad_id=1), PaddedPrompts.pad(b, buckets, pad_id=1)
+    assert (pa.tokens.shape[1], pb.tokens.shape[1]) == (16, 4)
+    cases = [(PaddedPrompts.concat([pa, pb]), a + b),
+             (PaddedPrompts.concat([pa.select(np.array([False, True, True])), pb]), a[1:] + b),
+             (PaddedPrompts.concat([pa.select(np.array([False, True, False])), pb.select(np.array([True, False]))]),
+              [a[1], b[0]])]
+    for got, prompts in cases:
+        width = next(w for w in buckets if w >= max(map(len, prompts)))
+        for x, y in zip((got.tokens, got.positions, got.mask), left_pad(prompts, width, pad_id=1)):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(x, y)
 
 
 def test_greedy_matches_transformers_generate(tiny, sampler):
@@ -146,7 +165,7 @@ def test_determinism_and_one_compilation(tiny):
     a = sampler.sample(params, PROMPTS, temperature=1.0, key=jax.random.key(3), **kw)
     b = sampler.sample(params, PROMPTS, temperature=1.0, key=jax.random.key(3), **kw)
     c = sampler.sample(params, PROMPTS, temperature=1.0, key=jax.random.key(4), **kw)
-    for x, y in zip(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # every array, the padded prompts included
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.tokens, c.tokens)
     for t, p, k, eos in [(0.0, 1.0, 0, ()), (0.5, 0.9, 0, (3,)), (2.0, 1.0, 5, (1, 2)), (1.0, 0.3, 7, ())]:

@@ -1,8 +1,9 @@
-"""Host-side glue of one RL step: prompts -> group samples -> verifier rewards -> a ``step.Batch``.
+"""Host-side glue of one RL step: prompts -> group samples -> verifier rewards -> a ``batch.Batch``.
 
-Row layout everywhere is prompt-major (row = p * n + j). The batch a train step consumes is the prompt,
-left-padded to the sampler's bucket, followed by the completion, right-padded to ``max_new_tokens``; the
-sampler's log-probabilities sit at the completion columns, aligned with the tokens they score.
+Row layout everywhere is prompt-major (row = p * n + j). The batch a train step consumes is the prompt as
+the sampler left-padded it to its bucket (``SampleOutput.prompts``, carried by ``Rollouts.prompts``),
+followed by the completion, right-padded to ``max_new_tokens``; the sampler's log-probabilities sit at the
+completion columns, aligned with the tokens they score.
 
 Multi-process runs: every process samples the same global prompt batch (one program over the global mesh),
 fetches only the sampler rows it owns (``parallel.row_owners``), detokenises and scores only those, and
@@ -24,11 +25,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from passk_jax import parallel
-from passk_jax.rl.step import Batch, batch_shardings
-from passk_jax.sampling import Sampler, SampleOutput, left_pad
+from passk_jax.rl.batch import Batch, batch_shardings
+from passk_jax.sampling import PaddedPrompts, Sampler, SampleOutput
 from passk_jax.tasks import Example, Task, reward_spec
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tasks.tokenizer import decode_response, encode_prompt
+from passk_jax.timing import NO_TIMERS, Timers
 
 
 class DeviceRows:
@@ -81,7 +83,7 @@ class Rollouts:
     """
 
     examples: list[Example]
-    prompts: list[list[int]]      # token ids per prompt
+    prompts: PaddedPrompts        # [P, bucket] the prompts as the sampler padded them
     tokens: Rows                  # i32[P*n, T] completion tokens
     logprobs: Rows                # f32[P*n, T] sampler log-probs (behaviour policy)
     mask: Rows                    # bool[P*n, T]
@@ -104,7 +106,7 @@ class Rollouts:
         """The prompts where ``keep`` (bool[P]) is True, with their rows."""
         rows = np.repeat(keep, self.num_samples)
         return Rollouts([e for e, k in zip(self.examples, keep) if k],
-                        [p for p, k in zip(self.prompts, keep) if k],
+                        self.prompts.select(keep),
                         self.tokens[rows], self.logprobs[rows], self.mask[rows], self.lengths[rows],
                         self.truncated[rows], [t for t, k in zip(self.texts, rows) if k],
                         self.rewards[keep], dict(self.timings),
@@ -117,7 +119,7 @@ class Rollouts:
             for key, value in part.timings.items():
                 timings[key] = timings.get(key, 0.0) + value
         ids = [p.text_ids for p in parts]
-        return Rollouts(sum((p.examples for p in parts), []), sum((p.prompts for p in parts), []),
+        return Rollouts(sum((p.examples for p in parts), []), PaddedPrompts.concat([p.prompts for p in parts]),
                         *(_concat_rows([getattr(p, f) for p in parts]) for f in
                           ("tokens", "logprobs", "mask", "lengths", "truncated")),
                         sum((p.texts for p in parts), []),
@@ -140,7 +142,7 @@ class Env:
 def generate(env: Env, params: Any, examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              chunk_prompts: int = 0, phase: str = "train", ignore_eos: bool = False,
-             decode_slots: int = 0) -> Rollouts:
+             decode_slots: int = 0, timers: Timers = NO_TIMERS) -> Rollouts:
     """Sample ``num_samples`` completions per example and score them with the task's verifier.
 
     Rewards are checked against the task's declared range (``tasks.reward_spec``); a value outside it is a
@@ -150,56 +152,65 @@ def generate(env: Env, params: Any, examples: Sequence[Example], *, num_samples:
 
     ``chunk_prompts`` > 0 samples at most that many prompts per sampler call (the decode KV cache grows
     with prompts x samples; large models need chunks), chunk c drawing with ``fold_in(key, c)``.
+
+    ``timers`` (``passk_jax.timing``): reports "prompt preparation", "fetch to host" (the sampling section:
+    the sampler's host work and the device -> host copy, with its "prefill" / "decode" inside), "detokenise"
+    and "score".
     """
     sampler, task, tokenizer, pool = env.sampler, env.task, env.tokenizer, env.pool
     t0 = time.perf_counter()
-    params = sampler.prepare(params)  # no-op for weights prepared by the caller (once per policy update)
-    prompts = [encode_prompt(tokenizer, task.render(ex)) for ex in examples]
-    size = chunk_prompts if 0 < chunk_prompts < len(prompts) else len(prompts)
-    outs = []
-    for c, start in enumerate(range(0, len(prompts), size)):
-        out: SampleOutput = sampler.sample(
-            params, prompts[start:start + size], num_samples=num_samples, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=() if ignore_eos else eos_ids(tokenizer),
-            decode_slots=min(decode_slots, len(prompts[start:start + size]) * num_samples),
-            key=key if size == len(prompts) else jax.random.fold_in(key, c))
-        if parallel.is_multiprocess():
-            outs.append(out)
-        else:
-            outs.append(jax.device_get(out))  # one transfer per chunk
-    if parallel.is_multiprocess():
-        return _generate_multiprocess(outs, examples, prompts, task, tokenizer, pool, num_samples, t0, phase)
-    host = SampleOutput(*(np.concatenate([np.asarray(getattr(o, f)) for o in outs])
-                          for f in SampleOutput._fields))
+    multiprocess = parallel.is_multiprocess()
+    with timers.phase("fetch to host"):
+        params = sampler.prepare(params)  # no-op for weights prepared by the caller (once per policy update)
+        with timers.phase("prompt preparation"):
+            prompts = [encode_prompt(tokenizer, task.render(ex)) for ex in examples]
+        size = chunk_prompts if 0 < chunk_prompts < len(prompts) else len(prompts)
+        outs = []
+        for c, start in enumerate(range(0, len(prompts), size)):
+            out: SampleOutput = sampler.sample(
+                params, prompts[start:start + size], num_samples=num_samples, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=() if ignore_eos else eos_ids(tokenizer),
+                decode_slots=min(decode_slots, len(prompts[start:start + size]) * num_samples),
+                key=key if size == len(prompts) else jax.random.fold_in(key, c), timers=timers)
+            outs.append(out if multiprocess else jax.device_get(out))  # one transfer per chunk
+        padded = PaddedPrompts.concat([o.prompts for o in outs])
+        if not multiprocess:
+            host = {f: np.concatenate([np.asarray(getattr(o, f)) for o in outs])
+                    for f in ("tokens", "logprobs", "mask", "lengths", "truncated")}
+    if multiprocess:
+        return _generate_multiprocess(outs, examples, padded, task, tokenizer, pool, num_samples, t0, phase, timers)
     t1 = time.perf_counter()
-    texts = [decode_response(tokenizer, row[m]) for row, m in zip(host.tokens, host.mask)]
+    with timers.phase("detokenise"):
+        texts = [decode_response(tokenizer, row[m]) for row, m in zip(host["tokens"], host["mask"])]
     per_row = [ex for ex in examples for _ in range(num_samples)]
-    rewards = _score(pool, task, per_row, texts, phase).reshape(len(examples), num_samples)
+    rewards = _score(pool, task, per_row, texts, phase, timers).reshape(len(examples), num_samples)
     t2 = time.perf_counter()
-    return Rollouts(list(examples), prompts, host.tokens, host.logprobs, host.mask, host.lengths,
-                    host.truncated, texts, np.asarray(rewards, np.float32),
+    return Rollouts(list(examples), padded, host["tokens"], host["logprobs"], host["mask"], host["lengths"],
+                    host["truncated"], texts, np.asarray(rewards, np.float32),
                     {"time/sample": t1 - t0, "time/score": t2 - t1})
 
 
-def _generate_multiprocess(outs: Sequence[SampleOutput], examples: Sequence[Example], prompts: list[list[int]],
+def _generate_multiprocess(outs: Sequence[SampleOutput], examples: Sequence[Example], prompts: PaddedPrompts,
                            task: Task, tokenizer: Any, pool: VerifierPool, num_samples: int,
-                           t0: float, phase: str) -> Rollouts:
+                           t0: float, phase: str, timers: Timers) -> Rollouts:
     """``generate`` after sampling, several processes: each fetches, detokenises and scores only the rows it
     owns; per-row results are then assembled on every process."""
     owners, local = [], {"tokens": [], "mask": [], "lengths": [], "truncated": []}
-    for out in outs:
-        owner = parallel.row_owners(out.tokens)
-        mine = np.flatnonzero(owner == jax.process_index())
-        for name in local:
-            local[name].append(parallel.fetch_rows(getattr(out, name), mine))
-        owners.append(owner)
-    owners = np.concatenate(owners)
-    local = {name: np.concatenate(v) for name, v in local.items()}
+    with timers.phase("fetch to host"):
+        for out in outs:
+            owner = parallel.row_owners(out.tokens)
+            mine = np.flatnonzero(owner == jax.process_index())
+            for name in local:
+                local[name].append(parallel.fetch_rows(getattr(out, name), mine))
+            owners.append(owner)
+        owners = np.concatenate(owners)
+        local = {name: np.concatenate(v) for name, v in local.items()}
     t1 = time.perf_counter()
     mine = np.flatnonzero(owners == jax.process_index())
-    texts = [decode_response(tokenizer, row[m]) for row, m in zip(local["tokens"], local["mask"])]
+    with timers.phase("detokenise"):
+        texts = [decode_response(tokenizer, row[m]) for row, m in zip(local["tokens"], local["mask"])]
     per_row = [examples[r // num_samples] for r in mine]
-    rewards = _score(pool, task, per_row, texts, phase).reshape(len(mine))
+    rewards = _score(pool, task, per_row, texts, phase, timers).reshape(len(mine))
     full = parallel.gather_rows({"rewards": rewards, "lengths": local["lengths"].astype(np.int32),
                                  "truncated": local["truncated"].astype(bool),
                                  "text_ids": np.array([text_id(t) for t in texts], np.int64)}, owners)
@@ -214,10 +225,12 @@ def _generate_multiprocess(outs: Sequence[SampleOutput], examples: Sequence[Exam
 
 
 def _score(pool: VerifierPool, task: Task, examples: Sequence[Example], texts: Sequence[str],
-           phase: str) -> np.ndarray:
+           phase: str, timers: Timers) -> np.ndarray:
     reward_range, allow_bool = reward_spec(task)
-    return np.asarray(pool.score(task.score, examples, texts, phase=phase, reward_range=reward_range,
-                                 allow_bool=allow_bool), np.float32)
+    with timers.phase("score"):
+        scores = pool.score(task.score, examples, texts, phase=phase, reward_range=reward_range,
+                            allow_bool=allow_bool)
+    return np.asarray(scores, np.float32)
 
 
 def text_id(text: str) -> int:
@@ -235,10 +248,11 @@ def eos_ids(tokenizer: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def to_batch(r: Rollouts, *, bucket: int, pad_id: int) -> Batch:
-    """Pack rollouts into the train step's ``Batch``: host numpy (the step places it on the mesh), or, for
+def to_batch(r: Rollouts) -> Batch:
+    """Pack rollouts into the train step's ``Batch``: the prompts as the sampler padded them, then the
+    completions (``pad_id`` after their end); host numpy (the step places it on the mesh), or, for
     multi-process ``DeviceRows`` rollouts, global arrays already laid out as the step wants them."""
-    p_tokens, p_pos, p_mask = left_pad(r.prompts, bucket, pad_id)
+    p_tokens, p_pos, p_mask, pad_id = r.prompts.tokens, r.prompts.positions, r.prompts.mask, r.prompts.pad_id
     if isinstance(r.tokens, DeviceRows):
         mesh = r.tokens.parts[0].sharding.mesh
         rep = NamedSharding(mesh, PartitionSpec())

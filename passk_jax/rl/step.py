@@ -33,9 +33,7 @@ from passk_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from passk_jax.metrics import PASS_THRESHOLD, is_pass, pass_at_k
 from passk_jax.models.transformer import forward, head_weight
 from passk_jax.rl import losses
-
-BATCH = ("batch", None)
-
+from passk_jax.rl.batch import BATCH, Batch, batch_shardings
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig(OptimConfig):
@@ -98,20 +96,6 @@ class StepConfig(OptimConfig):
         need(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm must be None or > 0.")
 
 
-class Batch(NamedTuple):
-    """Group rollouts of P prompts x n samples; R = P * n rows, prompt-major (row = p * n + j)."""
-
-    tokens: jax.Array            # i32[R, S] prompt (left-padded) + completion (right-padded)
-    positions: jax.Array         # i32[R, S]
-    token_mask: jax.Array        # bool[R, S] real tokens (attention)
-    loss_mask: jax.Array         # bool[R, S] completion tokens (the ones that are trained)
-    sampler_logprobs: jax.Array  # f32[R, S] log-prob of tokens[r, s] under the sampler; 0 off loss_mask
-    #                              (old_logprobs="sampler" needs them at the trained policy: same temperature,
-    #                              no top-p / top-k)
-    rewards: jax.Array           # f32[P, n]
-    valid: jax.Array             # bool[P, n] rollout validity (invalid rows train nothing, count nowhere)
-
-
 class TrainState(NamedTuple):
     step: jax.Array        # i32[] train steps taken
     params: Any
@@ -138,13 +122,6 @@ def validate_batch(cfg: StepConfig, num_prompts: int, n: int, rows: int, mesh: M
         raise ValueError(f"micro-batch rows ({micro_rows} = P*n/num_minibatches/num_microbatches) are not "
                          f"divisible by the data-parallel size data*fsdp={dp}.")
     advantages.validate(cfg.estimator, n, cfg.k, **cfg.estimator_options)
-
-
-def batch_shardings(mesh: Mesh) -> Batch:
-    """Rows over ('data', 'fsdp'); rewards / valid (tiny) replicated."""
-    rows = parallel.logical_sharding(mesh, BATCH)
-    rep = NamedSharding(mesh, PartitionSpec())
-    return Batch(rows, rows, rows, rows, rows, rep, rep)
 
 
 def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: jax.Array,

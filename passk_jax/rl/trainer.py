@@ -41,6 +41,7 @@ from passk_jax.sampling import Sampler
 from passk_jax.spec import RolloutSpec, RunSpec
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tasks.tokenizer import build_char_tokenizer, load_tokenizer
+from passk_jax.timing import NO_TIMERS, Timers
 
 log = logging.getLogger("passk_jax")
 
@@ -146,12 +147,14 @@ def warm_start(spec: RunSpec, graphdef, params, mesh, env: rollout.Env, train_ex
     return params, {"sft/final_loss": history[-1], **elapsed, "sft/examples": float(len(data[0]))}
 
 
-def collect(r_cfg: RolloutSpec, env: rollout.Env, params, stream: DataStream, position: int, key):
+def collect(r_cfg: RolloutSpec, env: rollout.Env, params, stream: DataStream, position: int, key,
+            timers: Timers = NO_TIMERS):
     """One step's rollouts (with dynamic sampling when enabled); returns (rollouts, new position, metrics)."""
     P = r_cfg.prompts_per_step
     kwargs = dict(num_samples=r_cfg.num_samples, max_new_tokens=r_cfg.max_new_tokens,
                   temperature=r_cfg.temperature, top_p=r_cfg.top_p, top_k=r_cfg.top_k,
-                  chunk_prompts=r_cfg.sample_prompts, ignore_eos=r_cfg.ignore_eos, decode_slots=r_cfg.decode_slots)
+                  chunk_prompts=r_cfg.sample_prompts, ignore_eos=r_cfg.ignore_eos, decode_slots=r_cfg.decode_slots,
+                  timers=timers)
     r = rollout.generate(env, params, stream.take(position, P), key=key, **kwargs)
     position += P
     if not r_cfg.dynamic_sampling:
@@ -180,7 +183,8 @@ class Run:
     """A run between ``setup`` and ``finish``: the model, the rollout environment, the train state and
     where the run stands (``step`` RL steps done, ``position`` prompts drawn). ``status`` is "running" until
     setup or ``finish`` decides ("done", "preempted", "stopped"); ``close()`` releases every resource and the
-    workdir lock (``train`` and a ``with`` block call it)."""
+    workdir lock (``train`` and a ``with`` block call it). ``timers`` (``passk_jax.timing``) hears of every
+    phase: the warm start, the rollout's phases, batch assembly, update, eval, checkpoint, logging."""
 
     spec: RunSpec
     workdir: str
@@ -194,6 +198,7 @@ class Run:
     ckpt: Checkpointer
     guard: PreemptionGuard
     lock: workdir_lib.RunLock
+    timers: Timers = NO_TIMERS
     state: TrainState | None = None
     step: int = 0
     position: int = 0
@@ -234,18 +239,30 @@ class Run:
         """Held-out evaluation of the current policy (the same key every time); its per-prompt results go
         to ``eval_details/step_<step>.json``."""
         e = self.spec.eval
-        out, per_prompt = evaluation.evaluate(
-            self.env, self.state.params, self.test_examples, num_samples=e.num_samples,
-            max_new_tokens=self.spec.rollout.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-            greedy=e.greedy, batch_prompts=e.sample_prompts, key=jax.random.fold_in(self.root, 2))
-        if self.is_main:
-            _save_eval_details(self.workdir, self.step, self.test_examples, per_prompt)
+        with self.timers.phase("eval"):
+            out, per_prompt = evaluation.evaluate(
+                self.env, self.state.params, self.test_examples, num_samples=e.num_samples,
+                max_new_tokens=self.spec.rollout.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                greedy=e.greedy, batch_prompts=e.sample_prompts, key=jax.random.fold_in(self.root, 2))
+            if self.is_main:
+                _save_eval_details(self.workdir, self.step, self.test_examples, per_prompt)
         return out
 
     def save(self, stage: int) -> None:
-        self.ckpt.save(self.step, checkpoint_tree(self.state), {
-            "data_position": self.position, "stage": stage, "verifier": dict(self.monitor.totals)})
+        with self.timers.phase("checkpoint"):
+            self.ckpt.save(self.step, checkpoint_tree(self.state), {
+                "data_position": self.position, "stage": stage, "verifier": dict(self.monitor.totals)})
         self.saved = self.step
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until the asynchronous checkpoint saves are on disk."""
+        with self.timers.phase("checkpoint"):
+            self.ckpt.wait()
+
+    def log(self, step: int, scalars: dict[str, float], **kwargs) -> dict[str, float]:
+        """``MetricWriter.write`` (process 0 writes; every process gets the scalars back)."""
+        with self.timers.phase("logging"):
+            return self.writer.write(step, scalars, **kwargs)
 
     def rl_step(self) -> dict[str, float]:
         """One RL step: sample and score rollouts, update, log the metrics (and evaluate, checkpoint when
@@ -255,13 +272,16 @@ class Run:
         t0 = time.perf_counter()
         rkey = jax.random.fold_in(jax.random.fold_in(self.root, 3), step)
         weights = sampler.prepare(self.state.params)  # the decode copy, once per policy update
-        r, self.position, extra = collect(spec.rollout, self.env, weights, self.stream, self.position, rkey)
+        r, self.position, extra = collect(spec.rollout, self.env, weights, self.stream, self.position, rkey,
+                                          self.timers)
         del weights  # free it before the update
         verifier = self.monitor.take(step + 1)  # stops here, before the update, when every response failed
-        bucket = next(b for b in sampler.buckets if b >= max(len(p) for p in r.prompts))
-        batch = rollout.to_batch(r, bucket=bucket, pad_id=self.env.tokenizer.pad_token_id)
+        with self.timers.phase("batch assembly"):
+            batch = rollout.to_batch(r)
+        train_step = self.step_fns(stage)[1]
         t1 = time.perf_counter()
-        self.state, step_metrics = self.step_fns(stage)[1](self.state, batch)
+        with self.timers.phase("update"):
+            self.state, step_metrics = self.timers.wait(train_step(self.state, batch))
         step_metrics = jax.device_get(step_metrics)
         t2 = time.perf_counter()
         self.step = step = step + 1
@@ -281,7 +301,7 @@ class Run:
             scalars.update(self.evaluate())
             verifier = {**verifier, **{k: v for k, v in self.monitor.take(step).items() if "/eval/" in k}}
         scalars.update(verifier)
-        scalars = self.writer.write(step, scalars)
+        scalars = self.log(step, scalars)
         self.bar.update(1)
         if self.is_main and step % spec.train.log_every == 0:
             self.bar.write(console_line(step, total, scalars, CONSOLE_KEYS))
@@ -305,7 +325,7 @@ class Run:
         self.close()
 
 
-def setup(spec: RunSpec, workdir: str, *, new_run: bool = False) -> Run:
+def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers = NO_TIMERS) -> Run:
     """Claim ``workdir`` and make the run ready for its next RL step: build the task, the model and the
     rollout environment, then resume from the newest readable checkpoint, or warm start (SFT) and evaluate
     the initial policy. A run that is already finished, or preempted during the warm start, comes back with
@@ -313,7 +333,7 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False) -> Run:
 
     Every check that can fail (data files, workdir lock / ownership / writability) runs before the model is
     built. ``new_run``: the workdir holds another run (a different config): move its files to
-    ``previous_runs/`` and start afresh instead of refusing."""
+    ``previous_runs/`` and start afresh instead of refusing. ``timers``: see ``Run``."""
     task = make_task(spec.task)
     train_examples, test_examples = load_examples(spec, task)
     lock = workdir_lib.claim(workdir, spec.config_json, new_run=new_run)
@@ -330,7 +350,7 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False) -> Run:
         raise
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
     run = Run(spec, workdir, mesh, graphdef, model_cfg, shapes, rollout.Env(sampler, task, tokenizer, pool),
-              test_examples, stream, ckpt, PreemptionGuard(), lock, summary={"workdir": workdir})
+              test_examples, stream, ckpt, PreemptionGuard(), lock, timers, summary={"workdir": workdir})
     try:
         run.state = run.step_fns(0)[0](params, jax.random.fold_in(run.root, 1))
         _start(run, params, train_examples)
@@ -364,17 +384,18 @@ def _start(run: Run, params: Any, train_examples: list) -> None:
                                   say=tqdm.write if run.is_main else (lambda _: None))
     if restored is None:
         if spec.sft.steps > 0:
-            params, sft_metrics = warm_start(spec, run.graphdef, params, run.mesh, run.env, train_examples,
-                                             run.model_cfg, run.guard)
+            with run.timers.phase("warm start (SFT)"):
+                params, sft_metrics = warm_start(spec, run.graphdef, params, run.mesh, run.env, train_examples,
+                                                 run.model_cfg, run.guard)
             if run.preempted():  # preempted during the warm start: nothing worth a checkpoint yet
                 run.summary.update(status="preempted", step=0, signal=run.guard.signal_name)
                 run.status = "preempted"
                 return
-            run.writer.write(0, sft_metrics)
+            run.log(0, sft_metrics)
             run.state = run.step_fns(0)[0](params, jax.random.fold_in(run.root, 1))
         initial = run.evaluate()
         initial.update(run.monitor.take(0))
-        run.writer.write(0, initial)
+        run.log(0, initial)
         if run.is_main:
             _dump(os.path.join(workdir, "eval_initial.json"), initial)
     else:
@@ -397,15 +418,15 @@ def finish(run: Run) -> dict[str, Any]:
     if stopping or step < total:
         if step > 0 and step != run.saved:
             run.save(spec.stage_of(step - 1))
-        run.ckpt.wait()
+        run.wait_for_checkpoints()
         run.status = "preempted" if stopping else "stopped"
         run.summary.update(status=run.status, step=step, signal=run.guard.signal_name)
         log.warning("%s: checkpoint saved at step %d", run.guard.signal_name or "stop_after", step)
         return run.summary
     final = run.evaluate()
     final.update(run.monitor.take(total))
-    run.writer.write(total, final, phase="final")
-    run.ckpt.wait()
+    run.log(total, final, phase="final")
+    run.wait_for_checkpoints()
     if spec.train.export_hf:  # every process joins the parameter gathers; process 0 writes
         export(run.graphdef, run.state.params, run.model_cfg, run.env.tokenizer, os.path.join(workdir, "hf_export"),
                hf_path=spec.model.hf_path or None)
@@ -417,12 +438,13 @@ def finish(run: Run) -> dict[str, Any]:
     return run.summary
 
 
-def train(spec: RunSpec, workdir: str, *, stop_after: int | None = None, new_run: bool = False) -> dict[str, Any]:
+def train(spec: RunSpec, workdir: str, *, stop_after: int | None = None, new_run: bool = False,
+          timers: Timers = NO_TIMERS) -> dict[str, Any]:
     """Run (or resume) the experiment described by ``spec`` in ``workdir``; returns the final summary.
 
-    ``new_run``: see ``setup``. ``stop_after``: checkpoint and return after this global step, as if
+    ``new_run``, ``timers``: see ``setup``. ``stop_after``: checkpoint and return after this global step, as if
     preempted (status "stopped")."""
-    with setup(spec, workdir, new_run=new_run) as run:
+    with setup(spec, workdir, new_run=new_run, timers=timers) as run:
         while run.running and (stop_after is None or run.step < stop_after):
             run.rl_step()
         return finish(run)

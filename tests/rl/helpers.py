@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from passk_jax.models import transformer as T
-from passk_jax.rl import step as st
+from passk_jax.rl.batch import Batch
 
 CFG = T.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                     num_kv_heads=1, head_dim=16, rope_theta=10000.0, family="qwen2", attention_bias=True)
@@ -24,7 +24,7 @@ def tiny_model(seed: int = 0, cfg: T.ModelConfig = CFG):
 
 
 def make_batch(P: int = 8, n: int = 4, prompt_len: int = 5, completion_len: int = 7, seed: int = 0,
-               vocab: int = CFG.vocab_size) -> st.Batch:
+               vocab: int = CFG.vocab_size) -> Batch:
     """Left-padded prompts + right-padded completions, a few invalid rollouts, mixed reward groups."""
     rng = np.random.default_rng(seed)
     R, S = P * n, prompt_len + completion_len
@@ -45,7 +45,7 @@ def make_batch(P: int = 8, n: int = 4, prompt_len: int = 5, completion_len: int 
     rewards[1] = 1.0
     valid = np.ones((P, n), bool)
     valid[2, 1] = valid[5, 3] = False
-    return st.Batch(tokens, positions, token_mask, loss_mask, sampler_lp, rewards, valid)
+    return Batch(tokens, positions, token_mask, loss_mask, sampler_lp, rewards, valid)
 
 
 class ToyLM(nnx.Module):

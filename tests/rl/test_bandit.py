@@ -13,6 +13,7 @@ import numpy as np
 from passk_jax import parallel
 from passk_jax.models import transformer as T
 from passk_jax.rl import step as st
+from passk_jax.rl.batch import Batch
 from tests.rl.helpers import CFG, tiny_model
 
 P, N, PROMPT, COMPLETION, VOCAB = 4, 8, 3, 4, 16
@@ -41,7 +42,7 @@ def rollout(graphdef, params, key):
     targets = jnp.repeat(jnp.asarray(TARGETS), N, axis=0)
     hit = (tokens[:, PROMPT:, None] == targets[:, None, :]).any(axis=1).all(axis=-1)
     loss_mask = jnp.arange(S)[None, :] >= PROMPT
-    return st.Batch(tokens, positions, mask, jnp.broadcast_to(loss_mask, (R, S)), lps,
+    return Batch(tokens, positions, mask, jnp.broadcast_to(loss_mask, (R, S)), lps,
                     hit.astype(jnp.float32).reshape(P, N), jnp.ones((P, N), bool))
 
 

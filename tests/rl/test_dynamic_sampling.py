@@ -6,6 +6,7 @@ import pytest
 
 from passk_jax.rl import rollout, trainer
 from passk_jax.rl.data import DataStream
+from passk_jax.sampling import PaddedPrompts
 from passk_jax.spec import RolloutSpec
 
 
@@ -13,7 +14,8 @@ def fake_rollouts(examples, n):
     """Rewards: example e (an int) is solved by rollouts j < e % (n + 1), so e % (n + 1) in {0, n} is constant."""
     rewards = np.array([[float(j < e % (n + 1)) for j in range(n)] for e in examples], np.float32)
     rows = len(examples) * n
-    return rollout.Rollouts(list(examples), [[1, 2]] * len(examples), np.zeros((rows, 3), np.int32),
+    prompts = PaddedPrompts.pad([[1, 2]] * len(examples), (2,), pad_id=0)
+    return rollout.Rollouts(list(examples), prompts, np.zeros((rows, 3), np.int32),
                             np.zeros((rows, 3), np.float32), np.ones((rows, 3), bool), np.full(rows, 3),
                             np.zeros(rows, bool), [str(i) for i in range(rows)], rewards, {"time/sample": 0.1})
 

@@ -15,6 +15,7 @@ from passk_jax import advantages, optim, parallel
 from passk_jax.models import transformer as T
 from passk_jax.rl import losses
 from passk_jax.rl import step as st
+from passk_jax.rl.batch import batch_shardings
 from tests.rl.helpers import CFG, make_batch, toy_model
 
 # Adam's first update is lr * g / (|g| + eps): with eps = 1e-8 a gradient entry that is ~0 up to rounding can
@@ -132,7 +133,7 @@ def runs():
         state = init(params, jax.random.PRNGKey(3))
         metrics = []
         for seed in (0, 1):
-            b = jax.device_put(make_batch(seed=seed), st.batch_shardings(mesh))
+            b = jax.device_put(make_batch(seed=seed), batch_shardings(mesh))
             state, m = train_step(state, b)
             metrics.append(_np(m))
         out[shape] = dict(state=state, params=_np(state.params), metrics=metrics, step=train_step, mesh=mesh)
@@ -181,7 +182,7 @@ def test_in_graph_advantages_equal_standalone_kernel(runs):
 def test_one_compilation_and_no_host_transfer(runs):
     run = runs[(2, 4, 1)]
     train_step, state = run["step"], run["state"]
-    shardings = st.batch_shardings(run["mesh"])
+    shardings = batch_shardings(run["mesh"])
     batches = [jax.device_put(make_batch(seed=s), shardings) for s in (5, 6, 7)]
     with jax.transfer_guard("disallow"):  # device-resident state and batch: nothing crosses to or from host
         for b in batches:

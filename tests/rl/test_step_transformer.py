@@ -4,6 +4,7 @@ import numpy as np
 
 from passk_jax import parallel
 from passk_jax.rl import step as st
+from passk_jax.rl.batch import batch_shardings
 from tests.rl.helpers import make_batch, tiny_model
 from tests.rl.test_step import BASE
 
@@ -13,7 +14,7 @@ def _run(mesh, graphdef, params):
     state = init(params, jax.random.PRNGKey(3))
     metrics = []
     for seed in (0, 1):
-        state, m = train_step(state, jax.device_put(make_batch(seed=seed), st.batch_shardings(mesh)))
+        state, m = train_step(state, jax.device_put(make_batch(seed=seed), batch_shardings(mesh)))
         metrics.append(jax.tree.map(np.asarray, m))
     return jax.tree.map(np.asarray, state.params), metrics, train_step
 
@@ -47,7 +48,7 @@ def test_chunked_logprobs_step_equals_full_logits():
         cfg = dataclasses.replace(BASE, logprob_chunk=chunk, old_logprobs="recompute")
         init, train_step = st.make_train_step(graphdef, cfg, mesh, params)
         state, m = train_step(init(params, jax.random.PRNGKey(3)),
-                              jax.device_put(make_batch(seed=0), st.batch_shardings(mesh)))
+                              jax.device_put(make_batch(seed=0), batch_shardings(mesh)))
         out[chunk] = jax.tree.map(np.asarray, (state.params, m))
     for a, b in zip(jax.tree.leaves(out[5]), jax.tree.leaves(out[0])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
