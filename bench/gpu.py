@@ -253,7 +253,7 @@ class Child:
     # -- sampler: decode copy of f32 master parameters ("replicated") or the master weights ("training")
     def phase_sampler(self, variant: str) -> dict:
         import numpy as np
-        from passk_jax.sampling import Sampler, left_pad
+        from passk_jax.sampling import Sampler
         jax, s = self.jax, self.sizes
         if variant.startswith("slots="):
             return self.sampler_slots(variant)
@@ -277,11 +277,10 @@ class Child:
         # prefill alone (the same compiled program the sampler used)
         bucket = sampler.validate(prompts, num_samples=s.sample_n, max_new_tokens=new, temperature=1.0,
                                   top_p=1.0, top_k=0, eos_ids=())
-        toks, pos, mask = (jax.numpy.asarray(x) for x in left_pad(prompts, bucket, sampler.pad_id))
         pre = []
         for _ in range(2):
             t0 = time.perf_counter()
-            cache, _ = jax.block_until_ready(sampler._prefill(weights.params, toks, pos, mask))
+            cache, _ = jax.block_until_ready(sampler.prefill(weights, prompts))
             pre.append(time.perf_counter() - t0)
         t_decode = max(t - min(pre), 1e-9)
         steps = new - 1  # the first token comes from the prefill logits

@@ -435,15 +435,13 @@ class Sampler:
                       top_p=top_p, top_k=top_k, eos_ids=eos_ids)
         n = int(num_samples)
         padded = PaddedPrompts.pad(prompts, self.buckets, self.pad_id)
-        tokens, positions, mask = padded.tokens, padded.positions, padded.mask
-        next_pos = np.repeat(mask.sum(1).astype(np.int32), n)  # position of each row's first new token
+        next_pos = np.repeat(padded.mask.sum(1).astype(np.int32), n)  # position of each row's first new token
         eos = np.full((MAX_EOS_IDS,), -1, np.int32)
         eos[:len(eos_ids)] = eos_ids
         params = self.prepare(params).params
         with self._mesh_context():
             with timers.phase("prefill"):
-                cache, logits = timers.wait(
-                    self._prefill(params, self._rows(tokens), self._rows(positions), self._rows(mask)))
+                cache, logits = timers.wait(self._prefill_padded(params, padded))
             args = (params, cache, logits, self._rows(next_pos), jnp.asarray(eos), jnp.float32(temperature),
                     jnp.float32(top_p), jnp.int32(top_k), key)
             with timers.phase("decode"):
@@ -455,6 +453,18 @@ class Sampler:
                 timers.wait(out)
         prompt_index = self._rows(np.repeat(np.arange(len(prompts), dtype=np.int32), n))
         return SampleOutput(*out, prompt_index=prompt_index, prompts=padded)
+
+    def prefill(self, params: Any, prompts: Any) -> tuple[Any, jax.Array]:
+        """The prefill program alone, as ``sample`` runs it: (prompt KV cache, last-position logits f32[P, V])
+        of the prompts, left-padded to their bucket (benchmarks time it; prompt log-probs come from it)."""
+        prompts = as_prompt_list(prompts)
+        padded = PaddedPrompts.pad(prompts, self.buckets, self.pad_id)
+        with self._mesh_context():
+            return self._prefill_padded(self.prepare(params).params, padded)
+
+    def _prefill_padded(self, params: Any, padded: PaddedPrompts) -> tuple[Any, jax.Array]:
+        return self._prefill(params, self._rows(padded.tokens), self._rows(padded.positions),
+                             self._rows(padded.mask))
 
     def _mesh_context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)

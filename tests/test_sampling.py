@@ -86,6 +86,8 @@ def test_greedy_matches_transformers_generate(tiny, sampler):
         for j in range(2):
             np.testing.assert_array_equal(np.asarray(out.tokens[2 * p + j]), ref)
     assert np.all(np.asarray(out.logprobs) == 0) and np.all(np.asarray(out.mask))
+    _, logits = sampler.prefill(params, PROMPTS)  # the prefill program alone picks the same first tokens
+    np.testing.assert_array_equal(np.argmax(np.asarray(logits), -1), np.asarray(out.tokens[::2, 0]))
 
 
 def teacher_forced(graphdef, params, prompts, out, n, knobs):
