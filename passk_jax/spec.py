@@ -26,6 +26,12 @@ def _need(ok: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _check_sampling(section: str, temperature: float, top_p: float) -> None:
+    """The sampling settings shared by training rollouts and evaluation."""
+    _need(temperature >= 0, f"{section}.temperature must be >= 0, got {temperature}.")
+    _need(0 < top_p <= 1, f"{section}.top_p must be in (0, 1], got {top_p}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A fresh character-level model (``preset`` "tiny" | "small") or a local Hugging Face checkpoint
@@ -79,18 +85,18 @@ class TaskSpec:
 class RolloutSpec:
     """Training rollouts: P prompts x n samples per step, sampling settings, dynamic sampling."""
 
-    prompts_per_step: int = 16
-    num_samples: int = 16
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    sample_prompts: int = 0
-    ignore_eos: bool = False
-    decode_slots: int = 64
-    decode_layout: str = "auto"
-    dynamic_sampling: bool = False
-    max_refills: int = 4
+    prompts_per_step: int = 16  # P: prompts drawn per RL step
+    num_samples: int = 16  # N: responses sampled per prompt
+    max_new_tokens: int = 24  # response budget; longer responses are truncated
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass; 1 = off
+    top_k: int = 0  # 0 = off
+    sample_prompts: int = 0  # prompts per sampler call (0 = all P at once; chunk to bound the KV cache)
+    ignore_eos: bool = False  # True: every response decodes max_new_tokens (fixed-length workloads)
+    decode_slots: int = 64  # continuous-batching slots per sampler call (0 = lockstep rows)
+    decode_layout: str = "auto"  # decode weights: "replicated", "training" or "auto" (DECODE_LAYOUTS)
+    dynamic_sampling: bool = False  # drop prompts whose N rewards are all equal, draw more to fill P
+    max_refills: int = 4  # extra prompt batches per step under dynamic sampling
 
     def __post_init__(self):
         r = self
@@ -99,8 +105,7 @@ class RolloutSpec:
         _need(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}.")
         _need(r.sample_prompts >= 0,
               f"rollout.sample_prompts must be >= 0 (0 = all at once), got {r.sample_prompts}.")
-        _need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
-        _need(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}.")
+        _check_sampling("rollout", r.temperature, r.top_p)
         _need(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}.")
         _need(0 <= r.decode_slots <= r.call_rows,
               f"rollout.decode_slots must be in [0, {r.call_rows}] (0 = lockstep; at most the rows of one sampler "
@@ -128,8 +133,7 @@ class EvalSpec:
     def __post_init__(self):
         e = self
         _need(e.sample_prompts >= 1, f"eval.sample_prompts must be >= 1, got {e.sample_prompts}.")
-        _need(0 < e.top_p <= 1, f"eval.top_p must be in (0, 1], got {e.top_p}.")
-        _need(e.temperature >= 0, f"eval.temperature must be >= 0, got {e.temperature}.")
+        _check_sampling("eval", e.temperature, e.top_p)
         _need(e.num_samples >= 1 and e.num_prompts >= 1, "eval.num_samples and eval.num_prompts must be >= 1.")
 
 
