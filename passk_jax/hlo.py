@@ -158,18 +158,6 @@ def loop_collectives(text: str) -> list[LoopStats]:
     return out
 
 
-def program_collectives(text: str) -> dict[str, int]:
-    """Bytes per collective kind over the whole program, counting every loop body once."""
-    comps, _ = parse(text)
-    totals: dict[str, int] = {}
-    for insts in comps.values():
-        for inst in insts:
-            kind = _kind(inst.opcode)
-            if kind is not None:
-                totals[kind] = totals.get(kind, 0) + inst.bytes
-    return totals
-
-
 def upcast_copies(text: str, shapes: set[tuple[int, ...]]) -> int:
     """Bytes of the float32 arrays of the given ``shapes`` that the ENTRY computation (outside every loop)
     materialises: the CPU compiler, which has no bf16 matmul, converts loop-invariant bf16 weights to f32
