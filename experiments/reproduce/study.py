@@ -252,7 +252,7 @@ def make_record(spec: StudySpec, method: str, seed: int, workdir: str, wall_s: f
                 num_samples=int(spec.overrides["eval.num_samples"]), steps=spec.steps,
                 sources_sha=hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:16],
                 warm_start=fingerprint(evals["0"], curves), evals=evals, curves=curves, wall_s=round(wall_s, 1),
-                commit=commit or _commit(), machine=f"{platform.machine()} {os.cpu_count()} cpus")
+                commit=commit or _commit(), machine=_machine())
 
 
 def write_record(path: str, record: dict[str, Any]) -> None:
@@ -297,6 +297,23 @@ def load_manifest(design: str, records_dir: str = RECORDS) -> dict[str, Any] | N
 
 
 # ------------------------------------------------------------------------------------------------ run
+def _machine() -> str:
+    """The CPU as a record names it: model, family and model number where Linux says them (floating point
+    differs between CPU models)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or "unknown CPU"
+    if "cpu family" in info:
+        name += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    return f"{name}, {platform.machine()}, {os.cpu_count()} cpus"
+
+
 def _supersede(spec: StudySpec, seed: int, record: dict[str, Any], records_dir: str, root: str,
                log: Callable[[str], None]) -> list[str]:
     """Records of ``seed`` made from another warm start than ``record`` (the seed's warm start was rebuilt
