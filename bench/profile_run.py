@@ -1,6 +1,6 @@
 """End-to-end phase profile of a training run: where the wall-clock time of `trainer.train` goes.
 
-    python -m bench.profile_run [--config=passk_k4] [--config.train.steps=10 ...] [--workdir=DIR] [--keep-sft]
+    python -m bench.profile_run [--config=passk_k4] [--config.train.steps=10 ...] [--workdir=DIR] [--keep_sft]
 
 Runs the named config (any `--config.a.b=value` override works, as with `experiments.run`) in a fresh
 workdir with a recording `passk_jax.timing.Timers` passed to `trainer.train`; the library reports each phase
@@ -24,7 +24,7 @@ A phase nested in another is charged to the innermost one, except inside eval an
 which keep everything they call (their sampling is not RL-step sampling). The
 share of "host-only" phases (prompt preparation, detokenise, score, batch assembly, logging) is the time
 the accelerator would sit idle on a GPU/TPU. By default the SFT cache is disabled so the warm start is
-measured; `--keep-sft` reuses `runs/.sft_cache` instead.
+measured; `--keep_sft` reuses `runs/.sft_cache` instead.
 """
 from __future__ import annotations
 

@@ -448,8 +448,7 @@ def unstack_layers(params: nnx.State) -> nnx.State:
     """The same parameters with each stacked layer parameter as a tuple of per-layer arrays, for an unrolled
     stack (``scan_layers=False``) run inside a loop: call it once before the loop (inside the same jit), and
     the loop body reads each layer's weights as they are instead of slicing -- i.e. copying -- every layer out
-    of the stacked arrays on every iteration (which XLA does not hoist; measured as ~20% of a CPU decode step
-    at the ``small`` preset)."""
+    of the stacked arrays on every iteration (which XLA does not hoist; see bench/RESULTS.md for what it costs)."""
     out = jax.tree.map(lambda x: x, params)  # a new State; the leaves (arrays) are shared
     out["layers"] = jax.tree.map(lambda x: tuple(x[i] for i in range(x.shape[0])), params["layers"])
     return out
