@@ -189,6 +189,21 @@ class MeshSpec:
     tensor: int = 1
 
 
+def field_defaults() -> dict[str, Any]:
+    """``{"section.field": default}`` for every field of the typed sections with a plain default (what a run
+    uses when its config does not name the field): a workdir's config.json written before a field existed
+    resumes under a config that sets it to this default."""
+    sections = {f.name: f.type for f in dataclasses.fields(RunSpec)}
+    out: dict[str, Any] = {}
+    for name, kls in ((n, globals().get(t, t)) for n, t in sections.items()):
+        if not dataclasses.is_dataclass(kls):
+            continue
+        for f in dataclasses.fields(kls):
+            if f.default is not dataclasses.MISSING and not isinstance(f.default, (Mapping, tuple)):
+                out[f"{name}.{f.name}"] = f.default
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     seed: int

@@ -60,16 +60,21 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
-                ignore: frozenset[str] = RESUMABLE) -> list[tuple[str, Any, Any]]:
-    """[(dotted field, old value, new value)] for every field that differs (missing on a side: ``None``)."""
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str] = RESUMABLE,
+                defaults: Mapping[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
+    """[(dotted field, old value, new value)] for every field that differs (missing on a side: ``None``).
+    A field missing on one side whose value on the other is its entry in ``defaults`` (the library's default,
+    ``spec.field_defaults()``) does not differ: the config that lacks it ran with that default."""
     a, b = flatten(old), flatten(new)
     missing = object()
+    defaults = defaults or {}
     diffs = []
     for name in sorted(set(a) | set(b)):
         if name in ignore:
             continue
         x, y = a.get(name, missing), b.get(name, missing)
+        if (x is missing or y is missing) and name in defaults and (y if x is missing else x) == defaults[name]:
+            continue
         if x != y:
             diffs.append((name, None if x is missing else x, None if y is missing else y))
     return diffs
@@ -180,7 +185,8 @@ def holds_results(path: str) -> bool:
     return os.path.exists(os.path.join(path, "metrics.jsonl")) or (os.path.isdir(ckpt) and bool(os.listdir(ckpt)))
 
 
-def check_and_prepare(path: str, config_json: Mapping[str, Any], *, new_run: bool) -> str | None:
+def check_and_prepare(path: str, config_json: Mapping[str, Any], *, new_run: bool,
+                      defaults: Mapping[str, Any] | None = None) -> str | None:
     """Refuse another run's workdir (unless ``new_run``, which moves it aside), then write ``config.json``.
 
     Returns a line describing what was done with old files, or None. Runs on process 0 only."""
@@ -200,7 +206,7 @@ def check_and_prepare(path: str, config_json: Mapping[str, Any], *, new_run: boo
             except (OSError, ValueError) as err:
                 old, problem = None, f"has an unreadable config.json ({err})"
             if old is not None:
-                diffs = config_diff(old, config_json)
+                diffs = config_diff(old, config_json, defaults=defaults)
                 if diffs:
                     problem = f"holds a run with a different config: {_describe(diffs)}"
         if problem:
@@ -213,9 +219,11 @@ def check_and_prepare(path: str, config_json: Mapping[str, Any], *, new_run: boo
     return note
 
 
-def claim(path: str, config_json: Mapping[str, Any], *, new_run: bool = False) -> RunLock:
+def claim(path: str, config_json: Mapping[str, Any], *, new_run: bool = False,
+          defaults: Mapping[str, Any] | None = None) -> RunLock:
     """Lock ``path`` for this run and check (or, with ``new_run``, move aside) what it holds; returns the
-    lock to release at exit. Every process calls it; process 0 decides and the others follow."""
+    lock to release at exit. Every process calls it; process 0 decides and the others follow. ``defaults``:
+    see ``config_diff``."""
     import jax
 
     from passk_jax import parallel
@@ -227,7 +235,7 @@ def claim(path: str, config_json: Mapping[str, Any], *, new_run: bool = False) -
             stale = lock.acquire()
             if stale:
                 log.info("workdir %s: took over the lock of a run that did not exit cleanly (%s).", path, stale)
-            note = check_and_prepare(path, config_json, new_run=new_run)
+            note = check_and_prepare(path, config_json, new_run=new_run, defaults=defaults)
             if note:
                 log.info("workdir %s: %s.", path, note)
         except WorkdirError as err:

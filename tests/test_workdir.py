@@ -75,6 +75,43 @@ def test_changed_config_is_refused_naming_fields(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 80
 
 
+def test_a_field_added_at_its_default_resumes_an_older_workdir(tmp_path):
+    """A config.json written before a field existed resumes under a config that sets the field to the
+    library's default (the old run used it); any other value of the new field is a different config."""
+    from passk_jax.spec import field_defaults
+
+    defaults = field_defaults()
+    wd.claim(str(tmp_path), CONFIG).release()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    newer = json.loads(json.dumps(CONFIG))
+    newer["step"].update(dual_clip=None, temperature=1.0, ratio_level="token")
+    assert {"step.dual_clip", "step.temperature", "step.ratio_level"} <= set(defaults)
+    with pytest.raises(wd.WorkdirError):  # without the defaults every added field differs
+        wd.claim(str(tmp_path), newer)
+    wd.claim(str(tmp_path), newer, defaults=defaults).release()
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    newer["step"]["temperature"] = 0.7
+    with pytest.raises(wd.WorkdirError, match=r"step.temperature \(null -> 0.7\)"):
+        wd.claim(str(tmp_path), newer, defaults=defaults)
+
+
+def test_every_step_field_can_be_set_from_the_command_line():
+    """The base config names every StepConfig field (``--config.step.FIELD`` is checked against the config's
+    fields), at the library's default unless the base sets it."""
+    import dataclasses
+
+    from experiments import configs
+    from experiments.cli import config_fields
+    from passk_jax.rl.step import StepConfig
+    from passk_jax.spec import RunSpec
+
+    c = configs.get("passk_k4")
+    assert {f"step.{f.name}" for f in dataclasses.fields(StepConfig)} <= set(config_fields(c))
+    c.step.dual_clip = 3.0  # a None default takes its declared type
+    c.step.ratio_level = "sequence"
+    assert RunSpec.from_config(c).step.dual_clip == 3.0
+
+
 def test_new_run_moves_the_old_run_aside(tmp_path):
     wd.claim(str(tmp_path), CONFIG).release()
     (tmp_path / "checkpoints").mkdir()

@@ -4,13 +4,38 @@ Sections:
   model     preset ("tiny" | "small") for a fresh character-level model, or hf_path for a local checkpoint
   task      registry name + options for ``passk_jax.tasks.get``
   rollout   prompts per step, samples per prompt (N_rollout), sampling settings, dynamic sampling
-  step      ``passk_jax.rl.step.StepConfig`` fields (estimator, k, clip, aggregation, optimiser, ...)
+  step      every ``passk_jax.rl.step.StepConfig`` field (estimator, k, clip, aggregation, optimiser, ...):
+            the ones below set here, the rest at the library's default (``step_section``)
   train     number of RL steps, eval / checkpoint / log cadence, sequential stages
   eval      held-out evaluation (paper: temperature 1.0, top-p 0.95, unbiased pass@k for k = 1, 2, 4, ...)
   sft       supervised warm start on task demonstrations (cached across runs)
   mesh      device mesh sizes over ('data', 'fsdp', 'tensor'); -1 = all remaining devices
 """
-from ml_collections import ConfigDict
+import dataclasses
+import typing
+from collections.abc import Mapping
+
+from ml_collections import ConfigDict, config_dict
+
+from passk_jax.rl.step import StepConfig
+
+
+def step_section(**values) -> ConfigDict:
+    """Every ``StepConfig`` field, at ``values`` or else the library's default, so that each can be set with
+    ``--config.step.FIELD=value``; a field whose default is None takes a value of its declared type."""
+    hints = typing.get_type_hints(StepConfig)
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(StepConfig)})
+    if unknown:
+        raise ValueError(f"step_section: {unknown} are not StepConfig fields.")
+    out = {}
+    for f in dataclasses.fields(StepConfig):
+        value = values.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        if isinstance(value, Mapping):
+            value = ConfigDict(dict(value))
+        elif value is None:
+            value = config_dict.placeholder(next(t for t in typing.get_args(hints[f.name]) if t is not type(None)))
+        out[f.name] = value
+    return ConfigDict(out)
 
 
 def get_config() -> ConfigDict:
@@ -24,7 +49,7 @@ def get_config() -> ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat = "none"
     c.model.scan_layers = False     # True: lax.scan over layers (fast compile); False: unrolled (fast steps)
-    c.model.attention = "auto"      # no-cache attention kernel: "auto" (blocked on CPU, plain elsewhere)
+    c.model.attention = "auto"      # no-cache attention kernel: "auto" (splash on TPU, cuDNN on GPU, else blocked)
     c.model.max_len = 256           # context length of a fresh model (prompt + completion)
 
     c.task = ConfigDict()
@@ -55,24 +80,23 @@ def get_config() -> ConfigDict:
     c.rollout.dynamic_sampling = False
     c.rollout.max_refills = 4         # extra prompt batches to draw per step under dynamic sampling
 
-    c.step = ConfigDict({
-        "estimator": "passk_analytic",
-        "k": 4,
-        "estimator_options": ConfigDict(),
-        "eps_low": 0.2,
-        "eps_high": 0.28,
-        "aggregation": "token_mean",
-        "kl_coef": 0.0,
-        "entropy_coef": 0.0,
-        "num_minibatches": 1,
-        "num_microbatches": 1,
-        "learning_rate": 1e-4,
-        "warmup_steps": 5,
-        "weight_decay": 0.0,
-        "grad_clip_norm": 1.0,
-        "old_logprobs": "sampler",
-        "logprob_chunk": 0,           # LM head over this many positions at a time (0 = all; real vocabularies: 512)
-    })
+    c.step = step_section(
+        estimator="passk_analytic",
+        k=4,
+        eps_low=0.2,
+        eps_high=0.28,
+        aggregation="token_mean",
+        kl_coef=0.0,
+        entropy_coef=0.0,
+        num_minibatches=1,
+        num_microbatches=1,
+        learning_rate=1e-4,
+        warmup_steps=5,
+        weight_decay=0.0,
+        grad_clip_norm=1.0,
+        old_logprobs="sampler",
+        logprob_chunk=0,              # LM head over this many positions at a time (0 = all; real vocabularies: 512)
+    )
 
     c.train = ConfigDict()
     c.train.steps = 40

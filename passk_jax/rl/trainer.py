@@ -38,7 +38,7 @@ from passk_jax.rl.data import DataStream, load_examples, make_task
 from passk_jax.rl.monitor import VerifierMonitor
 from passk_jax.rl.step import TrainState, abstract_state, make_train_step
 from passk_jax.sampling import Sampler
-from passk_jax.spec import RolloutSpec, RunSpec
+from passk_jax.spec import RolloutSpec, RunSpec, field_defaults
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tasks.tokenizer import build_char_tokenizer, load_tokenizer
 from passk_jax.timing import NO_TIMERS, Timers
@@ -336,7 +336,7 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
     ``previous_runs/`` and start afresh instead of refusing. ``timers``: see ``Run``."""
     task = make_task(spec.task)
     train_examples, test_examples = load_examples(spec, task)
-    lock = workdir_lib.claim(workdir, spec.config_json, new_run=new_run)
+    lock = workdir_lib.claim(workdir, spec.config_json, new_run=new_run, defaults=field_defaults())
     try:
         mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)
         graphdef, params, model_cfg, tokenizer = build_model(spec, mesh, workdir)
