@@ -221,3 +221,5 @@ def test_a_rebuilt_warm_start_supersedes_the_seeds_other_records(tmp_path):
     same = dict(new, warm_start="A")
     study.write_record(study.record_path(spec, "pass1", 0, str(tmp_path)), old)
     assert study._supersede(spec, 0, same, str(tmp_path), str(tmp_path / "runs"), msgs.append) == []
+    moved = study.load_superseded(spec, str(tmp_path))  # their CPU time still counts in the report
+    assert [(r["method"], r["seed"], r["warm_start"]) for r in moved] == [("pass1", 0, "A")]

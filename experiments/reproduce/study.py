@@ -279,6 +279,19 @@ def load_records(spec: StudySpec, records_dir: str = RECORDS) -> list[dict[str, 
     return out
 
 
+def load_superseded(spec: StudySpec, records_dir: str = RECORDS) -> list[dict[str, Any]]:
+    """The records moved to ``<design>/superseded/`` (runs from a warm start that a later machine rebuilt
+    differently): not in the analysis, but their CPU time is part of what the study took."""
+    root = os.path.join(records_dir, spec.name, "superseded")
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for name in sorted(files):
+            if name.endswith(".json"):
+                with open(os.path.join(dirpath, name)) as f:
+                    out.append(json.load(f))
+    return out
+
+
 def write_manifest(spec: StudySpec, sources: list[str], records_dir: str = RECORDS) -> None:
     """``<design>/design.json``: the spec and the held-out mazes' data sources, in evaluation order."""
     path = os.path.join(records_dir, spec.name, "design.json")

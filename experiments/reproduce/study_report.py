@@ -60,6 +60,10 @@ def section(design: str, records_dir: str, out_dir: str, number: str = "2") -> l
     done = {(r["method"], r["seed"]) for r in records}
     complete = [s for s in range(spec.seeds) if all((m, s) in done for m in spec.methods)]
     hours = sum(r["wall_s"] for r in records) / 3600
+    superseded = study.load_superseded(spec, records_dir)
+    redone = (f" plus {sum(r['wall_s'] for r in superseded) / 3600:.2f} hours in {len(superseded)} superseded "
+              "run(s) (trained from a warm start that another machine rebuilt differently; kept under "
+              "`superseded/`, not analysed)" if superseded else "")
     o = spec.overrides
     sizes = ", ".join(f"{t}×{t}" for t in spec.train_sizes)
     tests = ", ".join(f"{t}×{t}" for t in spec.test_sizes)
@@ -72,7 +76,7 @@ def section(design: str, records_dir: str, out_dir: str, number: str = "2") -> l
             f"{', '.join(str(i * spec.eval_every) for i in range(spec.eval_points))}: {o['eval.num_samples']} "
             "samples per maze at temperature 1.0, top-p 0.95 (unbiased pass@k), one greedy sample.", "",
             f"**Progress.** {len(records)} of {spec.seeds * len(spec.methods)} runs; complete seeds: "
-            f"{len(complete)} of {spec.seeds}; {hours:.2f} hours of wall time so far (machines: "
+            f"{len(complete)} of {spec.seeds}; {hours:.2f} hours of wall time so far{redone} (machines: "
             f"{', '.join(sorted({r['machine'] for r in records}))}; commits "
             f"{', '.join(sorted({r['commit'] for r in records}))}).", ""]
     if len(complete) < spec.seeds:
