@@ -41,7 +41,8 @@ import jax.numpy as jnp
 # A finite "minus infinity": a query that sees no key gets a uniform distribution instead of NaN (its output
 # is ignored: such positions are padding).
 _NEG = float(jnp.finfo(jnp.float32).min)
-# f32 bytes of one block's scores that stay in a 2-core CPU's caches well (bench/RESULTS.md: block sizes of 0.5-4 MiB measured alike).
+# f32 bytes of one block's scores that stay in a 2-core CPU's caches well (bench/RESULTS.md: blocks of
+# 0.5-4 MiB measured alike).
 _BLOCK_BYTES = 2 << 20
 _MAX_CHUNKS = 16
 
