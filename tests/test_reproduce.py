@@ -201,6 +201,12 @@ def test_analyses_outputs_and_quick_study(analysed, tmp_path):
         assert f"| {label}" in text, label
     assert "The paper's claims" in text and "Pass@k training reaches a higher pass@16" in text
     assert "complete seeds: 2 of 2" in text and "verified (step-0 evaluations identical)" in text
+    partial = tmp_path / "partial"  # seed 1 lacks a method: the tables stay paired on seed 0
+    shutil.copytree(records_dir, partial / "study")
+    os.remove(study.record_path(spec, "passk_analytic", 1, str(partial / "study")))
+    text = open(report.write(str(partial))).read()
+    assert "complete seeds: 1 of 2" in text and "seed(s) 1 wait for their seed" in text
+    assert "| Pass@1 (1)" in text and "| Pass@1 (2)" not in text
 
 
 def test_a_rebuilt_warm_start_supersedes_the_seeds_other_records(tmp_path):

@@ -79,15 +79,21 @@ def section(design: str, records_dir: str, out_dir: str, number: str = "2") -> l
             f"{len(complete)} of {spec.seeds}; {hours:.2f} hours of wall time so far{redone} (machines: "
             f"{', '.join(sorted({r['machine'] for r in records}))}; commits "
             f"{', '.join(sorted({r['commit'] for r in records}))}).", ""]
+    # Tables and figures are paired too: only complete seeds, unless none is complete yet.
+    shown = [r for r in records if r["seed"] in complete] if complete else records
     if len(complete) < spec.seeds:
-        out += [f"> **Partial study**: the verdicts below use the {len(complete)} complete seed(s) and are "
-                "provisional; `python -m experiments.reproduce --study` continues it.", ""]
-    out += _warm_start(records, spec, sources)
-    out += _results_table(records, methods, sources, spec)
-    out += _per_size(records, methods, sources, spec)
+        pending = sorted({r["seed"] for r in records} - set(complete))
+        out += [f"> **Partial study**: the tables, figures and verdicts below use the {len(complete)} complete "
+                f"seed(s) and are provisional"
+                + (f" (finished runs of seed(s) {', '.join(map(str, pending))} wait for their seed)"
+                   if complete and pending else "")
+                + "; `python -m experiments.reproduce --study` continues it.", ""]
+    out += _warm_start(shown, spec, sources)
+    out += _results_table(shown, methods, sources, spec)
+    out += _per_size(shown, methods, sources, spec)
     tag = spec.name
-    figures.learning_curves(records, methods, sources, os.path.join(out_dir, f"study_{tag}_curves.png"))
-    figures.pass_at_k_curves(records, methods, sources, spec.test_sizes,
+    figures.learning_curves(shown, methods, sources, os.path.join(out_dir, f"study_{tag}_curves.png"))
+    figures.pass_at_k_curves(shown, methods, sources, spec.test_sizes,
                              os.path.join(out_dir, f"study_{tag}_pass_at_k.png"))
     out += [f"![learning curves](study_{tag}_curves.png)", "", f"![pass@k](study_{tag}_pass_at_k.png)", ""]
     out += _claims(records, sources, spec, number)
