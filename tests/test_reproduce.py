@@ -229,3 +229,21 @@ def test_a_rebuilt_warm_start_supersedes_the_seeds_other_records(tmp_path):
     assert study._supersede(spec, 0, same, str(tmp_path), str(tmp_path / "runs"), msgs.append) == []
     moved = study.load_superseded(spec, str(tmp_path))  # their CPU time still counts in the report
     assert [(r["method"], r["seed"], r["warm_start"]) for r in moved] == [("pass1", 0, "A")]
+
+
+def test_seeds_and_mazes_to_decide_known_answers():
+    # mean 1, sd 1: t_{5}/sqrt(6) = 1.050 > 1 and t_{6}/sqrt(7) = 0.925 < 1, so 7 seeds
+    assert stats.seeds_to_decide([0.0, 1.0, 2.0]) == (7, "reproduced")
+    assert stats.seeds_to_decide([0.0, -1.0, -2.0]) == (7, "contradicted")
+    assert stats.seeds_to_decide([-1.0, 0.0, 1.0]) == (None, "inconclusive")
+    assert stats.seeds_to_decide([0.5]) == (None, "inconclusive")
+    # non-inferiority, mean -0.005 sd 0.01, margin 0.01: needs t_{n-1}/sqrt(n) < 0.5, first at n = 18
+    assert stats.seeds_to_decide([-0.015, -0.005, 0.005], kind="noninferiority", margin=0.01) == (18, "reproduced")
+    # half-width 0.04 at 768 mazes, centre 0.03: 768 * (4/3)^2 = 1365.3 -> 1366
+    assert stats.mazes_to_decide(stats.Interval(0.03, -0.01, 0.07), 768) == (1366, "reproduced")
+    assert stats.mazes_to_decide(stats.Interval(-0.03, -0.07, 0.01), 768) == (1366, "contradicted")
+    assert stats.mazes_to_decide(stats.Interval(0.0, -0.02, 0.02), 768) == (None, "inconclusive")
+    # non-inferiority: centre -0.004 is 0.006 above -margin (and 0.004 below 0); half 0.01 -> 768 * (10/6)^2
+    # = 2133.3 -> 2134 mazes to reproduce, before the 4800 that "contradicted" would need
+    assert stats.mazes_to_decide(stats.Interval(-0.004, -0.014, 0.006), 768, kind="noninferiority",
+                                 margin=0.01) == (2134, "reproduced")

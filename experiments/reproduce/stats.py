@@ -86,6 +86,48 @@ def verdict(seed_ci: Interval, maze_ci: Interval | None, *, kind: str = "superio
     raise ValueError(f"unknown claim kind {kind!r}; use 'superiority' or 'noninferiority'.")
 
 
+def seeds_to_decide(diffs: Sequence[float], *, kind: str = "superiority", margin: float = 0.0,
+                    level: float = LEVEL, max_seeds: int = 10_000) -> tuple[int | None, str]:
+    """Planning, not a test: the fewest seeds at which the seed interval alone would reach a verdict if the
+    per-seed differences kept their observed mean and sd (the projected interval mean +- t_{n-1} sd/sqrt(n)
+    judged by ``verdict``); (None, "inconclusive") when no n <= ``max_seeds`` does (e.g. a zero mean). At
+    that n the real interval decides only about half the time (its mean is not fixed): 80% power needs
+    roughly twice the seeds."""
+    d = np.asarray(diffs, np.float64)
+    if len(d) < 2:
+        return None, "inconclusive"
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    n = np.arange(2, max_seeds + 1)
+    halves = scipy_stats.t.ppf(0.5 + level / 2, n - 1) * sd / np.sqrt(n)
+    for size, half in zip(n, halves):
+        v = verdict(Interval(mean, mean - half, mean + half), None, kind=kind, margin=margin)
+        if v != "inconclusive":
+            return int(size), v
+    return None, "inconclusive"
+
+
+def mazes_to_decide(ci: Interval, num_mazes: int, *, kind: str = "superiority",
+                    margin: float = 0.0) -> tuple[int | None, str]:
+    """Planning, not a test: the fewest held-out mazes at which the maze interval alone would reach a
+    verdict if its centre stayed at ``ci.mean`` and its half-width shrank like 1/sqrt(mazes) from the
+    ``num_mazes`` it was computed on; (None, "inconclusive") when none does (a zero mean)."""
+    half = (ci.hi - ci.lo) / 2
+    if half <= 0:
+        return num_mazes, verdict(ci, None, kind=kind, margin=margin)
+    # verdict distances: how far the centre is from each bound the rule tests
+    options = ([(abs(ci.mean), "reproduced" if ci.mean > 0 else "contradicted")] if kind == "superiority"
+               else [(ci.mean + margin, "reproduced"), (-ci.mean, "contradicted")])
+    best: tuple[int | None, str] = (None, "inconclusive")
+    for dist, v in options:
+        if dist > 0:
+            m = max(1, math.ceil(num_mazes * (half / dist) ** 2))
+            while half * math.sqrt(num_mazes / m) >= dist:  # the rule's bounds are strict
+                m += 1
+            if best[0] is None or m < best[0]:
+                best = (m, v)
+    return best
+
+
 def pass_at_k_per_maze(counts: np.ndarray, n: int, k: int) -> np.ndarray:
     """Unbiased pass@k of each maze from its number of correct samples out of ``n`` (``metrics.pass_at_k``,
     the estimator the evaluation reports)."""

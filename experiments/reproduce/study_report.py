@@ -206,8 +206,41 @@ def _claims(records, sources, spec, number: str) -> list[str]:
     out += ["", f"Verdicts over {len(results)} claims on {len(results[0]['seeds'])} seed(s): "
             + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ". Each claim is tested at 95% "
             "on its own (no multiplicity correction); the rates are in points of %.", ""]
+    out += _to_decide(results, spec)
     out += _over_time(records, sources, spec, number)
     return out
+
+
+def _to_decide(results, spec) -> list[str]:
+    """For every inconclusive claim: how many seeds and held-out mazes would let each interval decide if the
+    observed mean difference and spread held (``stats.seeds_to_decide`` / ``mazes_to_decide``)."""
+    open_ = [j for j in results if j["verdict"] == "inconclusive" and len(j["diffs"]) >= 2]
+    if not open_:
+        return []
+    out = ["What would decide the inconclusive claims, if the observed mean difference and its spread held "
+           "(planning numbers, not tests: at exactly these counts an interval decides about half the time; "
+           "80% power needs roughly twice as many). A verdict needs both intervals.", "",
+           "| claim | Δ (sd over seeds) | seed interval now | seeds needed | maze interval now | held-out mazes per size needed |",
+           "|---|---|---|---|---|---|"]
+    for j in open_:
+        c, m = j["claim"], j["metric"]
+        pct = m.percent
+        sd = float(np.std(j["diffs"], ddof=1))
+        n, v = stats.seeds_to_decide(j["diffs"], kind=c.kind, margin=c.margin)
+        seed_now = stats.verdict(j["seed_ci"], None, kind=c.kind, margin=c.margin)
+        seeds = "–" if seed_now != "inconclusive" else (f"{n} (→ {v})" if n else "none (mean ≈ 0)")
+        if j["maze_ci"] is None:
+            maze_now, mazes = "n/a", "n/a"
+        else:
+            maze_now = stats.verdict(j["maze_ci"], None, kind=c.kind, margin=c.margin)
+            sizes = 1 if m.size else len(spec.test_sizes)
+            mz, mv = stats.mazes_to_decide(j["maze_ci"], sizes * spec.test_per_size, kind=c.kind,
+                                           margin=c.margin)
+            mazes = "–" if maze_now != "inconclusive" else (
+                f"{math.ceil(mz / sizes)} (→ {mv})" if mz else "none (mean ≈ 0)")
+        out.append(f"| {c.key}: {m.label} | {_fmt(j['seed_ci'].mean, pct)} ({_fmt(sd, pct)}) | {seed_now} | "
+                   f"{seeds} | {maze_now} | {mazes} |")
+    return out + [""]
 
 
 def _over_time(records, sources, spec, number: str) -> list[str]:
