@@ -106,26 +106,26 @@ def seeds_to_decide(diffs: Sequence[float], *, kind: str = "superiority", margin
     return None, "inconclusive"
 
 
-def mazes_to_decide(ci: Interval, num_mazes: int, *, kind: str = "superiority",
-                    margin: float = 0.0) -> tuple[int | None, str]:
+def mazes_to_decide(ci: Interval, num_mazes: int, *, kind: str = "superiority", margin: float = 0.0,
+                    max_mazes: int = 10_000_000) -> tuple[int | None, str]:
     """Planning, not a test: the fewest held-out mazes at which the maze interval alone would reach a
     verdict if its centre stayed at ``ci.mean`` and its half-width shrank like 1/sqrt(mazes) from the
-    ``num_mazes`` it was computed on; (None, "inconclusive") when none does (a zero mean)."""
+    ``num_mazes`` it was computed on (the projected interval judged by ``verdict``, whose decided set only
+    grows with the mazes, so a bisection finds the first); (None, "inconclusive") when no count up to
+    ``max_mazes`` does (a zero mean)."""
     half = (ci.hi - ci.lo) / 2
-    if half <= 0:
-        return num_mazes, verdict(ci, None, kind=kind, margin=margin)
-    # verdict distances: how far the centre is from each bound the rule tests
-    options = ([(abs(ci.mean), "reproduced" if ci.mean > 0 else "contradicted")] if kind == "superiority"
-               else [(ci.mean + margin, "reproduced"), (-ci.mean, "contradicted")])
-    best: tuple[int | None, str] = (None, "inconclusive")
-    for dist, v in options:
-        if dist > 0:
-            m = max(1, math.ceil(num_mazes * (half / dist) ** 2))
-            while half * math.sqrt(num_mazes / m) >= dist:  # the rule's bounds are strict
-                m += 1
-            if best[0] is None or m < best[0]:
-                best = (m, v)
-    return best
+
+    def judged(m: int) -> str:
+        h = half * math.sqrt(num_mazes / m)
+        return verdict(Interval(ci.mean, ci.mean - h, ci.mean + h), None, kind=kind, margin=margin)
+
+    if judged(max_mazes) == "inconclusive":
+        return None, "inconclusive"
+    lo, hi = 1, max_mazes
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if judged(mid) != "inconclusive" else (mid + 1, hi)
+    return lo, judged(lo)
 
 
 def pass_at_k_per_maze(counts: np.ndarray, n: int, k: int) -> np.ndarray:
