@@ -37,7 +37,7 @@ import time
 
 from absl import app, flags
 
-from experiments import configs
+from experiments import cli, configs
 from passk_jax.timing import Timers
 
 FLAGS = flags.FLAGS
@@ -138,4 +138,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     define_flags()
     configs.define_config_flag()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser)

@@ -110,7 +110,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments import configs  # noqa: E402
+from experiments import cli, configs  # noqa: E402
 from passk_jax import hlo, parallel  # noqa: E402
 from passk_jax.models.families import CHECKPOINTS  # noqa: E402
 from passk_jax.models.transformer import ModelConfig, Transformer, split  # noqa: E402
@@ -513,4 +513,4 @@ def run() -> None:
 if __name__ == "__main__":
     flags.mark_flag_as_required("topology")
     configs.define_config_flag()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser)

@@ -51,4 +51,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     configs.define_config_flag()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser)

@@ -43,13 +43,17 @@ class MetricWriter:
     """Appends ``{"step": s, **metrics}`` to ``metrics.jsonl`` and writes TensorBoard scalars.
 
     ``purge_step``: a resumed run passes its first new step, so TensorBoard drops events the previous
-    attempt wrote at or after it (``metrics.jsonl`` is cut by ``truncate_after``)."""
+    attempt wrote at or after it. ``metrics.jsonl`` rows of the previous attempt past the resume point are
+    kept until this run writes the step that replaces them (``replace_after``): a resume never deletes a
+    row it has not recomputed."""
 
     def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None,
                  purge_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        self._head: list[str] = []  # rows this run keeps or wrote, while stale rows remain
+        self._stale: list[tuple[int, str | None, str]] = []  # (step, phase, line) of rows to replace
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -59,7 +63,7 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
     def write(self, step: int, metrics: Mapping[str, Any], *, phase: str | None = None) -> dict[str, float]:
-        """Append one record; ``phase`` (e.g. "final") is stored with it so a resume can drop it."""
+        """Append one record; ``phase`` (e.g. "final") is stored with it so a resume can replace it."""
         scalars = to_scalars(metrics)
         if not self.enabled:
             return scalars
@@ -67,31 +71,39 @@ class MetricWriter:
         if phase is not None:
             record["phase"] = phase
         record.update({k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()})
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._stale:  # replace the previous attempt's rows of this step (and earlier ones it skipped)
+            self._stale = [r for r in self._stale if r[0] > step or (r[0] == step and r[1] != phase)]
+            self._head.append(line)
+            _write_atomic(self.path, self._head + [r[2] for r in self._stale])
+            if not self._stale:
+                self._head = []
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key.replace("@", "_at_"), value, int(step))
         return scalars
 
-    def truncate_after(self, step: int, *, drop_phases: tuple[str, ...] = ("final",)) -> None:
-        """Drop records with step > ``step`` and those of ``drop_phases`` (on resume, so metrics.jsonl matches
-        an uninterrupted run: the final evaluation is redone when the resumed run finishes). A torn last
-        line (a crash mid-write) is dropped too."""
+    def replace_after(self, step: int, *, phases: tuple[str, ...] = ("final",)) -> None:
+        """Mark the rows of steps after ``step`` and those of ``phases`` as the previous attempt's: each stays
+        in the file until this run writes its step (on resume, so metrics.jsonl ends up as an uninterrupted
+        run's, and an interrupted resume loses nothing)."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        kept = []
-        with open(self.path, encoding="utf-8") as f:
+        head, stale = [], []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     record = json.loads(line)
-                except ValueError:
+                except ValueError:  # a torn line (see ``repair_jsonl``)
                     continue
-                if record["step"] <= step and record.get("phase") not in drop_phases:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-        with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
+                if record["step"] <= step and record.get("phase") not in phases:
+                    head.append(line)
+                else:
+                    stale.append((int(record["step"]), record.get("phase"), line))
+        self._head, self._stale = (head, stale) if stale else ([], [])
 
     def flush(self) -> None:
         if self._tb is not None:
@@ -101,6 +113,38 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _write_atomic(path: str, lines: list[str]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def repair_jsonl(path: str) -> str | None:
+    """Drop the lines of a JSONL file that do not parse (a torn last line from a crash or a full disk
+    mid-write); returns one line saying what was dropped, or None when the file is whole or absent."""
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    kept, torn = [], []
+    for i, raw in enumerate(data.splitlines(keepends=True), start=1):
+        try:
+            json.loads(raw)
+            kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
+        except ValueError:
+            if raw.strip():
+                torn.append((i, len(raw)))
+    if not torn and (not data or data.endswith(b"\n")):
+        return None
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    if not torn:
+        return f"{path}: added the missing newline at the end of the last row."
+    lines = ", ".join(f"line {i} ({n} bytes)" for i, n in torn[:3]) + (" ..." if len(torn) > 3 else "")
+    return f"{path}: dropped {len(torn)} torn row(s) left by an interrupted write: {lines}."
 
 
 def read_jsonl(path: str) -> list[dict]:

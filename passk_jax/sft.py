@@ -149,9 +149,26 @@ def cached_params(cache_dir: str, key: str, abstract_params: Any) -> Any | None:
     return None if parallel.process_any(params is None) else params
 
 
+def cache_unwritable(cache_dir: str) -> str:
+    """Why warm starts cannot be saved under ``cache_dir`` ("" when they can): process 0 creates it and writes
+    a probe file; every process gets its answer. Checked before saving, because Orbax's background threads
+    wait minutes for a directory it failed to create."""
+    reason = ""
+    if jax.process_index() == 0:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            probe = os.path.join(cache_dir, f".write_test.{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as err:
+            reason = f"{err.strerror or err}"
+    return parallel.broadcast_text(reason)
+
+
 def save_cached_params(cache_dir: str, key: str, params: Any) -> None:
     """Save warm-start params under ``cache_dir/key`` (every process must call it; Orbax writes the shards,
-    process 0 moves the finished directory into place)."""
+    process 0 moves the finished directory into place). Check ``cache_unwritable`` first."""
     import orbax.checkpoint as ocp
 
     os.makedirs(cache_dir, exist_ok=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +26,31 @@ from passk_jax.sampling import DECODE_LAYOUTS
 def _need(ok: bool, msg: str) -> None:
     if not ok:
         raise ValueError(msg)
+
+
+# StepConfig fields where +inf is a legitimate setting: grad_clip_norm=inf clips nothing (like None, but a float
+# that `--config.step.grad_clip_norm=inf` can set). Every other float of a spec must be finite.
+_INF_OK = frozenset({"grad_clip_norm"})
+
+
+def _check_finite(value: Any, name: str) -> None:
+    """Every float in ``value`` (a section dataclass, or mappings / sequences of plain values, walked to the
+    bottom) is finite; ValueError naming the first that is not by its dotted path (``step.learning_rate``,
+    ``step.estimator_options.eta``, ``train.stages[0].step.eps_high``). NaN fails every comparison, so the
+    sections' own range checks would otherwise report it with a rule it does not break."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _check_finite(getattr(value, f.name), f"{name}.{f.name}" if name else f.name)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{name}[{i}]")
+    elif isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        parent, _, leaf = name.rpartition(".")
+        if not (value == math.inf and leaf in _INF_OK and (parent == "step" or parent.endswith(".step"))):
+            raise ValueError(f"{name} must be a finite number, got {value}.")
 
 
 def _check_sampling(section: str, temperature: float, top_p: float) -> None:
@@ -65,9 +92,12 @@ class TaskSpec:
     verifier_timeout_s: float = 10.0
     max_error_frac: float = 0.5
     max_failed_steps: int = 3
+    long_prompts: str = "error"  # a prompt that leaves no room for max_new_tokens: "error" or "skip" (counted)
 
     def __post_init__(self):
         t = self
+        _need(t.long_prompts in ("error", "skip"),
+              f"task.long_prompts must be 'error' or 'skip', got {t.long_prompts!r}.")
         _need(t.num_train is None or t.num_train >= 1,
               f"task.num_train must be >= 1 (or None: every row), got {t.num_train}.")
         _need(t.verifier_workers >= 0, f"task.verifier_workers must be >= 0 (0 = in-process), got {t.verifier_workers}.")
@@ -218,6 +248,8 @@ class RunSpec:
     config_json: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
+        _check_finite({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "config_json"},
+                      "")  # first: NaN fails every range check below with a rule it does not break
         r = self.rollout
         _need(sum(s.steps for s in self.stages) >= 0, "train.steps must be >= 0.")
         for i, stage in enumerate(self.stages):
@@ -286,6 +318,7 @@ class RunSpec:
     def from_json(cls, data: Mapping[str, Any], config_json: Mapping[str, Any] | None = None) -> RunSpec:
         """The spec of a config as nested mappings of plain values (a workdir's config.json, or a config's
         ``to_dict()``); ``config_json``: its JSON form (default: ``data``)."""
+        _check_finite(data, "")  # before the sections check their ranges, which NaN fails misleadingly
         m, t = dict(data["model"]), dict(data["task"])
         scan = m.get("scan_layers", False)
         _need(str(scan).lower() in ("true", "false"), f"model.scan_layers must be true or false, got {scan!r}.")

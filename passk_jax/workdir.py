@@ -19,6 +19,7 @@ its error message) through a broadcast, so all processes stop or go on together.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import difflib
 import errno
@@ -26,6 +27,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 from typing import Any, Mapping
@@ -178,45 +180,146 @@ def move_aside(path: str) -> str | None:
     return dest
 
 
+FINAL_FILES = ("eval_final.json", "report.md", "hf_export")  # written when a run finishes
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+    """What a workdir has recorded: the last step of ``metrics.jsonl`` (-1: no row), the step of its final
+    row (None: none) and which final files exist."""
+
+    last_step: int = -1
+    final_row: int | None = None
+    final_files: tuple[str, ...] = ()
+
+    @property
+    def final_step(self) -> int | None:
+        """The step the final results describe (None: the run never finished)."""
+        if self.final_row is not None:
+            return self.final_row
+        return max(self.last_step, 0) if self.final_files else None
+
+
+def recorded(path: str) -> Records:
+    """The ``Records`` of a workdir (a torn or unreadable line of ``metrics.jsonl`` is skipped)."""
+    last, final = -1, None
+    try:
+        with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    step = int(record["step"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                last = max(last, step)
+                if record.get("phase") == "final":
+                    final = step if final is None else max(final, step)
+    except FileNotFoundError:
+        pass
+    files = tuple(name for name in FINAL_FILES if os.path.exists(os.path.join(path, name)))
+    return Records(last, final, files)
+
+
+def checkpoint_steps(path: str) -> list[int]:
+    """Checkpoint steps on disk, readable or not: ``checkpoints/<step>`` and the unreadable ones moved to
+    ``checkpoints/corrupt/<step>[.n]`` (temporary directories of an interrupted save do not count)."""
+    steps = []
+    for sub in ("checkpoints", os.path.join("checkpoints", "corrupt")):
+        folder = os.path.join(path, sub)
+        if os.path.isdir(folder):
+            steps += [int(name.split(".")[0]) for name in os.listdir(folder)
+                      if re.fullmatch(r"\d+(\.\d+)?", name) and os.path.isdir(os.path.join(folder, name))]
+    return sorted(steps)
+
+
 def holds_results(path: str) -> bool:
-    """Whether ``path`` holds a run's results (metrics or a checkpoint step), not just a started run's
-    config.json (a run that failed before its first record describes nothing and may be replaced)."""
-    ckpt = os.path.join(path, "checkpoints")
-    return os.path.exists(os.path.join(path, "metrics.jsonl")) or (os.path.isdir(ckpt) and bool(os.listdir(ckpt)))
+    """Whether ``path`` holds a run's results: a checkpoint, a metrics row of a training step, or final
+    results. A run that failed before its first training step (config.json, the initial evaluation) holds
+    none, so a corrected config may take the workdir."""
+    rec = recorded(path)
+    return bool(checkpoint_steps(path)) or rec.last_step >= 1 or rec.final_step is not None
+
+
+def check_records(path: str, checkpoint_every: int) -> None:
+    """Refuse a resume that would replace recorded results: final results newer than every checkpoint, or
+    metrics rows further past the newest checkpoint than an interrupted run leaves (a row is written every
+    step before that step's checkpoint, saved every ``checkpoint_every`` steps in the background, and a save
+    waits for the previous one: a crash or a failed save leaves at most two intervals of rows past the newest
+    complete checkpoint). Steps moved to ``checkpoints/corrupt/`` count as
+    present: the run falls back past them on purpose and says so."""
+    rec, steps = recorded(path), checkpoint_steps(path)
+    newest = steps[-1] if steps else 0
+    if rec.final_step is not None and rec.final_step > newest:
+        what = f"final results ({', '.join(rec.final_files) or 'a final row of metrics.jsonl'}) of step {rec.final_step}"
+    elif rec.last_step - newest > 2 * checkpoint_every:
+        what = f"metrics.jsonl rows up to step {rec.last_step}"
+    else:
+        return
+    where = f"its newest checkpoint is step {newest}" if steps else "it has no checkpoint"
+    raise WorkdirError(
+        f"workdir {path} holds {what} but {where}, so resuming would train again from step {newest} and "
+        "replace them; put the checkpoints back, choose another --workdir, or pass --new_run to move this "
+        "run to previous_runs/ and start a new one.")
+
+
+def _checkpoint_every(*configs: Mapping[str, Any] | None) -> int:
+    """The largest ``train.checkpoint_every`` of the configs (it may change between attempts)."""
+    values = [int(flatten(c).get("train.checkpoint_every") or 1) for c in configs if c]
+    return max(values or [1])
 
 
 def check_and_prepare(path: str, config_json: Mapping[str, Any], *, new_run: bool,
                       defaults: Mapping[str, Any] | None = None) -> str | None:
-    """Refuse another run's workdir (unless ``new_run``, which moves it aside), then write ``config.json``.
+    """Refuse another run's workdir (unless ``new_run``, which moves it aside) and a resume that would
+    replace recorded results (``check_records``), then write ``config.json``. Files of an attempt that
+    failed before its first training step under another config are moved aside, not mixed in.
 
     Returns a line describing what was done with old files, or None. Runs on process 0 only."""
     cfg_path = os.path.join(path, "config.json")
+    old, problem = None, None
+    if os.path.exists(cfg_path):
+        try:
+            with open(cfg_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as err:
+            problem = f"has an unreadable config.json ({err})"
+    diffs = config_diff(old, config_json, defaults=defaults) if old is not None else None
     note = None
     if new_run:
         dest = move_aside(path)
         note = f"moved the previous run's files to {dest}" if dest else None
     elif holds_results(path):
-        problem = None
-        if not os.path.exists(cfg_path):
+        if old is None and problem is None:
             problem = "holds run files (checkpoints/, metrics.jsonl) but no config.json"
-        else:
-            try:
-                with open(cfg_path) as f:
-                    old = json.load(f)
-            except (OSError, ValueError) as err:
-                old, problem = None, f"has an unreadable config.json ({err})"
-            if old is not None:
-                diffs = config_diff(old, config_json, defaults=defaults)
-                if diffs:
-                    problem = f"holds a run with a different config: {_describe(diffs)}"
+        elif diffs:
+            problem = f"holds a run with a different config: {_describe(diffs)}"
         if problem:
             raise WorkdirError(
                 f"workdir {path} {problem}; resume with the same config, choose another --workdir, or pass "
                 "--new_run to move the old run to previous_runs/ and start a new one.")
+        check_records(path, _checkpoint_every(old, config_json))
+    elif diffs or problem or (old is None and _leftovers(path)):
+        dest = move_aside(path) if _leftovers(path) else None
+        note = (f"moved the files of an earlier attempt that stopped before its first training step (another "
+                f"config) to {dest}") if dest else None
     with open(cfg_path + ".tmp", "w") as f:
         json.dump(dict(config_json), f, indent=2)
     os.replace(cfg_path + ".tmp", cfg_path)
     return note
+
+
+def _leftovers(path: str) -> list[str]:
+    """Files of an earlier attempt besides its config.json and empty folders (the lock and earlier moved
+    runs excluded)."""
+    out = []
+    for entry in os.listdir(path):
+        full = os.path.join(path, entry)
+        if entry in (LOCK_NAME, PREVIOUS, "config.json") or entry.startswith(".write_test"):
+            continue
+        if os.path.isdir(full) and not any(files for _, _, files in os.walk(full)):
+            continue
+        out.append(entry)
+    return out
 
 
 def claim(path: str, config_json: Mapping[str, Any], *, new_run: bool = False,
@@ -245,3 +348,62 @@ def claim(path: str, config_json: Mapping[str, Any], *, new_run: bool = False,
     if error:
         raise WorkdirError(error)
     return lock
+
+
+# --------------------------------------------------------------------------------------------- full disk
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='(28|122)'|\[Errno (28|122)\]")
+_PATH_IN_TEXT = re.compile(r"""(?:Failed writing|Failed to write|local file|writing|file)[:\s]*["'](/[^"']+)["']|["'](/[^"']+)["']""")
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def disk_full_message(err: BaseException) -> str | None:
+    """One sentence for an error caused by a full disk (or quota) anywhere in its chain — an ``OSError``
+    with ENOSPC / EDQUOT, or a storage library's error text saying so — naming the path being written and
+    the space left on its filesystem; None for any other error."""
+    path = None
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            path = e.filename or path
+            break
+        text = str(e)
+        if _NO_SPACE_TEXT.search(text):
+            match = _PATH_IN_TEXT.search(text)
+            path = next((g for g in match.groups() if g), None) if match else None
+            break
+    else:
+        return None
+    if path:  # name the checkpoint step, not the storage library's temporary files inside it
+        path = re.sub(r"\.orbax-checkpoint-tmp.*$", "", str(path))
+    where = f" while writing {path}" if path else ""
+    space = ""
+    if path:
+        try:
+            usage = shutil.disk_usage(_nearest_existing(str(path)))
+            space = f" ({_size(usage.free)} free of {_size(usage.total)} on that filesystem)"
+        except OSError:
+            pass
+    return (f"no space left on the device{where}{space}; free some space (or move the workdir) and rerun the "
+            "same command: the run resumes from its last complete checkpoint.")

@@ -64,6 +64,8 @@ def get_config() -> ConfigDict:
     c.task.verifier_timeout_s = 10.0
     c.task.max_error_frac = 0.5       # warn loudly when a step's share of failed verifier calls exceeds this
     c.task.max_failed_steps = 3       # stop when every response of this many consecutive steps failed
+    c.task.long_prompts = "error"     # a data row whose prompt + max_new_tokens exceeds the context: "error"
+                                      # (names file:line before anything compiles) or "skip" (left out, counted)
 
     c.rollout = ConfigDict()
     c.rollout.prompts_per_step = 16   # P

@@ -170,11 +170,53 @@ def config_to_hf(cfg: ModelConfig, dtype: str | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- safetensors
+def _corrupt(file: Path, why: str) -> ValueError:
+    return ValueError(f"weight file {file} is truncated or corrupt: {why}; re-copy or re-export the checkpoint.")
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _read_header(file: Path) -> tuple[dict, int]:
+    """(tensor entries, start of the data) of one safetensors file, checked before anything is read: a
+    readable header, ordered `data_offsets` spanning prod(shape) * itemsize bytes (for the dtypes we know)
+    and a file long enough for all of them; ValueError naming the file otherwise."""
+    size = file.stat().st_size
     with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _corrupt(file, f"unreadable safetensors header (the file holds {size} bytes, fewer than the "
+                                 f"8-byte header length)")
+        (n,) = struct.unpack("<Q", prefix)
+        if 8 + n > size:
+            raise _corrupt(file, f"unreadable safetensors header (its length prefix says {n} bytes but the file "
+                                 f"holds {size - 8} after it)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise _corrupt(file, f"unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(file, f"unreadable safetensors header (a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
+    data_end = 0
+    for name, t in header.items():
+        entry = t if isinstance(t, dict) else {}
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(dtype, str) and isinstance(shape, list) and all(map(_is_count, shape))
+                and isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))
+                and offsets[0] <= offsets[1]):
+            raise _corrupt(file, f"unreadable safetensors header (tensor {name} has a malformed entry "
+                                 f"{json.dumps(t)[:200]})")
+        if dtype in _ST_DTYPES:  # unknown dtypes fail in `_Tensors.get`, if the tensor is ever read
+            need = int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES[dtype].itemsize
+            if offsets[1] - offsets[0] != need:
+                raise _corrupt(file, f"tensor {name} spans {offsets[1] - offsets[0]} bytes but its shape "
+                                     f"{tuple(shape)} and dtype {dtype} need {need}")
+        data_end = max(data_end, offsets[1])
+    if size < 8 + n + data_end:
+        raise _corrupt(file, f"its header describes {data_end} bytes of tensor data but the file holds "
+                             f"{size - 8 - n}")
     return header, 8 + n
 
 

@@ -2,10 +2,15 @@
 which training draws prompts (position p -> a fresh permutation per epoch, so a resume needs only p)."""
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import numpy as np
 
 from passk_jax.spec import RunSpec, TaskSpec
 from passk_jax.tasks import Task, get as get_task, reward_spec
+
+log = logging.getLogger("passk_jax")
 
 
 def make_task(spec: TaskSpec) -> Task:
@@ -52,3 +57,43 @@ class DataStream:
                 self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
             out.append(self.examples[self._perm[1][i]])
         return out
+
+
+def check_prompts(spec: RunSpec, task: Task, tokenizer: Any, context: int, context_source: str,
+                  splits: dict[str, list]) -> tuple[dict[str, list], dict[str, float]]:
+    """Check every prompt of every split against the model context before anything compiles: the prompt
+    plus ``rollout.max_new_tokens`` must fit in ``context`` tokens (which is also the sampler's largest
+    prompt bucket). A prompt that does not fit is an error naming its file and line (or split and index
+    for generated examples); with ``task.long_prompts="skip"`` it is left out and counted instead.
+
+    Returns the (possibly filtered) splits and ``{"data/<split>/skipped_long_prompts": count}``."""
+    from passk_jax.tasks.tokenizer import prompt_lengths
+
+    budget = spec.rollout.max_new_tokens
+    if budget >= context:
+        raise ValueError(f"rollout.max_new_tokens={budget} leaves no room for a prompt in the model context of "
+                         f"{context} tokens ({context_source}).")
+    out, counts = {}, {}
+    for split, examples in splits.items():
+        kept, long = [], []
+        lengths = prompt_lengths(tokenizer, [task.render(ex) for ex in examples])
+        for i, (ex, length) in enumerate(zip(examples, lengths)):
+            (long if length + budget > context else kept).append((i, ex, length))
+        if long and spec.task.long_prompts == "error":
+            i, ex, length = long[0]
+            where = ex.origin or f"{split} example {i} of task {spec.task.name!r}"
+            more = f" ({len(long) - 1} more {split} prompt(s) too long)" if len(long) > 1 else ""
+            raise ValueError(
+                f"{where}: the prompt has {length} tokens, which with rollout.max_new_tokens={budget} exceeds the "
+                f"model context of {context} tokens ({context_source}){more}; shorten it, lower "
+                "rollout.max_new_tokens, or set task.long_prompts='skip' to leave such prompts out.")
+        if long:
+            log.warning("left out %d of %d %s prompt(s) that with rollout.max_new_tokens=%d exceed the model "
+                        "context of %d tokens (task.long_prompts='skip'), e.g. %s.", len(long), len(examples),
+                        split, budget, context, long[0][1].origin or f"{split} example {long[0][0]}")
+        if not kept:
+            raise ValueError(f"the {split} split is empty: every prompt is too long for the model context of "
+                             f"{context} tokens with rollout.max_new_tokens={budget} ({context_source}).")
+        out[split] = [ex for _, ex, _ in kept]
+        counts[f"data/{split}/skipped_long_prompts"] = float(len(long))
+    return out, counts

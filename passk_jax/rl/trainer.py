@@ -30,11 +30,11 @@ from tqdm import tqdm
 from passk_jax import parallel, report, sft
 from passk_jax import workdir as workdir_lib
 from passk_jax.checkpoint import Checkpointer, PreemptionGuard
-from passk_jax.metric_log import MetricWriter, console_line
+from passk_jax.metric_log import MetricWriter, console_line, repair_jsonl
 from passk_jax.models import hf
 from passk_jax.models.transformer import ModelConfig, init as init_model, split
 from passk_jax.rl import evaluation, rollout
-from passk_jax.rl.data import DataStream, load_examples, make_task
+from passk_jax.rl.data import DataStream, check_prompts, load_examples, make_task
 from passk_jax.rl.monitor import VerifierMonitor
 from passk_jax.rl.step import TrainState, abstract_state, make_train_step
 from passk_jax.sampling import Sampler
@@ -51,14 +51,39 @@ CONSOLE_KEYS = {"rollout/reward_mean": "reward", "step/rollout_pass@k": "pass@k"
 
 
 # --------------------------------------------------------------------------------------------- model
-def build_model(spec: RunSpec, mesh: jax.sharding.Mesh, workdir: str):
-    """(graphdef, params, ModelConfig, tokenizer): a local HF checkpoint, or a fresh char-level model."""
+def model_context(spec: RunSpec) -> tuple[int, str]:
+    """(context length in tokens, where it comes from) of the run's model, read without loading weights."""
+    m = spec.model
+    if m.hf_path:
+        path = os.path.join(m.hf_path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json in {m.hf_path}: expected a local Hugging Face checkpoint "
+                                    "directory (model.hf_path).")
+        with open(path) as f:
+            cfg = hf.config_from_hf(json.load(f))
+        return int(cfg.max_position_embeddings), f"max_position_embeddings in {path}"
+    return m.max_len, "model.max_len"
+
+
+def run_tokenizer(spec: RunSpec, workdir: str):
+    """The run's tokenizer: the checkpoint's, or the character tokenizer (the workdir's copy when it has one)."""
+    if spec.model.hf_path:
+        return hf.load_tokenizer(spec.model.hf_path)
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        return load_tokenizer(tok_dir)
+    return build_char_tokenizer()
+
+
+def build_model(spec: RunSpec, mesh: jax.sharding.Mesh, workdir: str, tokenizer: Any = None):
+    """(graphdef, params, ModelConfig, tokenizer): a local HF checkpoint, or a fresh char-level model.
+    ``tokenizer``: the run's tokenizer when the caller has loaded it already (``run_tokenizer``)."""
     m = spec.model
     if m.hf_path:
         model, cfg = hf.load_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
                                         remat=m.remat, scan_layers=m.scan_layers, attention=m.attention)
         graphdef, params = split(model)
-        return graphdef, params, cfg, hf.load_tokenizer(m.hf_path)
+        return graphdef, params, cfg, tokenizer or hf.load_tokenizer(m.hf_path)
     tok_dir = os.path.join(workdir, "tokenizer")
     # process 0's view decides, so no process reads the file while process 0 is writing it
     if parallel.allgather(np.bool_(os.path.exists(os.path.join(tok_dir, "tokenizer.json"))))[0]:
@@ -109,6 +134,21 @@ def export(graphdef: Any, params: Any, model_cfg: ModelConfig, tokenizer: Any, o
 
 
 # --------------------------------------------------------------------------------------------- phases
+# config fields that do not change a warm start: where it is cached, and how verifiers run
+_NOT_IN_WARM_START = {"sft": ("cache", "cache_dir"),
+                      "task": ("verifier_workers", "verifier_timeout_s", "max_error_frac", "max_failed_steps")}
+
+
+def warm_start_key(spec: RunSpec, model_cfg: ModelConfig, seed: int) -> str:
+    """The SFT cache key: a hash of everything that determines the warm start (the model, the task and its
+    data, the SFT settings, the seed, ``max_new_tokens``, the checkpoint it starts from), and nothing else —
+    the same wherever the cache lives."""
+    parts = {name: {k: v for k, v in spec.config_json[name].items() if k not in skip}
+             for name, skip in _NOT_IN_WARM_START.items()}
+    return sft.cache_key(str(model_cfg), parts["task"], parts["sft"], seed, spec.rollout.max_new_tokens,
+                         spec.model.hf_path)
+
+
 def warm_start(spec: RunSpec, graphdef, params, mesh, env: rollout.Env, train_examples, model_cfg, guard=None):
     """SFT on demonstrations, cached under sft.cache_dir keyed by everything that determines the result.
 
@@ -117,13 +157,16 @@ def warm_start(spec: RunSpec, graphdef, params, mesh, env: rollout.Env, train_ex
     stop = (lambda: False) if guard is None else (lambda: parallel.process_any(guard.requested))
     s = spec.sft
     seed = spec.seed if s.seed < 0 else s.seed
-    key = sft.cache_key(str(model_cfg), spec.config_json["task"], spec.config_json["sft"], seed,
-                        spec.rollout.max_new_tokens, spec.model.hf_path)
+    key = warm_start_key(spec, model_cfg, seed)
     if s.cache:
         cached = sft.cached_params(s.cache_dir, key, params)
         if cached is not None:
             log.info("warm start: reusing cached SFT params %s/%s", s.cache_dir, key)
             return cached, {"sft/cached": 1.0}
+    unwritable = sft.cache_unwritable(s.cache_dir) if s.cache else ""
+    if unwritable:
+        log.warning("warm start: cannot write to sft.cache_dir=%s (%s); the warm start is computed and used but "
+                    "not cached.", s.cache_dir, unwritable)
     t0 = time.perf_counter()
     data = sft.build_dataset(env.task, env.tokenizer, train_examples[:s.num_examples],
                              demos_per_example=s.demos_per_example,
@@ -141,8 +184,12 @@ def warm_start(spec: RunSpec, graphdef, params, mesh, env: rollout.Env, train_ex
     bar.close()
     if stop():
         return params, {}
-    if s.cache:
-        sft.save_cached_params(s.cache_dir, key, params)
+    if s.cache and not unwritable:
+        try:
+            sft.save_cached_params(s.cache_dir, key, params)
+        except Exception as err:  # noqa: BLE001 - a cache that fails to save must not cost the warm start
+            log.warning("warm start: could not cache it under %s (%s); the run continues with it.", s.cache_dir,
+                        str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__)
     elapsed = parallel.process_max({"sft/time_s": time.perf_counter() - t0})
     return params, {"sft/final_loss": history[-1], **elapsed, "sft/examples": float(len(data[0]))}
 
@@ -209,6 +256,7 @@ class Run:
     monitor: VerifierMonitor | None = None
     bar: Any = None
     stopping: bool = False
+    data_counts: dict[str, float] = dataclasses.field(default_factory=dict)  # prompts left out (step-0 record)
     _fns: dict[int, tuple] = dataclasses.field(default_factory=dict)
 
     @property
@@ -331,15 +379,24 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
     the initial policy. A run that is already finished, or preempted during the warm start, comes back with
     that ``status`` and its ``summary``.
 
-    Every check that can fail (data files, workdir lock / ownership / writability) runs before the model is
-    built. ``new_run``: the workdir holds another run (a different config): move its files to
+    Every check that needs only the config, the tokenizer and the data (data files and rows, every prompt
+    against the model context: ``data.check_prompts``) runs before the workdir is claimed, and the workdir's
+    (lock, ownership, recorded results vs checkpoints) before the model is built. ``new_run``: the workdir holds another run (a different config): move its files to
     ``previous_runs/`` and start afresh instead of refusing. ``timers``: see ``Run``."""
     task = make_task(spec.task)
+    if spec.sft.steps > 0 and not hasattr(task, "demonstrations"):
+        raise ValueError(f"task {spec.task.name!r} has no demonstrations() for the warm start; set sft.steps=0.")
     train_examples, test_examples = load_examples(spec, task)
+    context, source = model_context(spec)
+    tokenizer = run_tokenizer(spec, workdir)
+    splits, data_counts = check_prompts(spec, task, tokenizer, context, source,
+                                        {"train": train_examples, "test": test_examples})
+    train_examples, test_examples = splits["train"], splits["test"]
     lock = workdir_lib.claim(workdir, spec.config_json, new_run=new_run, defaults=field_defaults())
     try:
         mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)
-        graphdef, params, model_cfg, tokenizer = build_model(spec, mesh, workdir)
+        graphdef, params, model_cfg, tokenizer = build_model(spec, mesh, workdir,
+                                                             tokenizer if spec.model.hf_path else None)
         stream = DataStream(train_examples, spec.seed)
         sampler = Sampler(graphdef, model_cfg, mesh=mesh, pad_id=tokenizer.pad_token_id,
                           decode_layout=spec.rollout.decode_layout)
@@ -350,7 +407,8 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
         raise
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
     run = Run(spec, workdir, mesh, graphdef, model_cfg, shapes, rollout.Env(sampler, task, tokenizer, pool),
-              test_examples, stream, ckpt, PreemptionGuard(), lock, timers, summary={"workdir": workdir})
+              test_examples, stream, ckpt, PreemptionGuard(), lock, timers, summary={"workdir": workdir},
+              data_counts=data_counts if spec.task.long_prompts == "skip" else {})
     try:
         run.state = run.step_fns(0)[0](params, jax.random.fold_in(run.root, 1))
         _start(run, params, train_examples)
@@ -368,6 +426,10 @@ def _start(run: Run, params: Any, train_examples: list) -> None:
     if start > total:
         raise ValueError(f"workdir {workdir} has a checkpoint at step {start} but this config trains "
                          f"{total} steps; raise train.steps or use another workdir.")
+    if run.is_main:
+        repaired = repair_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if repaired:
+            log.warning("%s", repaired)
     if restored is not None and start == total and _finished(workdir, spec):
         log.info("run in %s already finished at step %d; nothing to do (report: %s).", workdir, start,
                  os.path.join(workdir, "report.md"))
@@ -375,10 +437,9 @@ def _start(run: Run, params: Any, train_examples: list) -> None:
             run.summary.update(status="done", step=start, final=json.load(f))
         run.status = "done"
         return
-    if run.is_main:
-        _reset_outputs(workdir, start)
+    # files of later steps (a previous attempt's) stay until this run rewrites them: nothing is deleted here
     run.writer = MetricWriter(workdir, purge_step=start + 1 if restored is not None else 0)
-    run.writer.truncate_after(start if restored is not None else -1)
+    run.writer.replace_after(start if restored is not None else -1)
     run.monitor = VerifierMonitor(run.env.pool, spec.task.max_error_frac, spec.task.max_failed_steps,
                                   None if restored is None else restored[2].get("verifier"),
                                   say=tqdm.write if run.is_main else (lambda _: None))
@@ -395,6 +456,7 @@ def _start(run: Run, params: Any, train_examples: list) -> None:
             run.state = run.step_fns(0)[0](params, jax.random.fold_in(run.root, 1))
         initial = run.evaluate()
         initial.update(run.monitor.take(0))
+        initial.update(run.data_counts)
         run.log(0, initial)
         if run.is_main:
             _dump(os.path.join(workdir, "eval_initial.json"), initial)
@@ -428,8 +490,11 @@ def finish(run: Run) -> dict[str, Any]:
     run.log(total, final, phase="final")
     run.wait_for_checkpoints()
     if spec.train.export_hf:  # every process joins the parameter gathers; process 0 writes
-        export(run.graphdef, run.state.params, run.model_cfg, run.env.tokenizer, os.path.join(workdir, "hf_export"),
+        partial = os.path.join(workdir, "hf_export.partial")
+        export(run.graphdef, run.state.params, run.model_cfg, run.env.tokenizer, partial,
                hf_path=spec.model.hf_path or None)
+        if run.is_main:
+            _swap_in(partial, os.path.join(workdir, "hf_export"))
     if run.is_main:
         _dump(os.path.join(workdir, "eval_final.json"), final)
         report.write(workdir, spec)
@@ -450,22 +515,15 @@ def train(spec: RunSpec, workdir: str, *, stop_after: int | None = None, new_run
         return finish(run)
 
 
-def _reset_outputs(workdir: str, start: int) -> None:
-    """Remove derived files that describe steps after ``start`` (they are rewritten when the run gets there):
-    the final evaluation, the report and its plots, the export; on a fresh start the initial evaluation."""
-    names = ["eval_final.json", "report.md", "training_curves.png", "pass_at_k.png", "hf_export"]
-    if start == 0:
-        names.append("eval_initial.json")
-    details = os.path.join(workdir, EVAL_DETAILS)
-    if os.path.isdir(details):
-        names += [os.path.join(EVAL_DETAILS, f) for f in os.listdir(details)
-                  if not f.startswith("step_") or int(f[5:11]) > start or start == 0]
-    for name in names:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+def _swap_in(new: str, path: str) -> None:
+    """Replace the directory ``path`` by ``new`` (the old one is removed only once the new one is in place)."""
+    old = path + ".old"
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    if os.path.isdir(path):
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 EVAL_DETAILS = "eval_details"
@@ -477,15 +535,21 @@ def _save_eval_details(workdir: str, step: int, examples: Sequence, per_prompt: 
     record = {"step": step, "data_source": [ex.data_source for ex in examples],
               **{name: np.asarray(v).tolist() for name, v in per_prompt.items()}}
     os.makedirs(os.path.join(workdir, EVAL_DETAILS), exist_ok=True)
-    with open(os.path.join(workdir, EVAL_DETAILS, f"step_{step:06d}.json"), "w") as f:
+    path = os.path.join(workdir, EVAL_DETAILS, f"step_{step:06d}.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(record, f)
+    os.replace(path + ".tmp", path)
 
 
 def _finished(workdir: str, spec: RunSpec) -> bool:
+    """Whether the run's final results of step ``total_steps`` are all written (a final row of that step in
+    metrics.jsonl, eval_final.json, report.md and, when exported, hf_export/)."""
     need = ["eval_final.json", "report.md"] + (["hf_export/config.json"] if spec.train.export_hf else [])
-    return all(os.path.exists(os.path.join(workdir, name)) for name in need)
+    return (workdir_lib.recorded(workdir).final_row == spec.total_steps
+            and all(os.path.exists(os.path.join(workdir, name)) for name in need))
 
 
 def _dump(path: str, obj: dict) -> None:
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump({k: float(v) for k, v in obj.items()}, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)

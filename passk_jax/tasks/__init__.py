@@ -36,12 +36,15 @@ Prompt = str | list[Message]
 @dataclass
 class Example:
     """One problem. `prompt`: what the model sees (text, or chat messages); `ground_truth`: what the
-    verifier needs (a maze grid, a countdown spec, a final answer); `extra`: metadata (difficulty, index)."""
+    verifier needs (a maze grid, a countdown spec, a final answer); `extra`: metadata (difficulty, index);
+    `origin`: where the example came from, e.g. 'data/train.jsonl:3' or 'data/train.parquet: row 2'; empty
+    for generated examples (not part of equality)."""
 
     prompt: Prompt
     ground_truth: Any
     data_source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    origin: str = field(default="", compare=False)
 
 
 @runtime_checkable

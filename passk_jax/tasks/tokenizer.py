@@ -87,6 +87,26 @@ def encode_prompt(tokenizer, prompt: str | Sequence[dict[str, str]]) -> list[int
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def prompt_lengths(tokenizer, prompts: Sequence[str | Sequence[dict[str, str]]], batch: int = 1024) -> list[int]:
+    """``[len(encode_prompt(tokenizer, p)) for p in prompts]``, tokenized in batches."""
+    texts, special = [], []
+    for p in prompts:
+        if isinstance(p, str):
+            texts.append(p)
+            special.append(True)
+        else:
+            texts.append(tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False))
+            special.append(False)
+    out = []
+    for start in range(0, len(texts), batch):
+        for flag in (True, False):
+            idx = [i for i in range(start, min(start + batch, len(texts))) if special[i] == flag]
+            if idx:
+                ids = tokenizer([texts[i] for i in idx], add_special_tokens=flag)["input_ids"]
+                out += list(zip(idx, (len(x) for x in ids)))
+    return [n for _, n in sorted(out)]
+
+
 def decode_response(tokenizer, ids: Sequence[int]) -> str:
     """Completion text for the verifier (special tokens such as <eos>/<pad> dropped)."""
     return tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -8,8 +8,9 @@ One row per problem:
     extra_info    dict                      optional (split, index, difficulty ...)
 Plain-text prompts (our compact templates) are written as one user message with
 extra_info["prompt_format"] = "text" and come back as text. Malformed rows are reported with file and row
-(Parquet: 0-based row index; JSONL: 1-based line number); `on_bad_row="raise"` (default) fails with all
-of them listed, `"skip"` logs each one and keeps the good rows.
+(Parquet: 0-based row index; JSONL: 1-based line number; a JSONL line that is not valid UTF-8 is such a
+row); `on_bad_row="raise"` (default) fails with all of them listed, `"skip"` logs each one and keeps the
+good rows. Each loaded Example's `origin` is the same location ("path:line" or "path: row i").
 """
 from __future__ import annotations
 
@@ -40,8 +41,13 @@ def _rows(path: str) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}: row {i}", row
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded per line, so a bad byte is reported with its line
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{i}", f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                continue
             if not line.strip():
                 continue
             try:
@@ -97,7 +103,9 @@ def load_verl(paths: str | Sequence[str], *, on_bad_row: str = "raise",
             try:
                 if isinstance(row, str):
                     raise ValueError(row)
-                out.append(row_to_example(row))
+                example = row_to_example(row)
+                example.origin = where
+                out.append(example)
             except ValueError as e:
                 bad.append(f"{where}: {e}")
     if errors is not None:

@@ -1,5 +1,6 @@
 """HF checkpoint import/export: logits parity with transformers' PyTorch models, round trip, errors."""
 import json
+import re
 import shutil
 
 import jax
@@ -214,6 +215,34 @@ def test_missing_unexpected_and_misshapen_tensors(checkpoint, tmp_path):
     safetensors.numpy.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"shapes do not match.*model.layers.0.mlp.gate_proj.weight \(96, 64\) "
                                          r"\(expected \(80, 64\)\)"):
+        hf.load_pretrained(tmp_path)
+
+
+def test_truncated_or_corrupt_safetensors_names_the_file(checkpoint, tmp_path, monkeypatch):
+    path, _ = checkpoint("qwen2_tied")
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    data = (path / "model.safetensors").read_bytes()
+    weights = tmp_path / "model.safetensors"
+
+    def no_arrays(*args, **kwargs):
+        raise AssertionError("a parameter was read before the weight file was checked")
+
+    monkeypatch.setattr(jax, "make_array_from_callback", no_arrays)
+    header_len = int.from_bytes(data[:8], "little")
+    for blob, needle in [(data[:len(data) // 2], "its header describes .* bytes of tensor data but the file holds"),
+                         (data[:5], "unreadable safetensors header"),
+                         (data[:8 + header_len // 2], "unreadable safetensors header"),
+                         (data[:8] + b"{not json" + data[17:], "unreadable safetensors header")]:
+        weights.write_bytes(blob)
+        with pytest.raises(ValueError, match=f"^weight file {re.escape(str(weights))} is truncated or corrupt: "
+                                             f"{needle}.*; re-copy or re-export the checkpoint.$"):
+            hf.load_pretrained(tmp_path)
+    header = json.loads(data[8:8 + header_len])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [2 * d for d in header[name]["shape"]]
+    blob = json.dumps(header).encode()
+    weights.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + header_len:])
+    with pytest.raises(ValueError, match=f"truncated or corrupt: tensor {name} spans .* bytes but its shape"):
         hf.load_pretrained(tmp_path)
 
 

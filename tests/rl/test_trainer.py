@@ -278,10 +278,24 @@ def test_eval_pass_at_k_matches_estimator():
     ("rollout.decode_slots", 17, r"rollout.decode_slots must be in \[0, 16\]"),
     ("rollout.decode_slots", 4, r"rollout.decode_slots=4 is not divisible by the data-parallel size data\*fsdp=8"),
     ("rollout.decode_layout", "gathered", "rollout.decode_layout must be one of"),
+    ("step.learning_rate", float("nan"), "step.learning_rate must be a finite number, got nan"),
+    ("rollout.temperature", float("inf"), "rollout.temperature must be a finite number, got inf"),
+    ("eval.temperature", float("nan"), "eval.temperature must be a finite number"),
+    ("task.max_error_frac", float("nan"), "task.max_error_frac must be a finite number"),
+    ("step.estimator_options", {"eta": float("-inf")}, "step.estimator_options.eta must be a finite number"),
+    ("step.log_ratio_clip", float("inf"), "step.log_ratio_clip must be a finite number"),
+    ("train.stages", ({"steps": 1, "step": {"eps_high": float("nan")}},),
+     r"train.stages\[0\].step.eps_high must be a finite number"),
 ])
 def test_config_validation(tmp_path, key, value, needle):
     with pytest.raises(ValueError, match=needle):
         tiny_spec(tmp_path, **{key: value})
+
+
+def test_infinite_grad_clip_norm_is_allowed(tmp_path):
+    assert tiny_spec(tmp_path, **{"step.grad_clip_norm": float("inf")}).step.grad_clip_norm == float("inf")
+    with pytest.raises(ValueError, match="step.grad_clip_norm must be a finite number, got nan"):
+        tiny_spec(tmp_path, **{"step.grad_clip_norm": float("nan")})
 
 
 def test_unknown_config_and_field_messages():
@@ -299,6 +313,18 @@ def test_unknown_config_and_field_messages():
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 1 and needle in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_flag_parsing_errors_are_one_line():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "experiments.run", "--config=passk_k4", "--config.seed=abc"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: flag --config.seed=abc: ") and "FATAL" not in out.stderr, out.stderr
+    out = subprocess.run([sys.executable, "-m", "experiments.run", "--config=passk_k4", "--config.seed=abc",
+                          "--debug"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" in out.stderr and "config.seed" in out.stderr, out.stderr
 
 
 def test_sigterm_saves_checkpoint_and_resumes(runs):
@@ -358,3 +384,83 @@ def test_long_responses_train_and_evaluate(tmp_path):
     assert np.isfinite(step["step/loss"]) and step["step/entropy"] > 0
     assert "eval/pass@4" in out["final"]
     assert no_cache_kernel(trainer.build_model(RunSpec.from_config(c), None, str(tmp_path / "run"))[2]) == "blocked"
+
+
+def test_a_finished_run_without_its_checkpoints_is_refused_before_compiling(runs):
+    """A rerun must not retrain a finished run whose checkpoints were removed (it would replace its results)."""
+    from passk_jax.workdir import WorkdirError
+
+    wd = _copy_run(runs, "no_checkpoints")
+    shutil.rmtree(os.path.join(wd, "checkpoints"))
+    before = {name: open(os.path.join(wd, name), "rb").read()
+              for name in ("metrics.jsonl", "eval_final.json", "report.md", "hf_export/model.safetensors")}
+    with pytest.raises(WorkdirError, match="of step 4 but it has no checkpoint"):
+        trainer.train(tiny_spec(runs["base"] / "cache"), wd)
+    assert {name: open(os.path.join(wd, name), "rb").read() for name in before} == before
+    assert sorted(os.listdir(os.path.join(wd, "eval_details"))) == [f"step_{s:06d}.json" for s in (0, 2, 4)]
+
+
+def test_a_resume_keeps_results_until_it_recomputes_them(runs, caplog):
+    """Step 4 is corrupt, so the run resumes from 3; stopped there, every result of the finished run is still
+    in place (nothing is deleted up front); a torn last row is repaired and reported; the finished rerun
+    then replaces the rows with identical ones."""
+    wd = _copy_run(runs, "keep")
+    shutil.move(os.path.join(wd, "checkpoints", "4"), os.path.join(wd, "checkpoints_4_aside"))
+    os.makedirs(os.path.join(wd, "checkpoints", "corrupt"))
+    shutil.move(os.path.join(wd, "checkpoints_4_aside"), os.path.join(wd, "checkpoints", "corrupt", "4"))
+    metrics = os.path.join(wd, "metrics.jsonl")
+    lines = open(metrics).readlines()
+    with open(metrics, "w") as f:  # the final row torn mid-write
+        f.writelines(lines[:-1] + [lines[-1][:40]])
+    before = {name: open(os.path.join(wd, name), "rb").read()
+              for name in ("eval_final.json", "report.md", "hf_export/model.safetensors", "eval_details/step_000004.json")}
+    caplog.set_level("INFO")
+    out = trainer.train(tiny_spec(runs["base"] / "cache"), wd, stop_after=3)
+    assert out["status"] == "stopped" and out["step"] == 3
+    assert f"dropped 1 torn row(s) left by an interrupted write: line {len(lines)} (40 bytes)" in caplog.text
+    assert {name: open(os.path.join(wd, name), "rb").read() for name in before} == before
+    assert open(metrics).readlines() == lines[:-1]
+    out = trainer.train(tiny_spec(runs["base"] / "cache"), wd)
+    assert out["status"] == "done" and out["step"] == 4
+    assert _train_records(wd) == _train_records(runs["full"])
+    records = read_jsonl(metrics)
+    assert [(r["step"], r.get("phase")) for r in records][-2:] == [(4, None), (4, "final")]
+    final = json.load(open(os.path.join(wd, "eval_final.json")))
+    assert final == {k: v for k, v in records[-1].items() if k not in ("step", "time", "phase")}
+    assert final == json.load(open(os.path.join(runs["full"], "eval_final.json")))
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("rollout.max_new_tokens", 100000, r"rollout.max_new_tokens=100000 leaves no room for a prompt in the model "
+                                       r"context of 256 tokens \(model.max_len\)"),
+    ("model.max_len", 20, r"exceeds the model context of 20 tokens \(model.max_len\)"),
+])
+def test_a_config_that_cannot_fit_fails_before_the_warm_start(tmp_path, key, value, needle):
+    """Checked against the tokenized prompts before anything compiles: no workdir, no cache entry."""
+    with pytest.raises(ValueError, match=needle):
+        trainer.train(tiny_spec(tmp_path / "cache", **{key: value}), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "cache")
+
+
+def test_an_unwritable_cache_is_a_warning_and_long_prompts_can_be_skipped(tmp_path, caplog):
+    """The warm start is computed and used when its cache cannot be written (no hang at exit); a data row
+    too long for the context is left out and counted under task.long_prompts='skip'."""
+    from passk_jax.tasks.maze import MazeTask
+    from passk_jax.tasks.verl_data import write_verl
+
+    examples = MazeTask(template="compact", train_sizes=(5,)).examples("train", num=16, seed=0)
+    long = examples[0].__class__("#" * 300, examples[0].ground_truth, examples[0].data_source)
+    data = write_verl(examples + [long], str(tmp_path / "train.jsonl"))
+    (tmp_path / "file").write_text("not a directory")
+    c = tiny_config(tmp_path / "file" / "cache", **{"task.long_prompts": "skip", "train.steps": 1,
+                                                     "train.eval_every": 0})
+    c.task.options = {"template": "compact", "train_files": data, "test_files": data}
+    caplog.set_level("INFO")
+    out = trainer.train(RunSpec.from_config(c), str(tmp_path / "run"))
+    assert out["status"] == "done"
+    assert "cannot write to sft.cache_dir" in caplog.text and "not cached" in caplog.text
+    assert "left out 1 of 17 train prompt(s)" in caplog.text and f"{data}:17" in caplog.text
+    first = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    step0 = {k: v for r in first if r["step"] == 0 for k, v in r.items()}
+    assert step0["data/train/skipped_long_prompts"] == 1.0 and step0["data/test/skipped_long_prompts"] == 0.0  # the first 4 rows
+    assert step0["sft/final_loss"] > 0

@@ -97,6 +97,30 @@ def test_load_parquet_reports_malformed_rows(tmp_path):
         load_verl(str(tmp_path / "missing.parquet"))
 
 
+def test_load_jsonl_reports_invalid_utf8_with_file_and_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    bad = json.dumps(_row(1)).encode().replace(b"1+1?", b"1+\xff?")
+    path.write_bytes(json.dumps(_row(0)).encode() + b"\n" + bad + b"\n" + json.dumps(_row(2)).encode() + b"\n")
+    with pytest.raises(ValueError) as err:
+        load_verl(str(path))
+    msg = str(err.value)
+    assert "1 malformed" in msg and f"{path}:2: invalid UTF-8 (byte 0xff at column " in msg
+    errors = []
+    good = load_verl(str(path), on_bad_row="skip", errors=errors)
+    assert [e.ground_truth for e in good] == ["0", "4"] and len(errors) == 1 and "UTF-8" in errors[0]
+    assert [e.origin for e in good] == [f"{path}:1", f"{path}:3"]
+
+
+def test_loaded_examples_record_their_origin(tmp_path):
+    examples = [Example("q0", "a0", "custom"), Example("q1", "a1", "custom")]
+    jsonl = write_verl(examples, str(tmp_path / "d.jsonl"))
+    parquet = write_verl(examples, str(tmp_path / "d.parquet"))
+    assert [e.origin for e in load_verl(jsonl)] == [f"{jsonl}:1", f"{jsonl}:2"]
+    assert [e.origin for e in load_verl([parquet])] == [f"{parquet}: row 0", f"{parquet}: row 1"]
+    assert [e.origin for e in tasks.get("verl", train_files=jsonl).examples("train")] == [f"{jsonl}:1", f"{jsonl}:2"]
+    assert examples[0].origin == "" and load_verl(jsonl)[0] == Example("q0", "a0", "custom", {"ability": "custom"})
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_write_read_round_trip(tmp_path, fmt):
     examples = [Example("S.\n.E\n>", "S.\n.E", "maze_2x2", {"index": 0}),
