@@ -153,17 +153,9 @@ def cache_unwritable(cache_dir: str) -> str:
     """Why warm starts cannot be saved under ``cache_dir`` ("" when they can): process 0 creates it and writes
     a probe file; every process gets its answer. Checked before saving, because Orbax's background threads
     wait minutes for a directory it failed to create."""
-    reason = ""
-    if jax.process_index() == 0:
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            probe = os.path.join(cache_dir, f".write_test.{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as err:
-            reason = f"{err.strerror or err}"
-    return parallel.broadcast_text(reason)
+    from passk_jax.workdir import unwritable
+
+    return parallel.broadcast_text(unwritable(cache_dir) if jax.process_index() == 0 else "")
 
 
 def save_cached_params(cache_dir: str, key: str, params: Any) -> None:

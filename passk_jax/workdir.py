@@ -11,8 +11,15 @@
   anything but ``RESUMABLE`` fields (step count, cadences, verifier process settings) is refused with the
   differing fields named, unless ``new_run=True``, which moves every file of the old run to
   ``<workdir>/previous_runs/<UTC time>/`` (nothing is deleted) and starts afresh.
-* A workdir that holds run files (checkpoints, metrics) but no ``config.json`` is refused the same way; one
-  that holds only a ``config.json`` (a run that failed before its first record) takes the new config.
+* A workdir that holds run files (checkpoints, metrics) but no ``config.json`` is refused the same way. An
+  attempt that stopped before its first training step (config.json, the initial evaluation) holds no
+  results: a corrected config takes the workdir, and that attempt's files move to ``previous_runs/``.
+* **Results.** A resume never replaces what it cannot recompute from a checkpoint: final results newer
+  than every checkpoint, or metrics rows further past the newest checkpoint than an interrupted run leaves,
+  are refused in one sentence (``check_records``; ``new_run`` moves them aside instead).
+
+``disk_full_message(err)`` turns a full disk, wherever in a storage library it surfaced, into one sentence
+naming the path and the space left.
 
 Multi-process runs: process 0 takes the lock and makes every decision; the others learn the outcome (and
 its error message) through a broadcast, so all processes stop or go on together.
@@ -150,8 +157,8 @@ def _read(fd: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------- claim
-def ensure_writable(path: str) -> None:
-    """Create ``path`` if needed and check a file can be written there; else one ``WorkdirError`` sentence."""
+def unwritable(path: str) -> str:
+    """Create the directory ``path`` if needed and write a probe file there: why that fails ("" if it works)."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write_test.{os.getpid()}")
@@ -159,7 +166,15 @@ def ensure_writable(path: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as err:
-        raise WorkdirError(f"cannot write to workdir {path}: {err.strerror or err}.") from None
+        return f"{err.strerror or err}"
+    return ""
+
+
+def ensure_writable(path: str) -> None:
+    """Create ``path`` if needed and check a file can be written there; else one ``WorkdirError`` sentence."""
+    reason = unwritable(path)
+    if reason:
+        raise WorkdirError(f"cannot write to workdir {path}: {reason}.")
 
 
 def move_aside(path: str) -> str | None:

@@ -89,12 +89,23 @@ def _finish(procs: dict[str, subprocess.Popen], logs: dict[str, str], timeout: f
 
 
 def _resume_copy(src: str, dst: str, step: int) -> None:
-    """``dst`` = the workdir ``src`` as it was right after checkpoint ``step`` (later checkpoints removed)."""
+    """``dst`` = the workdir ``src`` as it was right after checkpoint ``step``: later checkpoints, later rows
+    of metrics.jsonl and the final results removed (a resume refuses results newer than its checkpoints)."""
     shutil.copytree(src, dst)
     ckpts = os.path.join(dst, "checkpoints")
     for name in os.listdir(ckpts):
         if name.isdigit() and int(name) > step:
             shutil.rmtree(os.path.join(ckpts, name))
+    for name in ("eval_final.json", "report.md", "training_curves.png", "pass_at_k.png", "hf_export"):
+        path = os.path.join(dst, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    metrics = os.path.join(dst, "metrics.jsonl")
+    kept = [line for line in open(metrics) if json.loads(line)["step"] <= step and "phase" not in json.loads(line)]
+    with open(metrics, "w") as f:
+        f.writelines(kept)
 
 
 @pytest.fixture(scope="module")

@@ -384,9 +384,9 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
     (lock, ownership, recorded results vs checkpoints) before the model is built. ``new_run``: the workdir holds another run (a different config): move its files to
     ``previous_runs/`` and start afresh instead of refusing. ``timers``: see ``Run``."""
     task = make_task(spec.task)
+    train_examples, test_examples = load_examples(spec, task)
     if spec.sft.steps > 0 and not hasattr(task, "demonstrations"):
         raise ValueError(f"task {spec.task.name!r} has no demonstrations() for the warm start; set sft.steps=0.")
-    train_examples, test_examples = load_examples(spec, task)
     context, source = model_context(spec)
     tokenizer = run_tokenizer(spec, workdir)
     splits, data_counts = check_prompts(spec, task, tokenizer, context, source,

@@ -106,8 +106,11 @@ def test_model_kernels_agree_and_config_is_validated():
         (l_b, logits_b), g_b = out[kernel]
         np.testing.assert_allclose(np.asarray(logits_b)[np.asarray(mask)], np.asarray(logits_p)[np.asarray(mask)],
                                    atol=1e-5)
+        # another summation order moves a gradient entry by a few float32 ulps of the largest entry it
+        # accumulates with (measured: up to 3.8e-7 x the leaf's max |g|, entries up to 110): allow 32 ulps
         for a, b in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_p)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+            b = np.asarray(b)
+            np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=4e-6 * np.abs(b).max())
     assert dataclasses.replace(cfg, attention="auto").attention == "auto"
     with pytest.raises(ValueError, match="attention must be one of"):
         dataclasses.replace(cfg, attention="flash")
