@@ -111,8 +111,10 @@ def load_verl(paths: str | Sequence[str], *, on_bad_row: str = "raise",
     if errors is not None:
         errors.extend(bad)
     if bad and on_bad_row == "raise":
+        if len(bad) == 1:
+            raise ValueError(f"malformed dataset row {bad[0]} (on_bad_row='skip' leaves such rows out).")
         shown = "\n  ".join(bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
-        raise ValueError(f"{len(bad)} malformed dataset row(s):\n  {shown}")
+        raise ValueError(f"{len(bad)} malformed dataset row(s), the first {bad[0]}:\n  {shown}")
     for msg in bad:
         log.warning("skipping malformed dataset row: %s", msg)
     return out

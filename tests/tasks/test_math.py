@@ -104,7 +104,7 @@ def test_load_jsonl_reports_invalid_utf8_with_file_and_line(tmp_path):
     with pytest.raises(ValueError) as err:
         load_verl(str(path))
     msg = str(err.value)
-    assert "1 malformed" in msg and f"{path}:2: invalid UTF-8 (byte 0xff at column " in msg
+    assert msg.startswith(f"malformed dataset row {path}:2: invalid UTF-8 (byte 0xff at column ") and "\n" not in msg
     errors = []
     good = load_verl(str(path), on_bad_row="skip", errors=errors)
     assert [e.ground_truth for e in good] == ["0", "4"] and len(errors) == 1 and "UTF-8" in errors[0]
