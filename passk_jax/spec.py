@@ -187,9 +187,15 @@ class TrainSpec:
     log_every: int = 1
     stages: tuple[Stage, ...] = ()
     export_hf: bool = True
+    samples_prompts: int = 4  # prompts recorded in samples/step_<N>.jsonl per evaluation (0 = none)
+    samples_responses: int = 2  # responses recorded per prompt
+    samples_every: int = 0  # also record an RL step's rollouts every this many steps (0 = evaluations only)
 
     def __post_init__(self):
         _need(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}.")
+        _need(self.samples_prompts >= 0 and self.samples_responses >= 1 and self.samples_every >= 0,
+              f"train.samples_prompts and train.samples_every must be >= 0 and train.samples_responses >= 1, got "
+              f"{self.samples_prompts}, {self.samples_every} and {self.samples_responses}.")
         _need(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}.")
         _need(self.checkpoint_every >= 1, "train.checkpoint_every must be >= 1.")
         _need(self.eval_every >= 0, "train.eval_every must be >= 0 (0 = only before and after).")

@@ -46,7 +46,8 @@ PREVIOUS = "previous_runs"
 # fields that may change between a run and its resumption: they do not change what the checkpoints hold
 RESUMABLE = frozenset({
     "train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-    "train.export_hf", "task.verifier_workers", "task.verifier_timeout_s", "task.max_error_frac",
+    "train.export_hf", "train.samples_prompts", "train.samples_responses", "train.samples_every",
+    "task.verifier_workers", "task.verifier_timeout_s", "task.max_error_frac",
     "task.max_failed_steps", "sft.cache", "sft.cache_dir",
     "rollout.decode_slots", "rollout.decode_layout",  # how rollouts are computed, not what they are
 })

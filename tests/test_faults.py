@@ -208,12 +208,8 @@ def test_cli_prints_a_full_disk_as_one_line_and_drops_storage_tracebacks(tmp_pat
     entry point prints one ``error:`` line; Orbax's background-thread ERROR records are dropped."""
     import logging
 
-    from absl import flags
-
     from experiments import cli
 
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(["test"])
     cli.show_progress_messages()
     record = logging.LogRecord("absl", logging.ERROR, "/x/site-packages/orbax/checkpoint/future.py", 1,
                                "save failed", None, None)

@@ -108,6 +108,9 @@ def get_config() -> ConfigDict:
     c.train.log_every = 1
     c.train.stages = ()               # sequence of {"steps": int, "step": {StepConfig overrides}}
     c.train.export_hf = True          # write the final policy as a Hugging Face checkpoint
+    c.train.samples_prompts = 4       # prompts (with their responses, rewards, answers) recorded per evaluation
+    c.train.samples_responses = 2     # responses recorded per prompt
+    c.train.samples_every = 0         # also record an RL step's rollouts every N steps (0 = evaluations only)
 
     c.eval = ConfigDict()
     c.eval.num_prompts = 64

@@ -7,7 +7,7 @@ sample per prompt. A response counts as correct when its reward passes (``metric
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -62,13 +62,15 @@ def distinct_answers(correct: np.ndarray, texts: Sequence[Any]) -> tuple[np.ndar
 
 def evaluate(env: rollout.Env, params: Any, examples: Sequence[Example], *, num_samples: int,
              max_new_tokens: int, key: jax.Array, temperature: float = 1.0, top_p: float = 0.95, greedy: bool = True, batch_prompts: int = 64,
-             threshold: float = metrics.PASS_THRESHOLD,
-             prefix: str = "eval/") -> tuple[dict[str, float], dict[str, np.ndarray]]:
+             threshold: float = metrics.PASS_THRESHOLD, prefix: str = "eval/",
+             on_rollouts: Callable[[rollout.Rollouts], None] | None = None
+             ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Sample and score the held-out examples, ``batch_prompts`` per sampler call; returns (metrics,
     per-prompt results): ``correct`` (i32[P], correct samples of each prompt out of ``num_samples``),
     ``distinct_wrong`` and ``distinct`` (i32[P], distinct wrong / distinct responses), ``greedy`` (i32[P],
     1 when the greedy response is correct; only with ``greedy``). With several processes each scores its
-    own rows and every process returns the same results (see ``rollout.generate``)."""
+    own rows and every process returns the same results (see ``rollout.generate``). ``on_rollouts``: called
+    with the sampled (not greedy) rollouts of all prompts, e.g. to record samples."""
     params = env.sampler.prepare(params)  # one decode copy for every chunk
     parts = []
     for i, start in enumerate(range(0, len(examples), batch_prompts)):
@@ -77,6 +79,8 @@ def evaluate(env: rollout.Env, params: Any, examples: Sequence[Example], *, num_
             num_samples=num_samples, max_new_tokens=max_new_tokens, key=jax.random.fold_in(key, i),
             temperature=temperature, top_p=top_p, phase="eval"))
     r = rollout.Rollouts.concat(parts)
+    if on_rollouts is not None:
+        on_rollouts(r)
     correct = metrics.is_pass(r.rewards, threshold)
     out = summarize(correct, [ex.data_source for ex in examples], r.rewards, r.text_keys(), prefix)
     out[f"{prefix}length_mean"] = float(r.lengths.mean())

@@ -33,7 +33,7 @@ from passk_jax.checkpoint import Checkpointer, PreemptionGuard
 from passk_jax.metric_log import MetricWriter, console_line, repair_jsonl
 from passk_jax.models import hf
 from passk_jax.models.transformer import ModelConfig, init as init_model, split
-from passk_jax.rl import evaluation, rollout
+from passk_jax.rl import evaluation, rollout, samples
 from passk_jax.rl.data import DataStream, check_prompts, load_examples, make_task
 from passk_jax.rl.monitor import VerifierMonitor
 from passk_jax.rl.step import TrainState, abstract_state, make_train_step
@@ -291,10 +291,27 @@ class Run:
             out, per_prompt = evaluation.evaluate(
                 self.env, self.state.params, self.test_examples, num_samples=e.num_samples,
                 max_new_tokens=self.spec.rollout.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-                greedy=e.greedy, batch_prompts=e.sample_prompts, key=jax.random.fold_in(self.root, 2))
+                greedy=e.greedy, batch_prompts=e.sample_prompts, key=jax.random.fold_in(self.root, 2),
+                on_rollouts=lambda r: self.record_samples(r, "eval", self.step))
             if self.is_main:
                 _save_eval_details(self.workdir, self.step, self.test_examples, per_prompt)
         return out
+
+    def record_samples(self, r: rollout.Rollouts, phase: str, step: int) -> None:
+        """A few prompts of ``r`` with their responses, rewards and extracted answers: ``samples/step_<step>
+        .jsonl``, TensorBoard text, and (after an evaluation) one example on the console. Process 0 writes."""
+        t = self.spec.train
+        if not self.is_main or t.samples_prompts == 0:
+            return
+        recs = samples.records(r, self.env.task, phase=phase, num_prompts=t.samples_prompts,
+                               per_prompt=t.samples_responses)
+        if not recs:
+            return
+        samples.write(self.workdir, step, recs)
+        if self.writer is not None:
+            self.writer.write_text(f"samples/{phase}", samples.markdown(recs), step)
+        if phase == "eval":
+            tqdm.write(samples.console(recs[0], step))
 
     def save(self, stage: int) -> None:
         with self.timers.phase("checkpoint"):
@@ -323,6 +340,9 @@ class Run:
         r, self.position, extra = collect(spec.rollout, self.env, weights, self.stream, self.position, rkey,
                                           self.timers)
         del weights  # free it before the update
+        every = spec.train.samples_every
+        if every and (step + 1) % every == 0:
+            self.record_samples(r, "train", step + 1)
         verifier = self.monitor.take(step + 1)  # stops here, before the update, when every response failed
         with self.timers.phase("batch assembly"):
             batch = rollout.to_batch(r)

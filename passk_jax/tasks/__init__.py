@@ -93,6 +93,19 @@ class BaseTask:
     def score(self, example: Example, response: str) -> float:
         raise NotImplementedError
 
+    def extract_answer(self, example: Example, response: str) -> str | None:
+        """The answer the verifier reads in ``response`` (for samples and diagnostics; None: none found):
+        by default the last <answer> block, else the last \\boxed{}."""
+        answer = extract_tag(response)
+        return answer if answer is not None else extract_boxed(response)
+
+
+def answer_of(task: Any, example: Example, response: str) -> str | None:
+    """``task.extract_answer`` where the task has one (tasks not deriving from BaseTask may not); else the
+    BaseTask default."""
+    fn = getattr(task, "extract_answer", None)
+    return fn(example, response) if fn is not None else BaseTask.extract_answer(task, example, response)
+
 
 def validate_reward_range(reward_range: Any) -> tuple[float, float]:
     """`(lo, hi)` as floats; ValueError unless it is two finite numbers with lo < hi."""
@@ -175,4 +188,4 @@ def extract_boxed(text: str) -> str | None:
 
 
 __all__ = ["Example", "Task", "BaseTask", "Prompt", "Message", "get", "register", "names", "resolve",
-           "extract_tag", "extract_boxed", "reward_spec", "validate_reward_range"]
+           "extract_tag", "extract_boxed", "answer_of", "reward_spec", "validate_reward_range"]

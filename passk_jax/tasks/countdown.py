@@ -193,6 +193,9 @@ class CountdownTask(BaseTask):
                                "countdown", dict(split=split, index=len(out), solution=solution)))
         return out
 
+    def extract_answer(self, example: Example, response: str) -> str | None:
+        return extract_equation(response)
+
     def score(self, example: Example, response: str) -> float:
         gt = example.ground_truth
         return countdown_score(response, gt["target"], gt["numbers"], self.use_all)

@@ -77,10 +77,13 @@ class GymTask(BaseTask):
         test = self._draw("test", num if split == "test" else self.test_size, seed, seen)
         return test if split == "test" else self._draw("train", num, seed, seen)
 
-    def score(self, example: Example, response: str) -> float:
-        e = example.extra
-        data = self._data(int(e["rg_seed"]), int(e["rg_size"]))
+    def extract_answer(self, example: Example, response: str) -> str | None:
         answer = extract_tag(response)
         if answer is None and self.template == "compact":
             answer = response.strip()
-        return float(data.score_answer(answer, data[int(e["rg_index"])]))
+        return answer
+
+    def score(self, example: Example, response: str) -> float:
+        e = example.extra
+        data = self._data(int(e["rg_seed"]), int(e["rg_size"]))
+        return float(data.score_answer(self.extract_answer(example, response), data[int(e["rg_index"])]))

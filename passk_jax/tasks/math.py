@@ -54,6 +54,9 @@ class MathTask(BaseTask):
         super().__init__(**files)
         self.strict_format, self.mv_timeout_s = strict_format, mv_timeout_s
 
+    def extract_answer(self, example: Example, response: str) -> str | None:
+        return extract_math_answer(response)
+
     def score(self, example: Example, response: str) -> float:
         return math_score(response, str(example.ground_truth), strict_format=self.strict_format,
                           mv_timeout_s=self.mv_timeout_s)

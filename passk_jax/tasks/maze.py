@@ -301,6 +301,9 @@ class MazeTask(BaseTask):
         test = self._make("test", test_counts, seed, seen)
         return test if split == "test" else self._make("train", self._counts("train", num), seed, seen)
 
+    def extract_answer(self, example: Example, response: str) -> str | None:
+        return extract_maze_answer(response)
+
     def score(self, example: Example, response: str) -> float:
         return maze_score(response, example.ground_truth, max_chars=self.max_chars,
                           require_tags=self.require_tags)

@@ -23,7 +23,7 @@ OVERRIDES = {
     "rollout.prompts_per_step": 4, "rollout.num_samples": 4, "rollout.max_new_tokens": 12,
     "rollout.decode_slots": 8, "step.k": 2, "train.steps": 4, "train.checkpoint_every": 1, "train.eval_every": 2,
     "eval.num_prompts": 4, "eval.num_samples": 4,
-    "sft.steps": 3, "sft.num_examples": 32, "sft.batch_size": 8,
+    "sft.steps": 3, "sft.num_examples": 32, "sft.batch_size": 8, "train.samples_every": 2,
 }
 
 
@@ -92,6 +92,29 @@ def test_outputs_and_report(runs):
     assert np.mean(last["distinct_wrong"]) == pytest.approx(final["eval/distinct_wrong_per_prompt"])
     text = open(os.path.join(wd, "report.md")).read()
     assert "| before RL |" in text and "| after RL |" in text and "pass@4" in text
+    assert "## Samples of the final evaluation" in text and "| prompt | ground truth | response |" in text
+
+
+def test_samples_show_what_the_model_wrote(runs):
+    """Every evaluation (steps 0, 2, 4) and every second RL step records 4 prompts x 2 responses; each
+    recorded reward is what the task's verifier gives the recorded text, each answer what it reads."""
+    from passk_jax.rl import samples
+    from passk_jax.tasks import Example
+    from passk_jax.tasks.maze import MazeTask, extract_maze_answer
+
+    wd, task = runs["full"], MazeTask(template="compact")
+    assert sorted(os.listdir(os.path.join(wd, "samples"))) == [f"step_{s:06d}.jsonl" for s in (0, 2, 4)]
+    phases = {s: [r["phase"] for r in samples.read(samples.path_of(wd, s))] for s in (0, 2, 4)}
+    assert phases == {0: ["eval"] * 4, 2: ["train"] * 4 + ["eval"] * 4, 4: ["train"] * 4 + ["eval"] * 4}
+    for step in (0, 2, 4):
+        for rec in samples.read(samples.path_of(wd, step)):
+            assert rec["data_source"] == "maze_5x5" and isinstance(rec["prompt"], str)
+            assert len(rec["responses"]) == 2
+            for resp in rec["responses"]:
+                example = Example(rec["prompt"], rec["ground_truth"], rec["data_source"])
+                assert resp["reward"] == task.score(example, resp["text"])
+                assert resp["answer"] == extract_maze_answer(resp["text"])
+                assert 1 <= resp["length"] <= 12
 
 
 def test_resume_is_bitwise_exact(runs):
