@@ -120,18 +120,25 @@ def convert(path: str, out: str, dtype: str = "float32") -> dict[str, Any]:
     model.load_state_dict(loaded.state_dict(), strict=True)
     model = model.to(getattr(torch, dtype)).eval()
     stops = list(eos_ids(tokenizer))
+    if not stops:
+        raise ValueError(f"the tokenizer in GGUF file {path} has no end-of-sequence token.")
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
                                                eos_token_id=stops if len(stops) > 1 else stops[0])
     partial = out.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    _clean_tokenizer_config(os.path.join(partial, "tokenizer_config.json"), tokenizer, cfg)
-    for name in os.listdir(partial):  # safetensors writes its file owner-only
-        os.chmod(os.path.join(partial, name), 0o644)
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty (checked above)
-    os.replace(partial, out)
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        _clean_tokenizer_config(os.path.join(partial, "tokenizer_config.json"), tokenizer, cfg)
+        for name in os.listdir(partial):  # safetensors writes its file owner-only
+            if os.path.isfile(os.path.join(partial, name)):
+                os.chmod(os.path.join(partial, name), 0o644)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return {"architecture": meta["architecture"], "tensor_types": meta["tensor_types"], "eos_ids": stops,
             "chat_template": bool(tokenizer.chat_template), "out": out}
 

@@ -72,8 +72,10 @@ class MetricWriter:
             record["phase"] = phase
         record.update({k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()})
         line = json.dumps(record) + "\n"
-        if self._stale:  # replace the previous attempt's rows of this step (and earlier ones it skipped)
-            self._stale = [r for r in self._stale if r[0] > step or (r[0] == step and r[1] != phase)]
+        if self._stale:  # replace the previous attempt's row of this step (the next one of this phase), and
+            # the rows of earlier steps it has passed
+            same = next((r for r in self._stale if r[0] == step and r[1] == phase), None)
+            self._stale = [r for r in self._stale if r[0] >= step and r is not same]
             self._head.append(line)
             _write_atomic(self.path, self._head + [r[2] for r in self._stale])
             if not self._stale:
@@ -102,7 +104,8 @@ class MetricWriter:
             for line in f:
                 try:
                     record = json.loads(line)
-                except ValueError:  # a torn line (see ``repair_jsonl``)
+                    int(record["step"])
+                except (ValueError, TypeError, KeyError):  # a torn or foreign line (see ``repair_jsonl``)
                     continue
                 if record["step"] <= step and record.get("phase") not in phases:
                     head.append(line)

@@ -210,10 +210,9 @@ class Records:
 
     @property
     def final_step(self) -> int | None:
-        """The step the final results describe (None: the run never finished)."""
-        if self.final_row is not None:
-            return self.final_row
-        return max(self.last_step, 0) if self.final_files else None
+        """The step the final results describe: their final row's (None: no final row — the run never
+        finished, or a longer run has passed an earlier finish, whose files stay until it rewrites them)."""
+        return self.final_row
 
 
 def recorded(path: str) -> Records:
@@ -253,7 +252,7 @@ def holds_results(path: str) -> bool:
     results. A run that failed before its first training step (config.json, the initial evaluation) holds
     none, so a corrected config may take the workdir."""
     rec = recorded(path)
-    return bool(checkpoint_steps(path)) or rec.last_step >= 1 or rec.final_step is not None
+    return bool(checkpoint_steps(path)) or rec.last_step >= 1 or rec.final_step is not None or bool(rec.final_files)
 
 
 def check_records(path: str, checkpoint_every: int) -> None:
@@ -299,7 +298,9 @@ def check_and_prepare(path: str, config_json: Mapping[str, Any], *, new_run: boo
                 old = json.load(f)
         except (OSError, ValueError) as err:
             problem = f"has an unreadable config.json ({err})"
-    diffs = config_diff(old, config_json, defaults=defaults) if old is not None else None
+        if old is not None and not isinstance(old, dict):
+            old, problem = None, "has an unreadable config.json (not a JSON object)"
+    diffs = config_diff(old, config_json, defaults=defaults) if old is not None and not new_run else None
     note = None
     if new_run:
         dest = move_aside(path)
@@ -347,7 +348,7 @@ def claim(path: str, config_json: Mapping[str, Any], *, new_run: bool = False,
 
     from passk_jax import parallel
 
-    lock, error = RunLock(path), ""
+    lock, error, failure = RunLock(path), "", None
     if jax.process_index() == 0:
         try:
             ensure_writable(path)
@@ -357,12 +358,14 @@ def claim(path: str, config_json: Mapping[str, Any], *, new_run: bool = False,
             note = check_and_prepare(path, config_json, new_run=new_run, defaults=defaults)
             if note:
                 log.info("workdir %s: %s.", path, note)
-        except WorkdirError as err:
+        except Exception as err:  # noqa: BLE001 - every process must learn of it, or the others wait forever
             lock.release()
-            error = str(err)
+            failure = err
+            error = str(err) if isinstance(err, WorkdirError) else (
+                disk_full_message(err) or f"cannot prepare workdir {path}: {type(err).__name__}: {err}")
     error = parallel.broadcast_text(error)
     if error:
-        raise WorkdirError(error)
+        raise WorkdirError(error) from failure
     return lock
 
 

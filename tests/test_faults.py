@@ -226,3 +226,41 @@ def test_cli_prints_a_full_disk_as_one_line_and_drops_storage_tracebacks(tmp_pat
     assert stop.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: no space left on the device while writing {tmp_path}")
+
+
+def test_an_extended_run_that_crashed_resumes(tmp_path):
+    """A finished run extended to more steps drops its old final row when it writes past it; its final files
+    stay until rewritten. A crash then leaves rows past the newest checkpoint that a resume must accept."""
+    _finished_run(tmp_path)
+    _checkpoints(tmp_path, 70)
+    _rows(tmp_path / "metrics.jsonl", range(74))  # steps 41..73 of the longer run, the final row of 40 gone
+    wd.claim(str(tmp_path), {**CONFIG, "train": {"steps": 100, "checkpoint_every": 10}}).release()
+
+
+def test_a_step_zero_row_is_replaced_only_by_its_own_recomputation(tmp_path):
+    """Step 0 has two rows (warm start, initial evaluation): writing the first does not drop the second."""
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps({"step": 0, "time": 0.0, "sft": 1.0}) + "\n")
+        f.write(json.dumps({"step": 0, "time": 0.0, "eval": 1.0}) + "\n")
+        f.write(json.dumps({"step": 1, "time": 0.0, "x": 1.0}) + "\n")
+        f.write("5\n")  # a foreign line is skipped, not a traceback
+    w = MetricWriter(str(tmp_path), tensorboard=False, enabled=True)
+    w.replace_after(-1)
+    w.write(0, {"sft": 2.0})
+    assert [sorted(set(r) - {"step", "time"}) for r in read_jsonl(path)] == [["sft"], ["eval"], ["x"]]
+    assert read_jsonl(path)[0]["sft"] == 2.0 and read_jsonl(path)[1]["eval"] == 1.0
+    w.write(0, {"eval": 2.0})
+    w.write(1, {"x": 2.0})
+    assert [r for r in read_jsonl(path) for r in [{k: v for k, v in r.items() if k != "time"}]] == [
+        {"step": 0, "sft": 2.0}, {"step": 0, "eval": 2.0}, {"step": 1, "x": 2.0}]
+
+
+def test_a_config_json_that_is_not_an_object(tmp_path):
+    wd.claim(str(tmp_path), CONFIG).release()
+    _rows(tmp_path / "metrics.jsonl", range(3))
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(wd.WorkdirError, match="unreadable config.json \\(not a JSON object\\)"):
+        wd.claim(str(tmp_path), CONFIG)
+    wd.claim(str(tmp_path), CONFIG, new_run=True).release()
+    assert json.loads((tmp_path / "config.json").read_text()) == CONFIG

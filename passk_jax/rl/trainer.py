@@ -450,7 +450,10 @@ def _start(run: Run, params: Any, train_examples: list) -> None:
         repaired = repair_jsonl(os.path.join(workdir, "metrics.jsonl"))
         if repaired:
             log.warning("%s", repaired)
-    if restored is not None and start == total and _finished(workdir, spec):
+    # process 0's view decides (it may just have repaired metrics.jsonl), so all processes agree
+    finished = bool(parallel.allgather(np.bool_(restored is not None and start == total and run.is_main
+                                                and _finished(workdir, spec)))[0])
+    if finished:
         log.info("run in %s already finished at step %d; nothing to do (report: %s).", workdir, start,
                  os.path.join(workdir, "report.md"))
         with open(os.path.join(workdir, "eval_final.json")) as f:
@@ -507,10 +510,12 @@ def finish(run: Run) -> dict[str, Any]:
         return run.summary
     final = run.evaluate()
     final.update(run.monitor.take(total))
+    run.wait_for_checkpoints()  # the final step's checkpoint is on disk before any final result is recorded
     run.log(total, final, phase="final")
-    run.wait_for_checkpoints()
     if spec.train.export_hf:  # every process joins the parameter gathers; process 0 writes
         partial = os.path.join(workdir, "hf_export.partial")
+        if run.is_main:
+            shutil.rmtree(partial, ignore_errors=True)  # an interrupted earlier export
         export(run.graphdef, run.state.params, run.model_cfg, run.env.tokenizer, partial,
                hf_path=spec.model.hf_path or None)
         if run.is_main:
