@@ -5,6 +5,7 @@ match transformers' PyTorch model, and our greedy decoding with the checkpoint's
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +61,8 @@ def test_logits_and_greedy_decoding_match_transformers(smollm2):
     positions = jnp.arange(len(prompt), dtype=jnp.int32)[None]
     logits, _ = jax.jit(T.forward, static_argnums=0)(graphdef, params, tokens, positions, jnp.ones_like(tokens, bool))
     # float32 through 30 layers with |logits| up to ~40: summation order differs from PyTorch's
-    np.testing.assert_allclose(np.asarray(logits[0]), want, atol=1e-3, rtol=0)
+    chex.assert_shape(logits, (1, len(prompt), 49152))
+    chex.assert_trees_all_close(np.asarray(logits[0]), want, atol=1e-3, rtol=0)
     sampler = Sampler(graphdef, cfg, pad_id=tokenizer.pad_token_id)
     got = sampler.sample(params, [prompt], num_samples=1, max_new_tokens=24, temperature=0.0,
                          eos_ids=eos_ids(tokenizer), key=jax.random.PRNGKey(0))
@@ -68,32 +70,31 @@ def test_logits_and_greedy_decoding_match_transformers(smollm2):
     assert np.asarray(got.tokens[0, :n]).tolist() == generated[0, len(prompt):].tolist()
 
 
-def test_bad_gguf_files_are_one_sentence(tmp_path):
+def _tiny_gguf(path: str, architecture: str) -> str:
+    """A GGUF file with one float32 tensor and no tokenizer metadata."""
     from gguf import GGUFWriter
 
+    writer = GGUFWriter(path, architecture)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_bad_gguf_files_are_one_sentence(tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf file at all")
     with pytest.raises(ValueError, match=rf"{junk} is not a readable GGUF file"):
         import_model.convert(str(junk), str(tmp_path / "out"))
-    gpt2 = str(tmp_path / "gpt2.gguf")
-    writer = GGUFWriter(gpt2, "gpt2")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    gpt2 = _tiny_gguf(str(tmp_path / "gpt2.gguf"), "gpt2")
     with pytest.raises(ValueError, match=rf"GGUF file {gpt2} holds a 'gpt2' model; supported architectures: "
                                          "llama, qwen2, qwen3"):
         import_model.convert(gpt2, str(tmp_path / "out"))
-    llama = str(tmp_path / "llama.gguf")
-    writer = GGUFWriter(llama, "llama")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    llama = _tiny_gguf(str(tmp_path / "llama.gguf"), "llama")
     with pytest.raises(ValueError, match=rf"GGUF file {llama} names no end-of-sequence token"):
         import_model.convert(llama, str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         import_model.convert(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
-    assert not os.path.exists(tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
