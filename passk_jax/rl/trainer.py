@@ -5,6 +5,9 @@ evaluation), ``Run.rl_step`` (rollouts, score, train step, metrics, evaluation, 
 Starting in a workdir that has checkpoints resumes from the newest readable one; resuming is exact
 (bit-identical on CPU) because every random draw is derived from (seed, step) and the data order from
 (seed, position), and both are saved. SIGTERM / SIGINT save a checkpoint and stop cleanly (preemption).
+Files of later steps that an earlier attempt wrote (metrics rows, evaluations, final results) stay until the
+resumed run recomputes them; a workdir whose results cannot come from its checkpoints is refused at claim
+time (``workdir.check_records``).
 
 Multi-process runs (``parallel.initialize_distributed``) are one multi-controller job: every process runs
 this same loop and the same compiled programs over the global mesh; each scores only its own rollout rows
