@@ -1,4 +1,5 @@
-"""Metric writers: JSONL (one object per step), TensorBoard event files (tensorboardX) and a console line.
+"""Metric writers: JSONL (one object per step), TensorBoard event files (tensorboardX), optionally Weights &
+Biases (``WandbSink``), and a console line.
 
 Only process 0 writes; other processes get a writer whose methods do nothing, so call sites need no
 branches. Values are converted to plain Python floats once, here.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 from typing import Any, Mapping
 
@@ -48,10 +50,11 @@ class MetricWriter:
     row it has not recomputed."""
 
     def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool | None = None,
-                 purge_step: int | None = None):
+                 purge_step: int | None = None, wandb: WandbSink | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
+        self._wandb = wandb if self.enabled else None
         self._head: list[str] = []  # rows this run keeps or wrote, while stale rows remain
         self._stale: list[tuple[int, str | None, str]] = []  # (step, phase, line) of rows to replace
         if not self.enabled:
@@ -86,12 +89,17 @@ class MetricWriter:
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(key.replace("@", "_at_"), value, int(step))
+        if self._wandb is not None:
+            self._wandb.log(step, scalars)
         return scalars
 
-    def write_text(self, tag: str, text: str, step: int) -> None:
-        """A markdown text (e.g. a samples table) to TensorBoard's text tab."""
+    def write_text(self, tag: str, text: str, step: int, *, table: tuple[list[str], list[list]] | None = None) -> None:
+        """A markdown text (e.g. a samples table) to TensorBoard's text tab; ``table`` (columns, rows): the same
+        as a table for Weights & Biases."""
         if self._tb is not None:
             self._tb.add_text(tag, text, int(step))
+        if self._wandb is not None and table is not None:
+            self._wandb.table(tag, *table, step)
 
     def replace_after(self, step: int, *, phases: tuple[str, ...] = ("final",)) -> None:
         """Mark the rows of steps after ``step`` and those of ``phases`` as the previous attempt's: each stays
@@ -121,6 +129,47 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
+
+
+class WandbSink:
+    """Metrics and tables of a run to Weights & Biases (the optional ``wandb`` package; ``pip install
+    '.[wandb]'``). The run's id is kept in ``<workdir>/wandb_run_id``, so a resumed run continues the same
+    W&B run; every row carries its training ``step`` as the x-axis (``define_metric``), so rows a resume
+    recomputes are logged again rather than dropped. ``mode``: "online", "offline" (files under
+    ``<workdir>/wandb/``, ``wandb sync`` later) or "disabled"; "" leaves it to wandb (``WANDB_MODE``)."""
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, workdir: str, project: str, *, entity: str = "", mode: str = "", config: dict | None = None,
+                 name: str = ""):
+        import wandb
+
+        self._wandb = wandb
+        id_path = os.path.join(workdir, self.ID_FILE)
+        if os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = secrets.token_hex(6)
+            os.makedirs(workdir, exist_ok=True)
+            with open(id_path, "w") as f:
+                f.write(run_id + "\n")
+        self.run = wandb.init(project=project, entity=entity or None, mode=mode or None, dir=workdir, id=run_id,
+                              resume="allow", config=config, name=name or os.path.basename(os.path.abspath(workdir)))
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.run.log({**scalars, "step": int(step)})
+
+    def table(self, tag: str, columns: list[str], rows: list[list], step: int) -> None:
+        self.run.log({tag: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows]), "step": int(step)})
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def _write_atomic(path: str, lines: list[str]) -> None:

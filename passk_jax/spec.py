@@ -190,8 +190,13 @@ class TrainSpec:
     samples_prompts: int = 4  # prompts recorded in samples/step_<N>.jsonl per evaluation (0 = none)
     samples_responses: int = 2  # responses recorded per prompt
     samples_every: int = 0  # also record an RL step's rollouts every this many steps (0 = evaluations only)
+    wandb_project: str = ""  # also log metrics and samples to Weights & Biases ("" = off; needs the wandb extra)
+    wandb_entity: str = ""  # "" = the account's default
+    wandb_mode: str = ""  # "online" | "offline" | "disabled"; "" = wandb's own default (WANDB_MODE)
 
     def __post_init__(self):
+        _need(self.wandb_mode in ("", "online", "offline", "disabled"),
+              f"train.wandb_mode must be '', 'online', 'offline' or 'disabled', got {self.wandb_mode!r}.")
         _need(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}.")
         _need(self.samples_prompts >= 0 and self.samples_responses >= 1 and self.samples_every >= 0,
               f"train.samples_prompts and train.samples_every must be >= 0 and train.samples_responses >= 1, got "

@@ -47,6 +47,7 @@ PREVIOUS = "previous_runs"
 RESUMABLE = frozenset({
     "train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.export_hf", "train.samples_prompts", "train.samples_responses", "train.samples_every",
+    "train.wandb_project", "train.wandb_entity", "train.wandb_mode",
     "task.verifier_workers", "task.verifier_timeout_s", "task.max_error_frac",
     "task.max_failed_steps", "sft.cache", "sft.cache_dir",
     "rollout.decode_slots", "rollout.decode_layout",  # how rollouts are computed, not what they are

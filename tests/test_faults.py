@@ -264,3 +264,33 @@ def test_a_config_json_that_is_not_an_object(tmp_path):
         wd.claim(str(tmp_path), CONFIG)
     wd.claim(str(tmp_path), CONFIG, new_run=True).release()
     assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
+
+
+# ------------------------------------------------------------------ chat models: template and stop ids
+def test_chat_prompts_need_a_chat_template():
+    tok = build_char_tokenizer()
+    tok.chat_template = None
+    task = get_task("gym", dataset="basic_arithmetic", test_size=4)
+    with pytest.raises(ValueError, match=r"^the run's tokenizer has no chat template, but task 'gym' renders its "
+                                         r"prompts as chat messages \(e.g. test example 0\)"):
+        check_prompts(_spec(), task, tok, 256, "model.max_len", {"test": task.examples("test", 4)})
+    plain = get_task("gym", dataset="basic_arithmetic", test_size=4, template="compact")
+    check_prompts(_spec(), plain, tok, 256, "model.max_len", {"test": plain.examples("test", 4)})
+
+
+def test_stop_ids_come_from_the_generation_config(tmp_path):
+    from passk_jax.rl.rollout import checkpoint_stop_ids
+
+    tok = build_char_tokenizer()
+    assert checkpoint_stop_ids(tok) == checkpoint_stop_ids(tok, str(tmp_path)) == (tok.eos_token_id,)
+    for value, expected in [([5, 7, 5], (5, 7)), (3, (3,)), (None, (tok.eos_token_id,))]:
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+        assert checkpoint_stop_ids(tok, str(tmp_path)) == expected
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be a token id or a list"):
+        checkpoint_stop_ids(tok, str(tmp_path))
+    (tmp_path / "generation_config.json").write_text("{}")
+    tok.eos_token = None
+    with pytest.raises(ValueError, match=rf"^{tmp_path} \(generation_config.json and tokenizer files\) names no "
+                                         "end-of-sequence token"):
+        checkpoint_stop_ids(tok, str(tmp_path))

@@ -111,6 +111,9 @@ def get_config() -> ConfigDict:
     c.train.samples_prompts = 4       # prompts (with their responses, rewards, answers) recorded per evaluation
     c.train.samples_responses = 2     # responses recorded per prompt
     c.train.samples_every = 0         # also record an RL step's rollouts every N steps (0 = evaluations only)
+    c.train.wandb_project = ""        # also log to Weights & Biases (pip install '.[wandb]'); "" = TensorBoard only
+    c.train.wandb_entity = ""
+    c.train.wandb_mode = ""           # "online" | "offline" | "disabled"; "" = wandb's default (WANDB_MODE)
 
     c.eval = ConfigDict()
     c.eval.num_prompts = 64

@@ -76,7 +76,16 @@ def check_prompts(spec: RunSpec, task: Task, tokenizer: Any, context: int, conte
     out, counts = {}, {}
     for split, examples in splits.items():
         kept, long = [], []
-        lengths = prompt_lengths(tokenizer, [task.render(ex) for ex in examples])
+        rendered = [task.render(ex) for ex in examples]
+        chat = next((i for i, p in enumerate(rendered) if not isinstance(p, str)), None)
+        if chat is not None and not getattr(tokenizer, "chat_template", None):
+            source = f"the tokenizer of {spec.model.hf_path}" if spec.model.hf_path else "the run's tokenizer"
+            name = getattr(task, "name", spec.task.name)
+            raise ValueError(f"{source} has no chat template, but task {name!r} renders its prompts as "
+                             f"chat messages (e.g. {examples[chat].origin or f'{split} example {chat}'}); use a "
+                             "checkpoint with a chat template (tokenizer_config.json or chat_template.jinja) or a "
+                             "plain-text template of the task.")
+        lengths = prompt_lengths(tokenizer, rendered)
         for i, (ex, length) in enumerate(zip(examples, lengths)):
             (long if length + budget > context else kept).append((i, ex, length))
         if long and spec.task.long_prompts == "error":

@@ -1,5 +1,6 @@
 """Verifier health over a run: per-phase counters (per step and cumulative, saved in checkpoints), a loud
-warning when a step's share of failed responses is too high, and a stop when every response keeps failing."""
+warning when a step's share of failed responses is too high or more than half of its responses have no
+answer the task can extract, and a stop when every response keeps failing."""
 from __future__ import annotations
 
 from passk_jax import parallel
@@ -16,7 +17,7 @@ class VerifierMonitor:
     ``task.max_error_frac``, and a stop when every response of ``task.max_failed_steps`` consecutive train
     steps failed. Counts are summed over processes, so every process takes the same decision."""
 
-    KINDS = ("scored", "errors", "invalid", "timeouts", "restarts")
+    KINDS = ("scored", "errors", "invalid", "timeouts", "restarts", "no_answer")
 
     def __init__(self, pool: VerifierPool, max_error_frac: float, max_failed_steps: int,
                  totals: dict[str, float] | None = None, say=print):
@@ -44,6 +45,12 @@ class VerifierMonitor:
                 first = (examples.get(phase) or ["on another process"])[0]
                 self.say(f"WARNING step {step} ({phase}): {failed:.0f} of {scored:.0f} responses "
                          f"({failed / scored:.0%}) failed in the verifier and scored 0 (e.g. {first}).")
+            missing = flat.get(f"{phase}/no_answer", 0.0)
+            if scored and missing / scored > 0.5:
+                first = (examples.get(f"{phase}/no_answer") or ["on another process"])[0]
+                self.say(f"WARNING step {step} ({phase}): {missing:.0f} of {scored:.0f} responses "
+                         f"({missing / scored:.0%}) have no answer the task can extract and scored 0 (e.g. {first}); "
+                         "check the task's answer format (task.options.answer) against what the model writes.")
             if phase == "train" and scored:
                 self.failed_streak = self.failed_streak + 1 if failed == scored else 0
                 if self.failed_streak >= self.max_failed_steps:

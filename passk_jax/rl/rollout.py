@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
+import os
 import time
 from typing import Any, Sequence
 
@@ -27,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from passk_jax import parallel
 from passk_jax.rl.batch import Batch, batch_shardings
 from passk_jax.sampling import PaddedPrompts, Sampler, SampleOutput
-from passk_jax.tasks import Example, Task, reward_spec
+from passk_jax.tasks import Example, Task, has_answer, reward_spec
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tasks.tokenizer import decode_response, encode_prompt
 from passk_jax.timing import NO_TIMERS, Timers
@@ -137,6 +139,7 @@ class Env:
     task: Task
     tokenizer: Any
     pool: VerifierPool
+    stop_ids: tuple[int, ...] | None = None  # end-of-sequence ids; None: the tokenizer's (``eos_ids``)
 
 
 def generate(env: Env, params: Any, examples: Sequence[Example], *, num_samples: int, max_new_tokens: int, key: jax.Array,
@@ -164,12 +167,13 @@ def generate(env: Env, params: Any, examples: Sequence[Example], *, num_samples:
         params = sampler.prepare(params)  # no-op for weights prepared by the caller (once per policy update)
         with timers.phase("prompt preparation"):
             prompts = [encode_prompt(tokenizer, task.render(ex)) for ex in examples]
+        stops = env.stop_ids if env.stop_ids is not None else eos_ids(tokenizer)
         size = chunk_prompts if 0 < chunk_prompts < len(prompts) else len(prompts)
         outs = []
         for c, start in enumerate(range(0, len(prompts), size)):
             out: SampleOutput = sampler.sample(
                 params, prompts[start:start + size], num_samples=num_samples, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=() if ignore_eos else eos_ids(tokenizer),
+                temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=() if ignore_eos else stops,
                 decode_slots=min(decode_slots, len(prompts[start:start + size]) * num_samples),
                 key=key if size == len(prompts) else jax.random.fold_in(key, c), timers=timers)
             outs.append(out if multiprocess else jax.device_get(out))  # one transfer per chunk
@@ -230,6 +234,8 @@ def _score(pool: VerifierPool, task: Task, examples: Sequence[Example], texts: S
     with timers.phase("score"):
         scores = pool.score(task.score, examples, texts, phase=phase, reward_range=reward_range,
                             allow_bool=allow_bool)
+        missing = [t for ex, t in zip(examples, texts) if has_answer(task, ex, t) is False]
+        pool.count_no_answer(phase, len(missing), missing[0] if missing else None)
     return np.asarray(scores, np.float32)
 
 
@@ -246,6 +252,30 @@ def eos_ids(tokenizer: Any) -> tuple[int, ...]:
         tid = tokenizer.convert_tokens_to_ids(name) if name in tokenizer.get_vocab() else None
         ids.append(tid)
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def checkpoint_stop_ids(tokenizer: Any, hf_path: str = "") -> tuple[int, ...]:
+    """The end-of-sequence ids a run stops at: ``eos_token_id`` of the checkpoint's generation_config.json
+    (an id or a list, what ``generate`` stops at) when it has one, else the tokenizer's (``eos_ids``).
+    ValueError, naming the files, when there are none."""
+    path = os.path.join(hf_path, "generation_config.json") if hf_path else ""
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            try:
+                found = json.load(f).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError) as err:
+                raise ValueError(f"{path} is not a JSON object ({err}).") from None
+        found = [found] if isinstance(found, int) else list(found or [])
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in found):
+            raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {found!r}.")
+        if found:
+            return tuple(dict.fromkeys(found))
+    found = eos_ids(tokenizer)
+    if not found:
+        where = f"{hf_path} (generation_config.json and tokenizer files)" if hf_path else "the tokenizer"
+        raise ValueError(f"{where} names no end-of-sequence token; set eos_token_id in generation_config.json "
+                         "or the tokenizer's eos_token, or set rollout.ignore_eos=True.")
+    return found
 
 
 def to_batch(r: Rollouts) -> Batch:

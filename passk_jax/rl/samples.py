@@ -4,7 +4,7 @@ rewards and the answers the verifier read, as TRL's completion tables show them.
 ``records`` picks the first ``num_prompts`` prompts of a ``Rollouts`` and up to ``per_prompt`` responses of
 each; ``write`` stores them in ``samples/step_<N>.jsonl`` (one JSON object per prompt, the phase — "eval" or
 "train" — in each; a step's file keeps the other phase's records); ``markdown`` renders them as a table for
-TensorBoard and ``report.md``; ``console`` is the one-example line printed after an evaluation.
+TensorBoard and ``report.md``, ``table`` as one for Weights & Biases; ``console`` is the one-example line printed after an evaluation.
 With several processes, a process holds the texts of its own rows only: rows it lacks are left out.
 """
 from __future__ import annotations
@@ -101,6 +101,16 @@ def markdown(recs: Sequence[dict[str, Any]], limit: int = 300) -> str:
             answer = "(none)" if resp["answer"] is None else _cell(resp["answer"], 60)
             lines.append(f"| {prompt} | {truth} | {_cell(resp['text'], limit)} | {answer} | {resp['reward']:.3g} |")
     return "\n".join(lines)
+
+
+def table(recs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list]]:
+    """(columns, rows) of ``recs`` for a Weights & Biases table: one row per response, texts in full."""
+    columns = ["phase", "data_source", "prompt", "ground_truth", "response", "answer", "reward", "length",
+               "truncated"]
+    rows = [[rec["phase"], rec["data_source"], _prompt_text(rec["prompt"]), str(rec["ground_truth"]), resp["text"],
+             "" if resp["answer"] is None else str(resp["answer"]), resp["reward"], resp["length"], resp["truncated"]]
+            for rec in recs for resp in rec["responses"]]
+    return columns, rows
 
 
 def console(rec: dict[str, Any], step: int, limit: int = 160) -> str:

@@ -102,6 +102,26 @@ def build_model(spec: RunSpec, mesh: jax.sharding.Mesh, workdir: str, tokenizer:
     return graphdef, params, cfg, tokenizer
 
 
+def check_wandb(spec: RunSpec) -> None:
+    """ValueError when Weights & Biases logging is configured but the ``wandb`` package is missing."""
+    if spec.train.wandb_project and spec.train.wandb_mode != "disabled":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"train.wandb_project={spec.train.wandb_project!r} is set but the wandb package is not "
+                             "installed; pip install 'passk_jax[wandb]' (or unset train.wandb_project).")
+
+
+def wandb_sink(spec: RunSpec, workdir: str) -> Any:
+    """The run's ``WandbSink`` when ``train.wandb_project`` is set (None otherwise)."""
+    t = spec.train
+    if not t.wandb_project:
+        return None
+    from passk_jax.metric_log import WandbSink
+
+    return WandbSink(workdir, t.wandb_project, entity=t.wandb_entity, mode=t.wandb_mode, config=spec.config_json)
+
+
 def checkpoint_tree(state: TrainState) -> dict:
     """The array tree a checkpoint stores for a ``TrainState`` (``ref_params`` only when there is one)."""
     tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "key": state.key}
@@ -312,7 +332,7 @@ class Run:
             return
         samples.write(self.workdir, step, recs)
         if self.writer is not None:
-            self.writer.write_text(f"samples/{phase}", samples.markdown(recs), step)
+            self.writer.write_text(f"samples/{phase}", samples.markdown(recs), step, table=samples.table(recs))
         if phase == "eval":
             tqdm.write(samples.console(recs[0], step))
 
@@ -406,6 +426,7 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
     against the model context: ``data.check_prompts``) runs before the workdir is claimed, and the workdir's
     (lock, ownership, recorded results vs checkpoints) before the model is built. ``new_run``: the workdir holds another run (a different config): move its files to
     ``previous_runs/`` and start afresh instead of refusing. ``timers``: see ``Run``."""
+    check_wandb(spec)
     task = make_task(spec.task)
     train_examples, test_examples = load_examples(spec, task)
     if spec.sft.steps > 0 and not hasattr(task, "demonstrations"):
@@ -415,6 +436,7 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
     splits, data_counts = check_prompts(spec, task, tokenizer, context, source,
                                         {"train": train_examples, "test": test_examples})
     train_examples, test_examples = splits["train"], splits["test"]
+    stops = () if spec.rollout.ignore_eos else rollout.checkpoint_stop_ids(tokenizer, spec.model.hf_path)
     lock = workdir_lib.claim(workdir, spec.config_json, new_run=new_run, defaults=field_defaults())
     try:
         mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)
@@ -429,7 +451,7 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
         lock.release()
         raise
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-    run = Run(spec, workdir, mesh, graphdef, model_cfg, shapes, rollout.Env(sampler, task, tokenizer, pool),
+    run = Run(spec, workdir, mesh, graphdef, model_cfg, shapes, rollout.Env(sampler, task, tokenizer, pool, stops),
               test_examples, stream, ckpt, PreemptionGuard(), lock, timers, summary={"workdir": workdir},
               data_counts=data_counts if spec.task.long_prompts == "skip" else {})
     try:
@@ -464,7 +486,8 @@ def _start(run: Run, params: Any, train_examples: list) -> None:
         run.status = "done"
         return
     # files of later steps (a previous attempt's) stay until this run rewrites them: nothing is deleted here
-    run.writer = MetricWriter(workdir, purge_step=start + 1 if restored is not None else 0)
+    run.writer = MetricWriter(workdir, purge_step=start + 1 if restored is not None else 0,
+                              wandb=wandb_sink(spec, workdir) if run.is_main else None)
     run.writer.replace_after(start if restored is not None else -1)
     run.monitor = VerifierMonitor(run.env.pool, spec.task.max_error_frac, spec.task.max_failed_steps,
                                   None if restored is None else restored[2].get("verifier"),

@@ -20,6 +20,11 @@ Tasks not deriving from BaseTask may omit both; `reward_spec(task)` reads them w
 
 Use `get(name, **cfg)`; plug in your own with `register(name, factory)`. Heavy dependencies
 (math-verify, reasoning-gym) are imported only by the tasks that need them, so verifier workers stay light.
+
+Answers. A task that defines ``extract_answer(example, response)`` (every built-in one but ``verl``) tells
+where its verifier reads the answer; responses where it finds none are counted (``verifier/<phase>/no_answer``)
+and a step where more than half have none prints a WARNING with an example. ``answer`` options choose the
+extraction methods of gym and math tasks (``passk_jax.tasks.answers``).
 """
 from __future__ import annotations
 
@@ -107,6 +112,16 @@ def answer_of(task: Any, example: Example, response: str) -> str | None:
     return fn(example, response) if fn is not None else BaseTask.extract_answer(task, example, response)
 
 
+def has_answer(task: Any, example: Example, response: str) -> bool | None:
+    """Whether the task's own ``extract_answer`` finds an answer (not None, not blank) in ``response``; None
+    for tasks that do not define one (the BaseTask default only serves samples, so it decides nothing)."""
+    fn = getattr(type(task), "extract_answer", None)
+    if fn is None or fn is BaseTask.extract_answer:
+        return None
+    answer = task.extract_answer(example, response)
+    return answer is not None and bool(str(answer).strip())
+
+
 def validate_reward_range(reward_range: Any) -> tuple[float, float]:
     """`(lo, hi)` as floats; ValueError unless it is two finite numbers with lo < hi."""
     if not (isinstance(reward_range, (tuple, list)) and len(reward_range) == 2
@@ -188,4 +203,4 @@ def extract_boxed(text: str) -> str | None:
 
 
 __all__ = ["Example", "Task", "BaseTask", "Prompt", "Message", "get", "register", "names", "resolve",
-           "extract_tag", "extract_boxed", "answer_of", "reward_spec", "validate_reward_range"]
+           "extract_tag", "extract_boxed", "answer_of", "has_answer", "reward_spec", "validate_reward_range"]

@@ -1,8 +1,9 @@
 """Math: final-answer extraction and math-verify scoring; data from verl-schema Parquet / JSONL files.
 
-Extraction: the last `<answer>...</answer>` block, else the last `\\boxed{...}` (nested braces), else —
-unless `strict_format` — math-verify's own extraction over the whole response (last expression / "the
-answer is"). The ground truth is wrapped in `\\boxed{}` and parsed the same way, then
+Extraction: the methods of the `answer` option in order (``passk_jax.tasks.answers``; default "tag,boxed":
+the last `<answer>...</answer>` block, else the last `\\boxed{...}` with nested braces), else — unless
+`strict_format` — math-verify's own extraction over the whole response (last expression / "the answer is").
+A response where none of them finds anything has no answer (counted as `verifier/<phase>/no_answer`). The ground truth is wrapped in `\\boxed{}` and parsed the same way, then
 `math_verify.verify(gold, pred)` decides (fractions, `\\frac`, decimals, units, percentages, sets...).
 
 Timeouts: math-verify guards parse/verify with `signal.alarm`, which only works on a process's main
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from passk_jax.tasks import BaseTask, Example, extract_boxed, extract_tag
+from passk_jax.tasks import BaseTask, Example, answers, extract_boxed, extract_tag
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings on threads
 
@@ -31,11 +32,11 @@ def _timeout(seconds: int | None) -> int | None:
 
 
 def math_score(response: str, ground_truth: str, *, strict_format: bool = False,
-               mv_timeout_s: int | None = 3) -> float:
+               mv_timeout_s: int | None = 3, methods: tuple[str, ...] = ("tag", "boxed")) -> float:
     from math_verify import parse, verify
 
     t = _timeout(mv_timeout_s)
-    answer = extract_math_answer(response)
+    answer = answers.extract(response, methods)
     if answer is None and strict_format:
         return 0.0
     pred = parse(response if answer is None else f"\\boxed{{{answer}}}", parsing_timeout=t)
@@ -50,13 +51,22 @@ class MathTask(BaseTask):
 
     name = "math"
 
-    def __init__(self, strict_format: bool = False, mv_timeout_s: int | None = 3, **files):
+    def __init__(self, strict_format: bool = False, mv_timeout_s: int | None = 3, answer: str = "tag,boxed",
+                 **files):
         super().__init__(**files)
         self.strict_format, self.mv_timeout_s = strict_format, mv_timeout_s
+        methods = answers.parse(answer)
+        self.methods = ("tag", "boxed") if methods == ("auto",) else methods
 
     def extract_answer(self, example: Example, response: str) -> str | None:
-        return extract_math_answer(response)
+        answer = answers.extract(response, self.methods)
+        if answer is None and not self.strict_format:
+            from math_verify import parse
+
+            found = parse(response, parsing_timeout=_timeout(self.mv_timeout_s))
+            answer = str(found[-1]) if found else None
+        return answer
 
     def score(self, example: Example, response: str) -> float:
         return math_score(response, str(example.ground_truth), strict_format=self.strict_format,
-                          mv_timeout_s=self.mv_timeout_s)
+                          mv_timeout_s=self.mv_timeout_s, methods=self.methods)

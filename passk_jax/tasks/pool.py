@@ -14,9 +14,10 @@ same checks and messages (exceptions still count; no timeout). Tasks declare the
 `reward_range` / `bool_rewards` attributes; `passk_jax.tasks.reward_spec(task)` reads them.
 
 Counters are kept per phase (the `phase` string of each call, e.g. "train" or "eval"): scored, errors,
-invalid, timeouts and restarts (workers replaced during that phase's batches). `take_counts()` returns
-them for the phases scored since the previous call, with up to 3 failure messages per phase, and starts a
-new window. A message names the response index, the kind (error, invalid, timeout), the reason and an
+invalid, timeouts, restarts (workers replaced during that phase's batches) and no_answer (responses in
+which the task found no answer: counted by the caller with `count_no_answer`). `take_counts()` returns
+them for the phases scored since the previous call, with up to 3 failure messages per phase (and, under
+"<phase>/no_answer", one response without an answer), and starts a new window. A message names the response index, the kind (error, invalid, timeout), the reason and an
 excerpt (at most 80 characters) of the response:
     response 5 (invalid): reward 5.0 outside the task's range [0.0, 1.0]; response 'DDRR'
 The first 3 failures of each phase over the pool's lifetime are also logged as warnings on the
@@ -62,7 +63,7 @@ ScoreFn = Callable[..., float]
 RewardSpec = tuple[float, float, bool]  # lo, hi, allow_bool
 # Workers never touch an accelerator, even if a scorer (or the re-imported main module) imports jax/torch.
 _CHILD_ENV = {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-COUNTERS = ("scored", "errors", "invalid", "timeouts", "restarts")
+COUNTERS = ("scored", "errors", "invalid", "timeouts", "restarts", "no_answer")
 _COUNTER_OF = {"error": "errors", "invalid": "invalid", "timeout": "timeouts"}
 _EXAMPLES, _LOGGED, _EXCERPT = 3, 3, 80
 log = logging.getLogger("passk_jax")
@@ -257,6 +258,13 @@ class VerifierPool:
             self._logged[batch.phase] = logged + 1
             more = " (later failures of this phase are counted, not logged)" if logged + 1 == _LOGGED else ""
             log.warning("verifier failure (%s): %s%s", batch.phase, message, more)
+
+    def count_no_answer(self, phase: str, n: int, example: str | None = None) -> None:
+        """Count ``n`` responses of ``phase`` in which the task found no answer; ``example``: one of them."""
+        if n:
+            self._count(phase, "no_answer", n)
+            if example is not None:
+                self._examples.setdefault(f"{phase}/no_answer", [f"response {_excerpt(example)}"])
 
     def take_counts(self) -> tuple[dict[str, dict[str, int]], dict[str, list[str]]]:
         """`(counts, examples)` for the phases scored since the previous call, then a new window:

@@ -44,12 +44,14 @@ def tiny_config(cache_dir, **extra):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One uninterrupted run and one stopped after step 2 then resumed, sharing the SFT cache."""
+    """One uninterrupted run and one stopped after step 2 then resumed, sharing the SFT cache; the second
+    also logs to Weights & Biases in offline mode."""
     base = tmp_path_factory.mktemp("trainer")
     full, split = str(base / "full"), str(base / "split")
+    wandb = {"train.wandb_project": "passk-test", "train.wandb_mode": "offline"}
     out_full = trainer.train(tiny_spec(base / "cache"), full)
-    out_stop = trainer.train(tiny_spec(base / "cache"), split, stop_after=2)
-    out_resume = trainer.train(tiny_spec(base / "cache"), split)
+    out_stop = trainer.train(tiny_spec(base / "cache", **wandb), split, stop_after=2)
+    out_resume = trainer.train(tiny_spec(base / "cache", **wandb), split)
     return dict(full=full, split=split, out_full=out_full, out_stop=out_stop, out_resume=out_resume, base=base)
 
 
@@ -115,6 +117,27 @@ def test_samples_show_what_the_model_wrote(runs):
                 assert resp["reward"] == task.score(example, resp["text"])
                 assert resp["answer"] == extract_maze_answer(resp["text"])
                 assert 1 <= resp["length"] <= 12
+
+
+def test_wandb_offline_run_continues_across_the_resume(runs):
+    """Both attempts of the resumed run log to the same W&B run id (offline files under WORKDIR/wandb/), with
+    the metrics and the samples tables."""
+    wd = runs["split"]
+    run_id = open(os.path.join(wd, "wandb_run_id")).read().strip()
+    attempts = sorted(os.listdir(os.path.join(wd, "wandb")))
+    attempts = [a for a in attempts if a.startswith("offline-run-")]
+    assert len(attempts) == 2 and all(a.endswith(f"-{run_id}") for a in attempts)
+    logged = b"".join(open(os.path.join(wd, "wandb", a, f"run-{run_id}.wandb"), "rb").read() for a in attempts)
+    for name in (b"eval/pass@4", b"step/loss", b"verifier/train/no_answer", b"samples/eval", b"samples/train"):
+        assert name in logged, name
+    tables = [f for a in attempts for _, _, files in os.walk(os.path.join(wd, "wandb", a, "files", "media"))
+              for f in files if f.endswith(".table.json")]
+    assert any(t.startswith("eval_") for t in tables) and any(t.startswith("train_") for t in tables)
+    columns = json.load(open(next(os.path.join(root, f) for a in attempts
+                                  for root, _, files in os.walk(os.path.join(wd, "wandb", a)) for f in files
+                                  if f.startswith("eval_") and f.endswith(".table.json"))))["columns"]
+    assert columns[:5] == ["phase", "data_source", "prompt", "ground_truth", "response"]
+    assert not os.path.exists(os.path.join(runs["full"], "wandb_run_id"))  # off unless a project is set
 
 
 def test_resume_is_bitwise_exact(runs):

@@ -53,12 +53,12 @@ def test_failures_are_counted_zeros_and_pool_stays_usable(pool):
     expected = [0.0 if r != "ok" else x / 16 for x, r in zip(examples, responses)]
     assert rewards.dtype == np.float32 and rewards.tolist() == expected
     counts, examples = pool.take_counts()
-    assert counts == {"train": {"scored": 11, "errors": 3, "invalid": 1, "timeouts": 1, "restarts": 2}}
+    assert counts == {"train": {"scored": 11, "errors": 3, "invalid": 1, "timeouts": 1, "restarts": 2, "no_answer": 0}}
     failures = {"response 1 (error)", "response 3 (timeout)", "response 5 (invalid)", "response 8 (error)"}
     assert len(examples["train"]) == 3 and {m.split(":")[0] for m in examples["train"]} <= failures  # first 3 seen
     delta = {k: v - before[k] for k, v in pool.metrics().items()}
     assert delta == {"verifier/scored": 11, "verifier/errors": 3, "verifier/invalid": 1,
-                     "verifier/timeouts": 1, "verifier/restarts": 2}
+                     "verifier/timeouts": 1, "verifier/restarts": 2, "verifier/no_answer": 0}
     assert elapsed < 30  # the 60 s sleeper was cut off
     assert any("timed out" in e for e in pool.last_errors) and any("verifier bug" in e for e in pool.last_errors)
     again = pool.score(flaky, [1, 2, 3, 4, 5], ["ok", "ok", "hang", "ok", "env"])
@@ -118,7 +118,7 @@ def test_workers_check_rewards_like_inline(pool):
         [1 / 16, 0.0, 0.0, 0.0, 0.5, 0.0]
     counts, examples = pool.take_counts()
     assert (counts, examples) == inline.take_counts()
-    assert counts == {"eval": {"scored": 6, "errors": 4, "invalid": 3, "timeouts": 0, "restarts": 0}}
+    assert counts == {"eval": {"scored": 6, "errors": 4, "invalid": 3, "timeouts": 0, "restarts": 0, "no_answer": 0}}
     assert examples == {"eval": [
         "response 1 (invalid): reward 5.0 outside the task's range [0.0, 1.0]; response 'five'",
         "response 2 (invalid): non-numeric reward '1' (str); response 'str'",
@@ -154,7 +154,7 @@ def test_invalid_rewards_score_zero_and_count(value, reason):
     p = VerifierPool(num_workers=0)
     assert p.score(returns, [value], ["x" * 200]).tolist() == [0.0]
     counts, examples = p.take_counts()
-    assert counts == {"train": {"scored": 1, "errors": 1, "invalid": 1, "timeouts": 0, "restarts": 0}}
+    assert counts == {"train": {"scored": 1, "errors": 1, "invalid": 1, "timeouts": 0, "restarts": 0, "no_answer": 0}}
     (message,) = p.last_errors
     assert examples == {"train": [message.removeprefix("train: ")]}
     assert message.startswith(f"train: response 0 (invalid): {reason}")
@@ -184,8 +184,8 @@ def test_counts_per_phase_and_take_resets(caplog):
         p.score(flaky, [1] * 5, ["ok", "raise", "five", "str", "nan"], phase="train")
         p.score(flaky, [1, 1], ["ok", "five"], phase="eval")
         counts, examples = p.take_counts()
-        assert counts == {"train": {"scored": 5, "errors": 4, "invalid": 3, "timeouts": 0, "restarts": 0},
-                          "eval": {"scored": 2, "errors": 1, "invalid": 1, "timeouts": 0, "restarts": 0}}
+        assert counts == {"train": {"scored": 5, "errors": 4, "invalid": 3, "timeouts": 0, "restarts": 0, "no_answer": 0},
+                          "eval": {"scored": 2, "errors": 1, "invalid": 1, "timeouts": 0, "restarts": 0, "no_answer": 0}}
         assert examples["train"] == [  # the first 3 of the window
             "response 1 (error): RuntimeError: verifier bug; response 'raise'",
             "response 2 (invalid): reward 5.0 outside the task's range [0.0, 1.0]; response 'five'",
@@ -195,11 +195,11 @@ def test_counts_per_phase_and_take_resets(caplog):
         assert p.take_counts() == ({}, {})
         p.score(flaky, [1, 1], ["ok", "ok"], phase="eval")
         p.score(flaky, [1, 1], ["ok", "raise"], phase="train")
-        assert p.take_counts() == ({"eval": {"scored": 2, "errors": 0, "invalid": 0, "timeouts": 0, "restarts": 0},
-                                    "train": {"scored": 2, "errors": 1, "invalid": 0, "timeouts": 0, "restarts": 0}},
+        assert p.take_counts() == ({"eval": {"scored": 2, "errors": 0, "invalid": 0, "timeouts": 0, "restarts": 0, "no_answer": 0},
+                                    "train": {"scored": 2, "errors": 1, "invalid": 0, "timeouts": 0, "restarts": 0, "no_answer": 0}},
                                    {"train": ["response 1 (error): RuntimeError: verifier bug; response 'raise'"]})
     assert p.metrics() == {"verifier/scored": 11, "verifier/errors": 6, "verifier/invalid": 4,
-                           "verifier/timeouts": 0, "verifier/restarts": 0}
+                           "verifier/timeouts": 0, "verifier/restarts": 0, "verifier/no_answer": 0}
     logged = [r.getMessage() for r in caplog.records if r.name == "passk_jax"]
     assert len(logged) == 4  # the first 3 failures of train, the first of eval
     assert logged[0] == "verifier failure (train): response 1 (error): RuntimeError: verifier bug; response 'raise'"
