@@ -25,22 +25,49 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def _order_keys(z: jax.Array) -> jax.Array:
+    """u32 keys in the order of the float32 values z (-inf < ... < -0.0 < 0.0 < ... < inf; no NaN)."""
+    bits = lax.bitcast_convert_type(z.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _smallest_key(keys: jax.Array, true_at: callable) -> jax.Array:
+    """u32[B, 1]: per row, the smallest key t with ``true_at(t)`` (bool[B, 1]), for a predicate that is
+    monotone in t (False ... False True ... True) and true at the row's largest key. Exact bisection over
+    the 32-bit keys: 32 passes over the row, no sort."""
+    lo = jnp.min(keys, axis=-1, keepdims=True)
+    hi = jnp.max(keys, axis=-1, keepdims=True)  # true_at(hi) holds
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = true_at(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    return lax.fori_loop(0, 32, body, (lo, hi))[1]
+
+
 def _cutoff_mask(z: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
-    """bool[B, V]: tokens surviving top-k then top-p truncation of scaled logits z f32[B, V] (one sort)."""
+    """bool[B, V]: tokens surviving top-k then top-p truncation of scaled logits z f32[B, V].
+
+    Both thresholds are found by exact bisection over the values' order keys instead of a sort (a sort of
+    a 49k vocabulary per decode step costs seconds on a CPU): the top-k threshold is the largest value with
+    at least k values >= it; the top-p threshold is the smallest kept value v whose mass of strictly larger
+    values is < p — in sorted order, the value of the nucleus's last member (see the module doc)."""
     vocab = z.shape[-1]
-    zs = -jnp.sort(-z, axis=-1)  # descending
-    # top-k: threshold at the k-th largest value (k == 0 or k >= V keeps everything).
+    keys = _order_keys(z)
     k_on = (top_k > 0) & (top_k < vocab)
-    kth = jnp.take(zs, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)[:, None]
-    k_thresh = jnp.where(k_on, kth, -jnp.inf)
-    zs = jnp.where(zs >= k_thresh, zs, -jnp.inf)  # sorted top-k survivors, a prefix with its ties
-    # top-p over the renormalised top-k distribution, in sorted order.
-    ps = jax.nn.softmax(zs, axis=-1)
-    mass_before = jnp.cumsum(ps, axis=-1) - ps  # exclusive cumulative mass; non-decreasing
-    n_keep = jnp.sum((mass_before < top_p) & (zs > -jnp.inf), axis=-1, keepdims=True)  # >= 1
-    p_val = jnp.take_along_axis(zs, jnp.maximum(n_keep - 1, 0), axis=-1)
-    p_thresh = jnp.where(top_p < 1.0, p_val, -jnp.inf)
-    return (z >= k_thresh) & (z >= p_thresh)
+    # largest t with count(keys >= t) >= k  ==  (smallest t with count(keys >= t + 1) < k)
+    k_key = lax.cond(k_on, lambda: _smallest_key(
+        keys, lambda t: jnp.sum(keys >= t + 1, axis=-1, keepdims=True) < top_k), lambda: jnp.min(keys, -1, keepdims=True))
+    kept = keys >= k_key
+    ps = jax.nn.softmax(jnp.where(kept, z, -jnp.inf), axis=-1)
+    p_key = lax.cond(top_p < 1.0, lambda: _smallest_key(
+        jnp.where(kept, keys, jnp.max(keys, -1, keepdims=True)),
+        lambda t: jnp.sum(jnp.where(keys > t, ps, 0.0), axis=-1, keepdims=True) < top_p),
+        lambda: jnp.min(keys, -1, keepdims=True))
+    return kept & (keys >= p_key)
 
 
 def modified_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array,
@@ -48,7 +75,7 @@ def modified_logits(logits: jax.Array, temperature: jax.Array, top_p: jax.Array,
     """Scaled, truncated logits f32[B, V] (-inf outside the kept set) for temperature > 0.
 
     For temperature <= 0 the scale is 1 and no truncation is applied (greedy ignores this distribution).
-    The sort only runs when truncation is on (`lax.cond` on the traced knobs)."""
+    The threshold searches only run when truncation is on (`lax.cond` on the traced knobs)."""
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
     temperature = jnp.asarray(temperature, jnp.float32)

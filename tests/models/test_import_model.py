@@ -16,7 +16,7 @@ import transformers
 from experiments import import_model
 from passk_jax.models import hf
 from passk_jax.models import transformer as T
-from passk_jax.rl.rollout import eos_ids
+from passk_jax.rl.rollout import checkpoint_stop_ids, eos_ids
 from passk_jax.sampling import Sampler
 from passk_jax.tasks.tokenizer import encode_prompt
 
@@ -53,8 +53,8 @@ def test_logits_and_greedy_decoding_match_transformers(smollm2):
     reference = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         want = reference(input_ids=torch.tensor([prompt])).logits[0].numpy()
-        generated = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                                       eos_token_id=list(eos_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
+        # the checkpoint's generation_config.json gives generate its EOS ids, as it gives ours
+        generated = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
     model, cfg = hf.load_pretrained(out, scan_layers=True)
     graphdef, params = T.split(model)
     tokens = jnp.asarray([prompt], jnp.int32)
@@ -65,9 +65,46 @@ def test_logits_and_greedy_decoding_match_transformers(smollm2):
     chex.assert_trees_all_close(np.asarray(logits[0]), want, atol=1e-3, rtol=0)
     sampler = Sampler(graphdef, cfg, pad_id=tokenizer.pad_token_id)
     got = sampler.sample(params, [prompt], num_samples=1, max_new_tokens=24, temperature=0.0,
-                         eos_ids=eos_ids(tokenizer), key=jax.random.PRNGKey(0))
+                         eos_ids=checkpoint_stop_ids(tokenizer, out), key=jax.random.PRNGKey(0))
     n = int(got.lengths[0])
+    assert n < 24 and not got.truncated[0]  # it stopped at an EOS id of the generation config
     assert np.asarray(got.tokens[0, :n]).tolist() == generated[0, len(prompt):].tolist()
+
+
+def test_named_config_runs_a_step_and_records_samples(smollm2, tmp_path):
+    """``smollm2_arith`` at tiny sizes: the initial evaluation, one RL step, the final evaluation, and the
+    samples of each: chat prompts, the responses, their extracted answers and rewards."""
+    from experiments import configs
+    from passk_jax.rl import samples, trainer
+    from passk_jax.spec import RunSpec
+    from passk_jax.tasks import Example, get as get_task
+
+    out, _ = smollm2
+    c = configs.get("smollm2_arith")
+    for dotted, value in {"model.hf_path": out, "model.scan_layers": True, "task.num_train": 8,
+                          "task.options.test_size": 2, "rollout.prompts_per_step": 2, "rollout.num_samples": 2,
+                          "rollout.max_new_tokens": 8, "rollout.decode_slots": 4, "step.k": 2, "train.steps": 1,
+                          "train.checkpoint_every": 1, "train.samples_every": 1, "eval.num_prompts": 2,
+                          "eval.num_samples": 2, "eval.sample_prompts": 2}.items():
+        *path, leaf = dotted.split(".")
+        node = c
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    spec = RunSpec.from_config(c)
+    summary = trainer.train(spec, str(tmp_path / "run"))
+    assert summary["status"] == "done" and 0.0 <= summary["final"]["eval/pass@1"] <= 1.0
+    assert "verifier/eval/no_answer" in summary["final"]
+    task = get_task(spec.task.name, **spec.task.set_options)
+    for step, phases in ((0, ["eval"]), (1, ["train", "train", "eval", "eval"])):
+        recs = samples.read(samples.path_of(str(tmp_path / "run"), step))
+        assert [r["phase"] for r in recs] == phases
+        for rec in recs:
+            assert [m["role"] for m in rec["prompt"]] == ["user"] and rec["data_source"] == "gym_basic_arithmetic"
+            example = Example(rec["prompt"], rec["ground_truth"], rec["data_source"])
+            for resp in rec["responses"]:
+                assert resp["answer"] == task.extract_answer(example, resp["text"])
+                assert resp["reward"] in (0.0, 1.0) and 1 <= resp["length"] <= 8
 
 
 def _tiny_gguf(path: str, architecture: str) -> str:
