@@ -17,6 +17,9 @@ from passk_jax.sampling_ops import _cutoff_mask
 
 
 def sorted_cutoff_mask(z, top_p, top_k):
+    """The truncation set by sorting (the definition, and what the sampler computed before it searched by
+    bisection): top-k threshold = the k-th largest value, top-p threshold = the value of the nucleus's last
+    member in descending order. tests/test_sampling_ops.py checks the sampler's set equals this one."""
     vocab = z.shape[-1]
     zs = -jnp.sort(-z, axis=-1)
     k_on = (top_k > 0) & (top_k < vocab)

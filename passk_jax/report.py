@@ -93,8 +93,9 @@ def write(workdir: str, spec: RunSpec) -> str:
         "|---|" + "---|" * (len(ks) + 1),
     ]
     for name, vals in table.items():
-        greedy = evals[name].get("eval/greedy_accuracy", float("nan"))
-        lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in ks) + f" | {greedy:.3f} |")
+        greedy = evals[name].get("eval/greedy_accuracy")
+        lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in ks)
+                     + (f" | {greedy:.3f} |" if greedy is not None else " | — (eval.greedy off) |"))
     sources = sorted({key.split("/")[1] for ev in evals.values() for key in ev
                       if key.count("/") == 2 and key.startswith("eval/") and "/pass@" in key})
     if sources and ks:

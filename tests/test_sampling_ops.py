@@ -124,33 +124,16 @@ def test_one_compilation_across_knobs():
     assert len(traces) == 1 and f._cache_size() == 1
 
 
-def _sorted_cutoff_mask(z, top_p, top_k):
-    """The truncation set by sorting (the definition; what the sampler computed before it searched by
-    bisection): top-k threshold = the k-th largest value, top-p threshold = the value of the nucleus's last
-    member in descending order."""
-    vocab = z.shape[-1]
-    zs = -jnp.sort(-z, axis=-1)
-    k_on = (top_k > 0) & (top_k < vocab)
-    kth = jnp.take(zs, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)[:, None]
-    k_thresh = jnp.where(k_on, kth, -jnp.inf)
-    zs = jnp.where(zs >= k_thresh, zs, -jnp.inf)
-    ps = jax.nn.softmax(zs, axis=-1)
-    mass_before = jnp.cumsum(ps, axis=-1) - ps
-    n_keep = jnp.sum((mass_before < top_p) & (zs > -jnp.inf), axis=-1, keepdims=True)
-    p_val = jnp.take_along_axis(zs, jnp.maximum(n_keep - 1, 0), axis=-1)
-    p_thresh = jnp.where(top_p < 1.0, p_val, -jnp.inf)
-    return (z >= k_thresh) & (z >= p_thresh)
-
-
 @pytest.mark.parametrize("top_p,top_k", [(0.95, 0), (0.5, 0), (0.999, 0), (1.0, 40), (0.9, 100), (0.3, 7)])
 def test_bisection_thresholds_equal_the_sorted_definition(top_p, top_k):
     """Wide rows (a 4099-token vocabulary) with ties, negative and positive values and masked (-inf) tokens:
     the bisection over order keys keeps exactly the tokens the sort-based definition keeps."""
+    from bench.top_p import sorted_cutoff_mask
     from passk_jax.sampling_ops import _cutoff_mask
 
     z = jnp.round(jax.random.normal(jax.random.key(3), (48, 4099)) * 4, 1)  # many ties
     z = z.at[:, :50].set(-jnp.inf).at[0].set(1.0)  # masked tokens; one row all equal but the masked ones
     got = jax.jit(_cutoff_mask)(z, jnp.float32(top_p), jnp.int32(top_k))
-    want = _sorted_cutoff_mask(z, jnp.float32(top_p), jnp.int32(top_k))
+    want = sorted_cutoff_mask(z, jnp.float32(top_p), jnp.int32(top_k))
     chex.assert_trees_all_equal(got, want)
     assert int(got.sum(-1).min()) >= 1

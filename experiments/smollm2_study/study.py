@@ -126,8 +126,8 @@ def run_config(design: Design, method: str, seed: int, *, train_file: str, test_
     return c
 
 
-def record_path(design: Design, method: str, seed: int, records_dir: str = RECORDS) -> str:
-    return os.path.join(records_dir, design.name, method, f"seed{seed}.json")
+record_path = repro.record_path  # records_dir/<design>/<method>/seed<s>.json, as the reproduction's
+load_records = repro.load_records  # every record of the design's methods and seeds that exists (fingerprint checked)
 
 
 def run(design: Design, runs_dir: str, model_path: str, *, records_dir: str = RECORDS,
@@ -160,20 +160,6 @@ def run(design: Design, runs_dir: str, model_path: str, *, records_dir: str = RE
             repro.write_record(path, record)
             log(f"[smollm2 study] {method}, seed {seed}: done in {record['wall_s']:.0f} s")
     return load_records(design, records_dir)
-
-
-def load_records(design: Design, records_dir: str = RECORDS) -> list[dict[str, Any]]:
-    out = []
-    for seed in range(design.seeds):
-        for method in design.methods:
-            path = record_path(design, method, seed, records_dir)
-            if os.path.exists(path):
-                with open(path) as f:
-                    r = json.load(f)
-                if r["design_fingerprint"] != design.fingerprint():
-                    raise ValueError(f"{path} was made by another version of design {design.name!r}.")
-                out.append(r)
-    return out
 
 
 def rise(records: list[dict[str, Any]], method: str, metric: claims.Metric, sources: list[str],

@@ -436,7 +436,12 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
     splits, data_counts = check_prompts(spec, task, tokenizer, context, source,
                                         {"train": train_examples, "test": test_examples})
     train_examples, test_examples = splits["train"], splits["test"]
-    stops = () if spec.rollout.ignore_eos else rollout.checkpoint_stop_ids(tokenizer, spec.model.hf_path)
+    try:  # evaluations stop at EOS even when rollouts ignore it
+        stops = rollout.checkpoint_stop_ids(tokenizer, spec.model.hf_path)
+    except ValueError:
+        if not spec.rollout.ignore_eos:
+            raise
+        stops = ()
     lock = workdir_lib.claim(workdir, spec.config_json, new_run=new_run, defaults=field_defaults())
     try:
         mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)

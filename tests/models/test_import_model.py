@@ -82,10 +82,13 @@ def test_named_config_runs_a_step_and_records_samples(smollm2, tmp_path):
     out, _ = smollm2
     c = configs.get("smollm2_arith")
     for dotted, value in {"model.hf_path": out, "model.scan_layers": True, "task.num_train": 8,
-                          "task.options.test_size": 2, "rollout.prompts_per_step": 2, "rollout.num_samples": 2,
-                          "rollout.max_new_tokens": 8, "rollout.decode_slots": 4, "step.k": 2, "train.steps": 1,
+                          "task.options.test_size": 2, "rollout.prompts_per_step": 2, "rollout.num_samples": 4,
+                          "rollout.max_new_tokens": 8, "rollout.decode_slots": 8, "step.k": 2, "train.steps": 1,
                           "train.checkpoint_every": 1, "train.samples_every": 1, "eval.num_prompts": 2,
-                          "eval.num_samples": 2, "eval.sample_prompts": 2}.items():
+                          "eval.num_samples": 4, "eval.sample_prompts": 2,
+                          # the 8 test devices hold one sharded copy (replicated: 8 x 0.5 GB of weights plus
+                          # AdamW states, more than the test box's memory)
+                          "mesh.data": 1, "mesh.fsdp": -1, "rollout.decode_layout": "training"}.items():
         *path, leaf = dotted.split(".")
         node = c
         for part in path:
@@ -96,7 +99,7 @@ def test_named_config_runs_a_step_and_records_samples(smollm2, tmp_path):
     assert summary["status"] == "done" and 0.0 <= summary["final"]["eval/pass@1"] <= 1.0
     assert "verifier/eval/no_answer" in summary["final"]
     task = get_task(spec.task.name, **spec.task.set_options)
-    for step, phases in ((0, ["eval"]), (1, ["train", "train", "eval", "eval"])):
+    for step, phases in ((0, ["eval"] * 2), (1, ["train"] * 2 + ["eval"] * 2)):  # one record per prompt
         recs = samples.read(samples.path_of(str(tmp_path / "run"), step))
         assert [r["phase"] for r in recs] == phases
         for rec in recs:
