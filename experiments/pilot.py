@@ -13,7 +13,9 @@ where pass@1 is low but pass@k is clearly higher (bench/RESULTS.md and experimen
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -34,7 +36,7 @@ def pilot(spec, *, show: int = 1) -> tuple[dict, list]:
     import jax
     import numpy as np
 
-    from passk_jax import parallel, tasks
+    from passk_jax import parallel
     from passk_jax.rl import evaluation, rollout, samples, trainer
     from passk_jax.rl.data import check_prompts, load_examples, make_task
     from passk_jax.sampling import Sampler
@@ -43,12 +45,16 @@ def pilot(spec, *, show: int = 1) -> tuple[dict, list]:
     task = make_task(spec.task)
     _, test = load_examples(spec, task)
     context, source = trainer.model_context(spec)
-    tokenizer = trainer.run_tokenizer(spec, "/nonexistent")
-    test = check_prompts(spec, task, tokenizer, context, source, {"test": test})[0]["test"]
-    stops = rollout.checkpoint_stop_ids(tokenizer, spec.model.hf_path)
-    mesh = parallel.make_mesh()
-    t0 = time.perf_counter()
-    graphdef, params, cfg, tokenizer = trainer.build_model(spec, mesh, "/nonexistent", tokenizer)
+    scratch = tempfile.mkdtemp(prefix="pilot-")  # a fresh character model saves its tokenizer there
+    try:
+        tokenizer = trainer.run_tokenizer(spec, scratch)
+        test = check_prompts(spec, task, tokenizer, context, source, {"test": test})[0]["test"]
+        stops = rollout.checkpoint_stop_ids(tokenizer, spec.model.hf_path)
+        mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)
+        t0 = time.perf_counter()
+        graphdef, params, cfg, tokenizer = trainer.build_model(spec, mesh, scratch, tokenizer)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     sampler = Sampler(graphdef, cfg, mesh=mesh, pad_id=tokenizer.pad_token_id)
     e = spec.eval
     kept: list = []
@@ -87,7 +93,8 @@ def main(argv: list[str]) -> None:
     print(f"load {row['load_s']:.0f} s, evaluation {row['eval_s']:.0f} s", file=sys.stderr)
     for rec in recs:
         print(samples.console(rec, 0), file=sys.stderr)
-    label = FLAGS.label or json.dumps({k: v for k, v in spec.task.options.items() if k not in ("dataset", "config", "test_size")}, sort_keys=True, default=str)
+    shown = {k: v for k, v in spec.task.options.items() if k not in ("dataset", "config", "test_size")}
+    label = FLAGS.label or json.dumps(shown, sort_keys=True, default=str)
     k = next(key for key in row if key.startswith("pass@") and key != "pass@1" and not key.endswith("_se"))
     print(f"| {label} | {row['prompts']} x {row['n']} | {row['pass@1']:.3f} ± {row['pass@1_se']:.3f} | "
           f"{row[k]:.3f} ± {row[k + '_se']:.3f} | {row['solved_any']:.2f} | {row['no_answer']:.2f} | "

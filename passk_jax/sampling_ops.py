@@ -59,14 +59,15 @@ def _cutoff_mask(z: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
     keys = _order_keys(z)
     k_on = (top_k > 0) & (top_k < vocab)
     # largest t with count(keys >= t) >= k  ==  (smallest t with count(keys >= t + 1) < k)
+    lowest = jnp.min(keys, -1, keepdims=True)
     k_key = lax.cond(k_on, lambda: _smallest_key(
-        keys, lambda t: jnp.sum(keys >= t + 1, axis=-1, keepdims=True) < top_k), lambda: jnp.min(keys, -1, keepdims=True))
+        keys, lambda t: jnp.sum(keys >= t + 1, axis=-1, keepdims=True) < top_k), lambda: lowest)
     kept = keys >= k_key
     ps = jax.nn.softmax(jnp.where(kept, z, -jnp.inf), axis=-1)
     p_key = lax.cond(top_p < 1.0, lambda: _smallest_key(
         jnp.where(kept, keys, jnp.max(keys, -1, keepdims=True)),
         lambda t: jnp.sum(jnp.where(keys > t, ps, 0.0), axis=-1, keepdims=True) < top_p),
-        lambda: jnp.min(keys, -1, keepdims=True))
+        lambda: lowest)
     return kept & (keys >= p_key)
 
 

@@ -50,7 +50,8 @@ def write(design: study.Design, records_dir: str = study.RECORDS) -> str:
                 lines.append(f"| {LABELS.get(method, method)} | {len(recs)} | {step} | "
                              + " | ".join(_pct(v) for v in vals) + " |")
         lines += ["", "## Verdicts (pre-registered rule: both intervals decide)", "",
-                  "| claim | seeds | a − b (mean) | seed interval | prompt interval | verdict |", "|---|---|---|---|---|---|"]
+                  "| claim | seeds | a − b (mean) | seed interval | prompt interval | verdict |",
+                  "|---|---|---|---|---|---|"]
         for claim in study.CLAIMS:
             j = claims.judge(claim, records, sources)
             if j is None:

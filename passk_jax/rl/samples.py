@@ -4,7 +4,8 @@ rewards and the answers the verifier read, as TRL's completion tables show them.
 ``records`` picks the first ``num_prompts`` prompts of a ``Rollouts`` and up to ``per_prompt`` responses of
 each; ``write`` stores them in ``samples/step_<N>.jsonl`` (one JSON object per prompt, the phase — "eval" or
 "train" — in each; a step's file keeps the other phase's records); ``markdown`` renders them as a table for
-TensorBoard and ``report.md``, ``table`` as one for Weights & Biases; ``console`` is the one-example line printed after an evaluation.
+TensorBoard and ``report.md``, ``table`` as one for Weights & Biases; ``console`` is the one-example line
+printed after an evaluation.
 With several processes, a process holds the texts of its own rows only: rows it lacks are left out.
 """
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Extraction: the methods of the `answer` option in order (``passk_jax.tasks.answers``; default "tag,boxed":
 the last `<answer>...</answer>` block, else the last `\\boxed{...}` with nested braces), else — unless
 `strict_format` — math-verify's own extraction over the whole response (last expression / "the answer is").
-A response where none of them finds anything has no answer (counted as `verifier/<phase>/no_answer`). The ground truth is wrapped in `\\boxed{}` and parsed the same way, then
+A response where none of them finds anything has no answer (counted as `verifier/<phase>/no_answer`).
+The ground truth is wrapped in `\\boxed{}` and parsed the same way, then
 `math_verify.verify(gold, pred)` decides (fractions, `\\frac`, decimals, units, percentages, sets...).
 
 Timeouts: math-verify guards parse/verify with `signal.alarm`, which only works on a process's main

@@ -17,7 +17,8 @@ Counters are kept per phase (the `phase` string of each call, e.g. "train" or "e
 invalid, timeouts, restarts (workers replaced during that phase's batches) and no_answer (responses in
 which the task found no answer: counted by the caller with `count_no_answer`). `take_counts()` returns
 them for the phases scored since the previous call, with up to 3 failure messages per phase (and, under
-"<phase>/no_answer", one response without an answer), and starts a new window. A message names the response index, the kind (error, invalid, timeout), the reason and an
+"<phase>/no_answer", one response without an answer), and starts a new window. A message names the
+response index, the kind (error, invalid, timeout), the reason and an
 excerpt (at most 80 characters) of the response:
     response 5 (invalid): reward 5.0 outside the task's range [0.0, 1.0]; response 'DDRR'
 The first 3 failures of each phase over the pool's lifetime are also logged as warnings on the
