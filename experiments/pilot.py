@@ -49,7 +49,12 @@ def pilot(spec, *, show: int = 1) -> tuple[dict, list]:
     try:
         tokenizer = trainer.run_tokenizer(spec, scratch)
         test = check_prompts(spec, task, tokenizer, context, source, {"test": test})[0]["test"]
-        stops = rollout.checkpoint_stop_ids(tokenizer, spec.model.hf_path)
+        try:  # as the trainer: evaluations stop at EOS even when rollouts ignore it
+            stops = rollout.checkpoint_stop_ids(tokenizer, spec.model.hf_path)
+        except ValueError:
+            if not spec.rollout.ignore_eos:
+                raise
+            stops = ()
         mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)
         t0 = time.perf_counter()
         graphdef, params, cfg, tokenizer = trainer.build_model(spec, mesh, scratch, tokenizer)
@@ -95,7 +100,8 @@ def main(argv: list[str]) -> None:
         print(samples.console(rec, 0), file=sys.stderr)
     shown = {k: v for k, v in spec.task.options.items() if k not in ("dataset", "config", "test_size")}
     label = FLAGS.label or json.dumps(shown, sort_keys=True, default=str)
-    k = next(key for key in row if key.startswith("pass@") and key != "pass@1" and not key.endswith("_se"))
+    k = next((key for key in row if key.startswith("pass@") and key != "pass@1" and not key.endswith("_se")),
+             "pass@1")
     print(f"| {label} | {row['prompts']} x {row['n']} | {row['pass@1']:.3f} ± {row['pass@1_se']:.3f} | "
           f"{row[k]:.3f} ± {row[k + '_se']:.3f} | {row['solved_any']:.2f} | {row['no_answer']:.2f} | "
           f"{row['length_mean']:.1f} | {row['truncated']:.2f} | {row['eval_s']:.0f} s |")

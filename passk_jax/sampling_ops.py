@@ -26,8 +26,10 @@ from jax import lax
 
 
 def _order_keys(z: jax.Array) -> jax.Array:
-    """u32 keys in the order of the float32 values z (-inf < ... < -0.0 < 0.0 < ... < inf; no NaN)."""
-    bits = lax.bitcast_convert_type(z.astype(jnp.float32), jnp.uint32)
+    """u32 keys in the order of the float32 values z (-inf < ... < 0.0 < ... < inf; no NaN). -0.0 takes the key
+    of 0.0: equal values must tie."""
+    z = z.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(jnp.where(z == 0, jnp.float32(0.0), z), jnp.uint32)
     negative = (bits >> 31) == 1
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 

@@ -283,12 +283,14 @@ def test_stop_ids_come_from_the_generation_config(tmp_path):
 
     tok = build_char_tokenizer()
     assert checkpoint_stop_ids(tok) == checkpoint_stop_ids(tok, str(tmp_path)) == (tok.eos_token_id,)
-    for value, expected in [([5, 7, 5], (5, 7)), (3, (3,)), (None, (tok.eos_token_id,))]:
+    eos = tok.eos_token_id  # the tokenizer's ids come after the generation config's
+    for value, expected in [([5, 7, 5], (5, 7, eos)), (3, (3, eos)), (None, (eos,)), ([eos, 4], (eos, 4))]:
         (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
         assert checkpoint_stop_ids(tok, str(tmp_path)) == expected
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
-    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be a token id or a list"):
-        checkpoint_stop_ids(tok, str(tmp_path))
+    for bad in (["</s>"], 2.0, True):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be a token id or a list"):
+            checkpoint_stop_ids(tok, str(tmp_path))
     (tmp_path / "generation_config.json").write_text("{}")
     tok.eos_token = None
     with pytest.raises(ValueError, match=rf"^{tmp_path} \(generation_config.json and tokenizer files\) names no "

@@ -132,8 +132,24 @@ def test_bisection_thresholds_equal_the_sorted_definition(top_p, top_k):
     from passk_jax.sampling_ops import _cutoff_mask
 
     z = jnp.round(jax.random.normal(jax.random.key(3), (48, 4099)) * 4, 1)  # many ties
-    z = z.at[:, :50].set(-jnp.inf).at[0].set(1.0)  # masked tokens; one row all equal but the masked ones
+    z = z.at[0].set(1.0).at[1, :3].set(0.0).at[1, 3:].set(-1.0)  # a row all equal; a row with 0 on top
+    z = z.at[1, 1].set(-0.0).at[:, -50:].set(-jnp.inf)  # -0.0 ties with 0.0; masked tokens in every row
     got = jax.jit(_cutoff_mask)(z, jnp.float32(top_p), jnp.int32(top_k))
     want = sorted_cutoff_mask(z, jnp.float32(top_p), jnp.int32(top_k))
     chex.assert_trees_all_equal(got, want)
     assert int(got.sum(-1).min()) >= 1
+
+
+def test_negative_zero_ties_with_zero():
+    from passk_jax.sampling_ops import _cutoff_mask
+
+    z = jnp.array([[1.0, 0.0, -0.0, -1.0], [-0.0, 2.0, 0.0, -3.0]])
+    got = _cutoff_mask(z, jnp.float32(1.0), jnp.int32(2))  # the 2nd largest value is 0: both zeros kept
+    chex.assert_trees_all_equal(got, jnp.array([[True, True, True, False], [True, True, True, False]]))
+    np.testing.assert_array_equal(got, sorted_reference(z, 1.0, 2))
+
+
+def sorted_reference(z, top_p, top_k):
+    from bench.top_p import sorted_cutoff_mask
+
+    return sorted_cutoff_mask(z, jnp.float32(top_p), jnp.int32(top_k))

@@ -10,7 +10,8 @@ import numpy as np
 from experiments.reproduce import claims, stats
 from experiments.smollm2_study import study
 
-LABELS = {"pass1": "Pass@1 (GRPO)", "passk_analytic": "Pass@k analytical (k=4)"}
+def _labels(design: study.Design) -> dict[str, str]:
+    return {"pass1": "Pass@1 (GRPO)", "passk_analytic": f"Pass@k analytical (k={design.k})"}
 
 
 def _pct(x: float) -> str:
@@ -25,7 +26,10 @@ def _ci(ci: stats.Interval | None) -> str:
 
 def write(design: study.Design, records_dir: str = study.RECORDS) -> str:
     records = study.load_records(design, records_dir)
+    labels = _labels(design)
     manifest = os.path.join(records_dir, design.name, "design.json")
+    if records and not os.path.exists(manifest):
+        raise FileNotFoundError(f"{manifest} is missing: the held-out prompts' sources are written there by --run.")
     sources = json.load(open(manifest))["sources"] if os.path.exists(manifest) else []
     lines = [f"# SmolLM2 study, design `{design.name}` (fingerprint {design.fingerprint()})", "",
              "Pre-registered in `experiments/smollm2_study/DESIGN.md`; regenerate with "
@@ -47,7 +51,7 @@ def write(design: study.Design, records_dir: str = study.RECORDS) -> str:
                 continue
             for step in (0, design.steps):
                 vals = [np.mean([claims.Metric(f"pass@{k}").value(r, step, sources) for r in recs]) for k in ks]
-                lines.append(f"| {LABELS.get(method, method)} | {len(recs)} | {step} | "
+                lines.append(f"| {labels.get(method, method)} | {len(recs)} | {step} | "
                              + " | ".join(_pct(v) for v in vals) + " |")
         lines += ["", "## Verdicts (pre-registered rule: both intervals decide)", "",
                   "| claim | seeds | a − b (mean) | seed interval | prompt interval | verdict |",
@@ -63,7 +67,7 @@ def write(design: study.Design, records_dir: str = study.RECORDS) -> str:
                 j = study.rise(records, method, claims.Metric(name), sources)
                 if j is None:
                     continue
-                lines.append(f"| {j['metric'].name} rises under {LABELS.get(method, method)} (end − step 0) | "
+                lines.append(f"| {j['metric'].name} rises under {labels.get(method, method)} (a = end, b = step 0) | "
                              f"{len(j['seeds'])} | {100 * (np.mean(j['after']) - np.mean(j['before'])):+.1f} | "
                              f"{_ci(j['seed_ci'])} | {_ci(j['prompt_ci'])} | **{j['verdict']}** |")
         wall = sum(r["wall_s"] for r in records)

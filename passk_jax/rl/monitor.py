@@ -50,7 +50,7 @@ class VerifierMonitor:
                 first = (examples.get(f"{phase}/no_answer") or ["on another process"])[0]
                 self.say(f"WARNING step {step} ({phase}): {missing:.0f} of {scored:.0f} responses "
                          f"({missing / scored:.0%}) have no answer the task can extract and scored 0 (e.g. {first}); "
-                         "check the task's answer format (task.options.answer) against what the model writes.")
+                         "check the task's answer format against what the model writes (gym, math: task.options.answer).")
             if phase == "train" and scored:
                 self.failed_streak = self.failed_streak + 1 if failed == scored else 0
                 if self.failed_streak >= self.max_failed_steps:

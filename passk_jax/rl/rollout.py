@@ -256,21 +256,21 @@ def eos_ids(tokenizer: Any) -> tuple[int, ...]:
 
 def checkpoint_stop_ids(tokenizer: Any, hf_path: str = "") -> tuple[int, ...]:
     """The end-of-sequence ids a run stops at: ``eos_token_id`` of the checkpoint's generation_config.json
-    (an id or a list, what ``generate`` stops at) when it has one, else the tokenizer's (``eos_ids``).
-    ValueError, naming the files, when there are none."""
+    (an id or a list: what ``generate`` stops at), then the tokenizer's (``eos_ids``: its EOS token and the
+    chat end markers it has), so a chat prompt stops at ``<|im_end|>`` even where the generation config names
+    only ``<|endoftext|>``. ValueError, naming the files, when there are none or the config's are not ids."""
     path = os.path.join(hf_path, "generation_config.json") if hf_path else ""
+    listed: list = []
     if path and os.path.isfile(path):
         with open(path) as f:
             try:
-                found = json.load(f).get("eos_token_id")
+                value = json.load(f).get("eos_token_id")
             except (json.JSONDecodeError, AttributeError) as err:
                 raise ValueError(f"{path} is not a JSON object ({err}).") from None
-        found = [found] if isinstance(found, int) else list(found or [])
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in found):
-            raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {found!r}.")
-        if found:
-            return tuple(dict.fromkeys(found))
-    found = eos_ids(tokenizer)
+        listed = [] if value is None else value if isinstance(value, list) else [value]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in listed):
+            raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {value!r}.")
+    found = tuple(dict.fromkeys([*listed, *eos_ids(tokenizer)]))
     if not found:
         where = f"{hf_path} (generation_config.json and tokenizer files)" if hf_path else "the tokenizer"
         raise ValueError(f"{where} names no end-of-sequence token; set eos_token_id in generation_config.json "

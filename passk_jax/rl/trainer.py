@@ -113,9 +113,10 @@ def check_wandb(spec: RunSpec) -> None:
 
 
 def wandb_sink(spec: RunSpec, workdir: str) -> Any:
-    """The run's ``WandbSink`` when ``train.wandb_project`` is set (None otherwise)."""
+    """The run's ``WandbSink`` when ``train.wandb_project`` is set and ``train.wandb_mode`` is not "disabled"
+    (None otherwise)."""
     t = spec.train
-    if not t.wandb_project:
+    if not t.wandb_project or t.wandb_mode == "disabled":
         return None
     from passk_jax.metric_log import WandbSink
 

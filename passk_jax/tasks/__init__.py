@@ -113,12 +113,22 @@ def answer_of(task: Any, example: Example, response: str) -> str | None:
 
 
 def has_answer(task: Any, example: Example, response: str) -> bool | None:
-    """Whether the task's own ``extract_answer`` finds an answer (not None, not blank) in ``response``; None
-    for tasks that do not define one (the BaseTask default only serves samples, so it decides nothing)."""
+    """Whether the task finds an answer (not None, not blank) in ``response``: its ``answer_found(example,
+    response)`` when it has one, else its own ``extract_answer``; None for tasks that define neither (the
+    BaseTask default only serves samples, so it decides nothing) and when the task's code raises."""
+    found = getattr(task, "answer_found", None)  # a cheaper test a task may define (math: no sympy parse)
+    if found is not None:
+        try:
+            return bool(found(example, response))
+        except Exception:  # noqa: BLE001 - counting must never stop a run; the verifier counts real errors
+            return None
     fn = getattr(type(task), "extract_answer", None)
     if fn is None or fn is BaseTask.extract_answer:
         return None
-    answer = task.extract_answer(example, response)
+    try:
+        answer = task.extract_answer(example, response)
+    except Exception:  # noqa: BLE001 - as above
+        return None
     return answer is not None and bool(str(answer).strip())
 
 

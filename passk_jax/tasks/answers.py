@@ -58,10 +58,11 @@ def parse(spec: str | Sequence[str], option: str = "answer") -> tuple[str, ...]:
 
 
 def extract(text: str, methods: Sequence[str]) -> str | None:
-    """The first answer any of ``methods`` finds in ``text``, in order; None when none does."""
+    """The first non-blank answer any of ``methods`` finds in ``text``, in order (an empty <answer></answer>
+    falls through to the next method); None when none does."""
     for name in methods:
         found = METHODS[name](text)
-        if found is not None:
+        if found is not None and found.strip():
             return found
     return None
 

@@ -15,7 +15,8 @@ Prompts (instruct template): a system message, then the question as the user mes
 tokenizer's chat template. ``system_prompt`` is a name of reasoning-gym's SYSTEM_PROMPTS ("default",
 "simple", "direct", "DeepSeekZero", "chain_of_draft"), any other text (with a space) used verbatim, or "none" (no system
 message: the chat template's own default applies). ``instruction`` (default none) is appended to the question
-on a new line, e.g. "Give only the final number.".
+on a new line, e.g. "Give only the final number.". Both shape generated prompts; prompts read from
+``train_files`` / ``test_files`` are used as stored.
 """
 from __future__ import annotations
 

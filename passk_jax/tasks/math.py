@@ -3,7 +3,8 @@
 Extraction: the methods of the `answer` option in order (``passk_jax.tasks.answers``; default "tag,boxed":
 the last `<answer>...</answer>` block, else the last `\\boxed{...}` with nested braces), else — unless
 `strict_format` — math-verify's own extraction over the whole response (last expression / "the answer is").
-A response where none of them finds anything has no answer (counted as `verifier/<phase>/no_answer`).
+A response with no answer in the `answer` format and (unless strict) no number at all is counted as having
+none (`verifier/<phase>/no_answer`).
 The ground truth is wrapped in `\\boxed{}` and parsed the same way, then
 `math_verify.verify(gold, pred)` decides (fractions, `\\frac`, decimals, units, percentages, sets...).
 
@@ -67,6 +68,13 @@ class MathTask(BaseTask):
             found = parse(response, parsing_timeout=_timeout(self.mv_timeout_s))
             answer = str(found[-1]) if found else None
         return answer
+
+    def answer_found(self, example: Example, response: str) -> bool:
+        """For the no-answer count, without a sympy parse per response: an answer in the ``answer`` format,
+        or (unless strict) any number in the response, which math-verify's own extraction would read."""
+        if answers.extract(response, self.methods) is not None:
+            return True
+        return not self.strict_format and answers.last_number(response) is not None
 
     def score(self, example: Example, response: str) -> float:
         return math_score(response, str(example.ground_truth), strict_format=self.strict_format,

@@ -269,7 +269,8 @@ class VerifierPool:
 
     def take_counts(self) -> tuple[dict[str, dict[str, int]], dict[str, list[str]]]:
         """`(counts, examples)` for the phases scored since the previous call, then a new window:
-        counts {phase: {counter: n}}, examples {phase: up to 3 failure messages} (failed phases only)."""
+        counts {phase: {counter: n}}, examples {phase: up to 3 failure messages} (failed phases only) and
+        {"<phase>/no_answer": [one response without an answer]}."""
         taken, self._window, self._examples = (self._window, self._examples), {}, {}
         return taken
 
