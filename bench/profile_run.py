@@ -104,6 +104,7 @@ def table(prof: Profiler, wall: float, rl_steps: int) -> str:
     return "\n".join(lines)
 
 
+@cli.one_line_errors
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
