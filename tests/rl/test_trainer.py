@@ -405,12 +405,19 @@ def test_sigterm_saves_checkpoint_and_resumes(runs):
 
 @pytest.mark.parametrize("name", configs.names())
 def test_every_named_config_validates(name):
+    """Every named config is a valid spec; one naming a checkpoint directory that is not there (a model the user
+    converts first) is refused in one sentence naming ``model.hf_path``, and is valid apart from that."""
     c = configs.get(name)
-    if c.model.preset == "hf":
+    if c.model.preset == "hf" and not c.model.hf_path:
         with pytest.raises(ValueError, match="hf_path"):
+            RunSpec.from_config(c)
+        return
+    if c.model.hf_path and not os.path.isdir(c.model.hf_path):
+        with pytest.raises(ValueError, match="model.hf_path .* is not a directory"):
             RunSpec.from_config(c)
     else:
         assert RunSpec.from_config(c).total_steps == c.train.steps
+    assert RunSpec.from_config(c, host_checks=False).total_steps == c.train.steps
 
 
 def test_long_responses_train_and_evaluate(tmp_path):
