@@ -272,6 +272,10 @@ class RunSpec:
             if cfg.old_logprobs == "sampler" and (r.top_p < 1 or r.top_k > 0 or r.temperature != cfg.temperature):
                 raise ValueError(f"{where}.old_logprobs='sampler' needs rollout.top_p=1, rollout.top_k=0 and "
                                  "rollout.temperature equal to step.temperature; use old_logprobs='recompute'.")
+            _need(cfg.max_tokens_per_microbatch == 0 or cfg.max_tokens_per_microbatch > r.max_new_tokens,
+                  f"{where}.max_tokens_per_microbatch={cfg.max_tokens_per_microbatch} is smaller than one row "
+                  f"(a prompt plus rollout.max_new_tokens={r.max_new_tokens} tokens); raise it, or set 0 for the "
+                  "padded micro-batch's size.")
             try:
                 cfg.validate()
                 validate_batch(cfg, r.prompts_per_step, r.num_samples, r.prompts_per_step * r.num_samples)

@@ -51,6 +51,7 @@ RESUMABLE = frozenset({
     "task.verifier_workers", "task.verifier_timeout_s", "task.max_error_frac",
     "task.max_failed_steps", "sft.cache", "sft.cache_dir",
     "rollout.decode_slots", "rollout.decode_layout",  # how rollouts are computed, not what they are
+    "step.packing", "step.max_tokens_per_microbatch", "step.length_buckets",  # how the update is computed
 })
 
 

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from passk_jax import advantages, parallel
@@ -34,6 +35,9 @@ from passk_jax.metrics import PASS_THRESHOLD, is_pass, pass_at_k
 from passk_jax.models.transformer import forward, head_weight
 from passk_jax.rl import losses
 from passk_jax.rl.batch import BATCH, Batch, batch_shardings
+
+PACKINGS: tuple[str, ...] = ("lengths", "off")
+
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig(OptimConfig):
@@ -63,6 +67,18 @@ class StepConfig(OptimConfig):
     num_minibatches: int = 1
     num_microbatches: int = 1
     success_threshold: float = PASS_THRESHOLD  # metrics.is_pass: reward >= threshold passes (rollout pass@k)
+    # which rows and positions the update computes (passk_jax.rl.packed_step)
+    packing: str = "lengths"  # "lengths": only rows that can move the parameters, trimmed to length buckets;
+    #                           "off": every row at the full padded width, in one compiled program
+    max_tokens_per_microbatch: int = 0  # rows x width of a packed micro-batch; 0 = the padded micro-batch's
+    length_buckets: int = 4  # widths a packed micro-batch may take (prompt + j/length_buckets of the completion)
+
+    @property
+    def skips_zero_advantage(self) -> bool:
+        """Whether a row with advantage 0 leaves the loss and its gradient unchanged: its only per-token term
+        is then the clipped surrogate, -A r or -A clip(r), which is 0 with a zero gradient for every finite
+        ratio (the log-ratio is clamped at ``log_ratio_clip``); a KL or entropy term would still count."""
+        return self.kl_coef == 0.0 and self.entropy_coef == 0.0 and self.log_ratio_clip is not None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StepConfig:
@@ -87,6 +103,11 @@ class StepConfig(OptimConfig):
         need(self.temperature > 0, "temperature must be > 0.")
         need(self.logprob_chunk >= 0, f"logprob_chunk must be >= 0 (0 = no chunking), got {self.logprob_chunk}.")
         need(self.old_logprobs in ("recompute", "sampler"), "old_logprobs must be 'recompute' or 'sampler'.")
+        need(self.packing in PACKINGS, f"packing must be one of {PACKINGS}, got {self.packing!r}.")
+        need(self.max_tokens_per_microbatch >= 0,
+             f"max_tokens_per_microbatch must be >= 0 (0 = the padded micro-batch's size), got "
+             f"{self.max_tokens_per_microbatch}.")
+        need(self.length_buckets >= 1, f"length_buckets must be >= 1, got {self.length_buckets}.")
         need(self.num_minibatches >= 1 and self.num_microbatches >= 1,
              "num_minibatches and num_microbatches must be >= 1.")
         need(self.learning_rate >= 0 and self.warmup_steps >= 0, "learning_rate and warmup_steps must be >= 0.")
@@ -125,9 +146,28 @@ def validate_batch(cfg: StepConfig, num_prompts: int, n: int, rows: int, mesh: M
 
 
 def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: jax.Array,
-                    token_mask: jax.Array, temperature: float = 1.0, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+                    token_mask: jax.Array, temperature: float = 1.0, chunk: int = 0,
+                    start: int = 0) -> tuple[jax.Array, jax.Array]:
     """Forward + next-token log-probs and entropies aligned with ``tokens`` (f32[B, S] each); ``chunk`` > 0
-    applies the LM head ``chunk`` positions at a time (no [B, S, V] logits in the forward or backward)."""
+    applies the LM head ``chunk`` positions at a time (no [B, S, V] logits in the forward or backward).
+
+    ``start`` > 0: only tokens at positions >= ``start`` are scored (the LM head runs on the hidden states of
+    positions ``start - 1 .. S - 2`` only, never on the prompt); the earlier positions get 0."""
+    if start > 1:
+        t = tokens[:, start - 1:]
+        if not hasattr(nnx.merge(graphdef, params), "head_weight"):  # a module without head=False: slice
+            logits, _ = forward(graphdef, params, tokens, positions, token_mask)
+            lp, ent = losses.shifted_logprobs_and_entropy(logits[:, start - 1:], t, temperature)
+        else:
+            hidden, _ = forward(graphdef, params, tokens, positions, token_mask, head=False)
+            head, h = head_weight(graphdef, params), hidden[:, start - 1:]
+            if chunk:
+                lp, ent = losses.chunked_shifted_logprobs_and_entropy(h, head, t, temperature, chunk)
+            else:
+                z = jnp.einsum("bsd,dv->bsv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+                lp, ent = losses.shifted_logprobs_and_entropy(z, t, temperature)
+        pad = jnp.zeros((tokens.shape[0], start - 1), jnp.float32)
+        return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)
     if chunk:
         hidden, _ = forward(graphdef, params, tokens, positions, token_mask, head=False)
         return losses.chunked_shifted_logprobs_and_entropy(hidden, head_weight(graphdef, params), tokens,
@@ -136,16 +176,14 @@ def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: ja
     return losses.shifted_logprobs_and_entropy(logits, tokens, temperature)
 
 
-def make_loss_and_grads(graphdef: Any, cfg: StepConfig) -> Callable[..., tuple[jax.Array, Any, dict]]:
-    """``loss_and_grads(params, mb) -> (loss, grads, sums)`` for one mini-batch ``mb`` split as [K, rows, S].
-
-    ``mb`` is a dict with tokens, positions, token_mask, mask, old_logp, adv (per row), sampler_logp and,
-    with KL, ref_logp. Gradients are accumulated over the K micro-batches (``lax.scan``), each micro-batch
-    loss divided by the whole mini-batch's denominator. ``sums`` are token sums of the diagnostics.
-    """
+def make_micro_loss(graphdef: Any, cfg: StepConfig, start: int = 0) -> Callable[..., tuple[jax.Array, dict]]:
+    """``micro_loss(params, micro, denom) -> (loss, sums)``: one micro-batch's share ``sum / denom`` of its
+    mini-batch's loss, and token sums of the diagnostics; ``micro`` holds tokens, positions, token_mask, mask,
+    old_logp, adv (per row), sampler_logp and, with KL, ref_logp, all [rows, S] but adv. ``start``: see
+    ``policy_logprobs`` (no loss position may lie before it)."""
     def micro_loss(params, micro, denom):
         lp, ent = policy_logprobs(graphdef, params, micro["tokens"], micro["positions"], micro["token_mask"],
-                                  cfg.temperature, cfg.logprob_chunk)
+                                  cfg.temperature, cfg.logprob_chunk, start)
         mask = micro["mask"]
         total, stats = losses.per_token_objective(
             lp, micro["old_logp"], micro["adv"][:, None], mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
@@ -161,6 +199,17 @@ def make_loss_and_grads(graphdef: Any, cfg: StepConfig) -> Callable[..., tuple[j
         sums["lp_diff_sum"], sums["lp_diff_max"] = jnp.sum(diff), jnp.max(diff)
         return loss, sums
 
+    return micro_loss
+
+
+def make_loss_and_grads(graphdef: Any, cfg: StepConfig) -> Callable[..., tuple[jax.Array, Any, dict]]:
+    """``loss_and_grads(params, mb) -> (loss, grads, sums)`` for one mini-batch ``mb`` split as [K, rows, S].
+
+    ``mb`` is a dict with tokens, positions, token_mask, mask, old_logp, adv (per row), sampler_logp and,
+    with KL, ref_logp. Gradients are accumulated over the K micro-batches (``lax.scan``), each micro-batch
+    loss divided by the whole mini-batch's denominator. ``sums`` are token sums of the diagnostics.
+    """
+    micro_loss = make_micro_loss(graphdef, cfg)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def loss_and_grads(params, mb):
@@ -307,7 +356,7 @@ def make_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
             # 3. mini-batch updates, each from gradients accumulated over micro-batches
             (params, opt_state), (mb_loss, mb_sums) = jax.lax.scan(
                 minibatch_update, (state.params, state.opt_state), data)
-            metrics = _metrics(cfg, mb_loss, mb_sums, lp_diff, m, adv, batch, tok_per_row, prompt_entropy)
+            metrics = _metrics(cfg, mb_loss, mb_sums, m, adv, batch, tok_per_row, prompt_entropy, lp_diff)
             metrics["lr"] = learning_rate_schedule(cfg)(state.step * M + M - 1)  # of the step's last update
         return TrainState(state.step + 1, params, opt_state, state.key, state.ref_params), metrics
 
@@ -316,27 +365,35 @@ def make_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
     return init_state, train_step
 
 
-def _metrics(cfg, mb_loss, mb_sums, lp_diff, m, adv, batch, tok_per_row, ent_per_prompt) -> dict[str, jax.Array]:
+def _metrics(cfg, mb_loss, mb_sums, m, adv, batch, tok_per_row, ent_per_prompt, lp_diff) -> dict[str, jax.Array]:
     """Scalar diagnostics of the step (token means over the whole batch unless stated)."""
     tokens = jnp.maximum(jnp.sum(m), 1.0)
+    if lp_diff is not None:  # recomputed old log-probs vs the sampler's, every token
+        lp_diff = (jnp.sum(lp_diff) / tokens, jnp.max(lp_diff))
+    else:  # the first mini-batch's forward, before its update, is the trainer at the sampling parameters
+        lp_diff = (mb_sums["lp_diff_sum"][0] / jnp.maximum(jnp.sum(m[0]), 1.0), mb_sums["lp_diff_max"][0])
+    return step_metrics(cfg, mb_loss, mb_sums, tokens, tokens, lp_diff, adv, batch, tok_per_row, ent_per_prompt)
+
+
+def step_metrics(cfg, mb_loss, mb_sums, tokens, stat_tokens, lp_diff, adv, batch, tok_per_row,
+                 ent_per_prompt) -> dict[str, jax.Array]:
+    """The step's metrics from the per-mini-batch losses and token sums: ``tokens`` counts the trained tokens of
+    the batch (clip fractions), ``stat_tokens`` those the entropy and approximate-KL sums were taken over;
+    ``lp_diff`` is (mean, max) of |trainer - sampler| log-prob."""
     denom = mb_sums["denom"]
     out = {
         "loss": jnp.mean(mb_loss),
         "pg_loss": jnp.mean(losses.finalize(mb_sums["pg"], denom)),
         "kl": jnp.mean(losses.finalize(mb_sums["kl"], denom)),
         "grad_norm": jnp.mean(mb_sums["grad_norm"]),
-        "entropy": jnp.sum(mb_sums["entropy"]) / tokens,
-        "approx_kl": jnp.sum(mb_sums["approx_kl"]) / tokens,
-        "prompt_entropy_mean": jnp.mean(ent_per_prompt),
+        "entropy": jnp.sum(mb_sums["entropy"]) / stat_tokens,
+        "approx_kl": jnp.sum(mb_sums["approx_kl"]) / stat_tokens,
+        "prompt_entropy_mean": jnp.nanmean(ent_per_prompt),
+        "sampler_lp_diff_mean": lp_diff[0],
+        "sampler_lp_diff_max": lp_diff[1],
     }
     for name in ("clip_low", "clip_high", "clip_dual"):
         out[f"{name}_frac"] = jnp.sum(mb_sums[name]) / tokens
-    if lp_diff is not None:  # recomputed old log-probs vs the sampler's, every token
-        out["sampler_lp_diff_mean"] = jnp.sum(lp_diff) / tokens
-        out["sampler_lp_diff_max"] = jnp.max(lp_diff)
-    else:  # the first mini-batch's forward, before its update, is the trainer at the sampling parameters
-        out["sampler_lp_diff_mean"] = mb_sums["lp_diff_sum"][0] / jnp.maximum(jnp.sum(m[0]), 1.0)
-        out["sampler_lp_diff_max"] = mb_sums["lp_diff_max"][0]
     out.update(group_metrics(adv, batch.rewards, batch.valid, tok_per_row, cfg.k, cfg.success_threshold))
     out["advantages"], out["prompt_entropy"] = adv, ent_per_prompt
     return out

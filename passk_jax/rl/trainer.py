@@ -39,6 +39,7 @@ from passk_jax.models.transformer import ModelConfig, init as init_model, split
 from passk_jax.rl import evaluation, rollout, samples
 from passk_jax.rl.data import DataStream, check_prompts, load_examples, make_task
 from passk_jax.rl.monitor import VerifierMonitor
+from passk_jax.rl.packed_step import make_packed_train_step
 from passk_jax.rl.step import TrainState, abstract_state, make_train_step
 from passk_jax.sampling import Sampler
 from passk_jax.spec import RolloutSpec, RunSpec, field_defaults
@@ -299,8 +300,9 @@ class Run:
     def step_fns(self, stage: int) -> tuple:
         """(init_state, train_step) of a stage, built on first use."""
         if stage not in self._fns:
-            self._fns[stage] = make_train_step(self.graphdef, self.spec.stages[stage].step, self.mesh,
-                                               self.param_shapes)
+            cfg = self.spec.stages[stage].step
+            make = make_train_step if cfg.packing == "off" else make_packed_train_step
+            self._fns[stage] = make(self.graphdef, cfg, self.mesh, self.param_shapes)
         return self._fns[stage]
 
     def preempted(self) -> bool:

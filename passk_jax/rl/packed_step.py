@@ -1,0 +1,323 @@
+"""The policy update that computes only what can move the parameters (``step.packing="lengths"``).
+
+The padded update (``passk_jax.rl.step.make_train_step``, ``packing="off"``) runs every row of the batch at the
+full width ``S`` = prompt bucket + ``max_new_tokens`` and applies the LM head at every position. This one gives
+the same update, up to float32 summation order, with less work:
+
+1. **Rows that cannot move the parameters are left out.** Without a KL or entropy term
+   (``StepConfig.skips_zero_advantage``) a row's only loss term is the clipped surrogate, which is exactly 0
+   with a zero gradient when its advantage is 0; rows without trained tokens never count. The loss
+   denominators (token-mean, sequence-mean, ...) are still those of the whole mini-batch, so nothing else
+   changes. A mini-batch with no row left costs no forward or backward; its optimiser update (zero gradients,
+   which still moves AdamW's moments) is applied as in the padded update.
+2. **No padded completion positions.** The computed rows go into micro-batches by length
+   (``passk_jax.rl.packing``): each micro-batch is trimmed on the right to one of ``length_buckets`` widths and
+   holds at most ``max_tokens_per_microbatch`` tokens (default: the padded micro-batch's rows x S, so no
+   micro-batch needs more memory than the padded update's).
+3. **The LM head only where it is needed**: log-probs and entropies at the positions that predict a completion
+   token (``policy_logprobs(start=...)``), never over the prompt.
+
+The step is a short host loop over a few compiled programs, each per shape: ``prelim`` (advantages,
+denominators, widths), ``layout`` (the rows in micro-batch order, data-parallel shard-major, one permutation
+per step), per micro-batch ``old`` (old-policy / reference log-probs, when recomputed) and ``grad`` (gradient
+accumulation; rows are sliced from the laid-out arrays on each shard, no communication), per mini-batch
+``apply`` (the optimiser update) and ``finish`` (metrics). Micro-batch shapes are bounded by
+``packing.shape_bound``; the laid-out arrays have a power-of-two number of slots per shard.
+
+Statistics read from the computed rows only: ``entropy``, ``approx_kl`` and ``sampler_lp_diff_*`` are token means
+over the computed rows, ``prompt_entropy`` is NaN for a prompt none of whose rows was computed (with
+``old_logprobs="recompute"``; with ``"sampler"`` the entropy estimate reads every row, as in the padded update).
+The clip fractions count over all tokens, as in the padded update (a zero-advantage token never clips).
+With ``old_logprobs="recompute"`` and an estimator that ranks prompts by entropy (``entropy_adaptive``) the
+advantages need the old-policy pass over every row first, so no row is skipped there (padding still is).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from passk_jax import advantages, parallel
+from passk_jax.optim import learning_rate_schedule, make_optimizer
+from passk_jax.rl import losses, packing
+from passk_jax.rl.batch import BATCH, Batch, batch_shardings
+from passk_jax.rl.step import (StepConfig, TrainState, make_micro_loss, make_train_step, step_metrics,
+                               policy_logprobs, validate_batch)
+
+ROW_KEYS = ("tokens", "positions", "token_mask", "mask", "sampler_logp")
+
+
+def make_packed_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
+                           ) -> tuple[Callable[..., TrainState], Callable[[TrainState, Batch], Any]]:
+    """``(init_state, train_step)`` as ``make_train_step``'s, computing the update as described above.
+
+    ``train_step(state, batch) -> (state, metrics)`` takes and returns the same values (the state is donated)
+    and adds the metrics ``rows_computed_frac``, ``tokens_computed_frac`` (of the trained tokens),
+    ``positions_frac`` (positions computed / the padded update's R x S) and ``microbatches``."""
+    cfg.validate()
+    init_state, _ = make_train_step(graphdef, cfg, mesh, params)
+    progs = _Programs(graphdef, cfg, mesh, params)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    M, K = cfg.num_minibatches, cfg.num_microbatches
+    entropy_first = advantages._spec(cfg.estimator).needs_entropy and cfg.old_logprobs == "recompute"
+
+    def train_step(state: TrainState, batch: Batch):
+        num_prompts, n = np.shape(batch.rewards)
+        rows, width = np.shape(batch.tokens)
+        validate_batch(cfg, num_prompts, n, rows, mesh)
+        budget = cfg.max_tokens_per_microbatch or (rows // (M * K)) * width
+        if packing.capacity(width, budget, dp) < dp:
+            raise ValueError(f"step.max_tokens_per_microbatch={budget} is smaller than {dp} row(s) of this "
+                             f"batch's full width {width} (prompt bucket + max_new_tokens) x the data-parallel "
+                             f"size {dp}; raise it to at least {width * dp}.")
+        batch = jax.device_put(batch, batch_shardings(mesh))
+        pre = progs.prelim(state.step, state.key, batch, entropy_first)
+        host = jax.device_get({k: pre[k] for k in ("widths", "counts", "first", "adv")})
+        start = int(host["first"])
+        counts = host["counts"]
+        need = counts > 0
+        if cfg.skips_zero_advantage and not entropy_first:
+            need &= host["adv"].reshape(rows) != 0
+        minibatch = np.arange(rows) // (rows // M)
+        lad = packing.ladder(min(start, width), width, cfg.length_buckets)
+        plan = packing.plan(host["widths"].astype(np.int64), need, minibatch, M, lad, budget, dp)
+        order, offsets, slots = _order(plan, dp)
+        packed = progs.layout(batch, pre["adv"], parallel.put_global(order, progs.rep))
+        if cfg.old_logprobs == "recompute" or progs.use_ref:
+            for micros, offs in zip(plan, offsets):
+                for micro, c in zip(micros, offs):
+                    packed = progs.old(state.params, state.ref_params, packed, np.int32(c),
+                                       per=len(micro.rows) // dp, width=micro.width, start=start)
+        adv = pre["adv"]
+        if entropy_first:
+            adv = progs.late_advantages(state.step, state.key, batch.rewards, batch.valid, packed)
+            packed = progs.set_adv(packed, adv)
+        params, opt_state = state.params, state.opt_state
+        mb_loss, mb_sums = [], []
+        for m, (micros, offs) in enumerate(zip(plan, offsets)):
+            acc, sums = progs.zeros(params)
+            for micro, c in zip(micros, offs):
+                acc, sums = progs.grad(params, acc, sums, packed, np.int32(c), pre["denoms"][m],
+                                       per=len(micro.rows) // dp, width=micro.width, start=start)
+            params, opt_state, sums = progs.apply(params, opt_state, acc, sums, pre["denoms"][m])
+            mb_loss.append(sums.pop("loss"))
+            mb_sums.append(sums)
+        computed = {"rows": float(need.sum()), "tokens": float(counts[need].sum()),
+                    "all_tokens": float(counts.sum()),
+                    "positions": float(sum(len(x.rows) * x.width for micros in plan for x in micros)),
+                    "microbatches": float(sum(len(micros) for micros in plan))}
+        computed["tokens_mb0"] = float(counts[need & (minibatch == 0)].sum())
+        computed = {k: np.float32(v) for k, v in computed.items()}
+        metrics = progs.finish(state.step, pre, adv, batch, packed, jnp.stack(mb_loss),
+                               jax.tree.map(lambda *x: jnp.stack(x), *mb_sums), computed)
+        return TrainState(state.step + 1, params, opt_state, state.key, state.ref_params), metrics
+
+    train_step.programs = progs  # for tests and benchmarks: the compiled programs and their caches
+    return init_state, train_step
+
+
+def _order(plan: list[list[packing.Micro]], dp: int) -> tuple[np.ndarray, list[list[int]], int]:
+    """The row index of every slot of the laid-out arrays (shard-major [dp, Q], -1 = empty), each micro-batch's
+    first column on every shard, and Q (a power of two, so the laid-out shapes are few)."""
+    offsets, cols = [], 0
+    for micros in plan:
+        offsets.append([])
+        for micro in micros:
+            offsets[-1].append(cols)
+            cols += len(micro.rows) // dp
+    q = 1
+    while q < max(cols, 1):
+        q *= 2
+    order = np.full((dp, q), -1, np.int64)
+    for micros, offs in zip(plan, offsets):
+        for micro, c in zip(micros, offs):
+            per = len(micro.rows) // dp
+            order[:, c:c + per] = micro.rows.reshape(dp, per)
+    return order.reshape(-1).astype(np.int32), offsets, q
+
+
+class _Programs:
+    """The jitted programs of one (model, config, mesh); each compiles once per input shape."""
+
+    def __init__(self, graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any):
+        self.graphdef, self.cfg, self.mesh = graphdef, cfg, mesh
+        self.dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.use_ref = cfg.kl_coef != 0.0
+        self.tx = make_optimizer(cfg)
+        self.rep = NamedSharding(mesh, PartitionSpec())
+        self.rows_sh = parallel.logical_sharding(mesh, BATCH)
+        row_spec = parallel.logical_spec(BATCH, mesh)
+        self.row_axes = row_spec[0] if len(row_spec) else None
+        self.p_sh = parallel.param_shardings(params, mesh)
+        self.opt_sh = parallel.param_shardings(jax.eval_shape(self.tx.init, params), mesh)
+        self.grad_fn = functools.lru_cache(maxsize=None)(
+            lambda start: jax.value_and_grad(make_micro_loss(graphdef, cfg, start), has_aux=True))
+        rep, rows = self.rep, self.rows_sh
+        self.prelim = jax.jit(self._prelim, static_argnums=(3,), out_shardings=rep)
+        self.layout = jax.jit(self._layout, out_shardings=rows)
+        self.old = jax.jit(self._old, static_argnames=("per", "width", "start"), donate_argnums=(2,),
+                           out_shardings=rows)
+        self.late_advantages = jax.jit(self._late_advantages, out_shardings=rep)
+        self.set_adv = jax.jit(self._set_adv, donate_argnums=(0,), out_shardings=rows)
+        self.zeros = jax.jit(self._zeros, out_shardings=(self.p_sh, rep))
+        self.grad = jax.jit(self._grad, static_argnames=("per", "width", "start"), donate_argnums=(1, 2),
+                            out_shardings=(self.p_sh, rep))
+        self.apply = jax.jit(self._apply, donate_argnums=(0, 1), out_shardings=(self.p_sh, self.opt_sh, rep))
+        self.finish = jax.jit(self._finish, out_shardings=rep)
+
+    # ------------------------------------------------------------------ helpers
+    def _local(self, x: jax.Array, c: jax.Array, per: int, width: int) -> jax.Array:
+        """Rows [c, c + per) of every shard of a laid-out [dp Q, ...] array, trimmed to ``width`` columns."""
+        dp = self.dp
+        spec = (None,) * (x.ndim - 1)
+        y = jax.lax.with_sharding_constraint(x.reshape((dp, x.shape[0] // dp) + x.shape[1:]),
+                                             NamedSharding(self.mesh, PartitionSpec(self.row_axes, None, *spec)))
+        y = jax.lax.dynamic_slice_in_dim(y, c, per, axis=1)
+        if x.ndim == 2:
+            y = y[:, :, :width]
+        return jax.lax.with_sharding_constraint(y.reshape((dp * per,) + y.shape[2:]),
+                                                NamedSharding(self.mesh, PartitionSpec(self.row_axes, *spec)))
+
+    def _put_local(self, x: jax.Array, value: jax.Array, c: jax.Array, per: int) -> jax.Array:
+        """``x`` [dp Q, S] with rows [c, c + per) of every shard's first columns set to ``value`` [dp per, W]."""
+        dp, S = self.dp, x.shape[1]
+        y = x.reshape(dp, x.shape[0] // dp, S)
+        v = jnp.pad(value.reshape(dp, per, value.shape[1]), ((0, 0), (0, 0), (0, S - value.shape[1])))
+        y = jax.lax.dynamic_update_slice(y, v.astype(x.dtype), (0, c, 0))
+        return y.reshape(x.shape)
+
+    def _advantages(self, step, key, rewards, valid, entropy):
+        cfg = self.cfg
+        adv = advantages.compute(cfg.estimator, rewards, valid, k=cfg.k, key=jax.random.fold_in(key, step),
+                                 entropy=entropy, **cfg.estimator_options)
+        return jnp.where(valid, adv, 0.0).astype(jnp.float32)
+
+    # ------------------------------------------------------------------ programs
+    def _prelim(self, step, key, batch: Batch, entropy_first: bool) -> dict:
+        cfg = self.cfg
+        num_prompts, n = batch.rewards.shape
+        rows, S = batch.tokens.shape
+        mask = batch.loss_mask & batch.token_mask & batch.valid.reshape(rows)[:, None]
+        m = mask.astype(jnp.float32)
+        cols = jnp.arange(S, dtype=jnp.int32)
+        counts = jnp.sum(m, -1)
+        tok_per_row = counts.reshape(num_prompts, n)
+        out = {"counts": counts, "tok_per_row": tok_per_row,
+               "widths": jnp.max(jnp.where(batch.token_mask, cols + 1, 0), -1),
+               "first": jnp.min(jnp.where(mask, cols, S)),
+               "denoms": jax.vmap(lambda x: losses.loss_denominator(x, cfg.aggregation, cfg.norm_length))(
+                   mask.reshape(cfg.num_minibatches, rows // cfg.num_minibatches, S))}
+        # S, not the trimmed width, is the padded width of Dr.GRPO's default norm_length: loss_denominator above
+        if cfg.old_logprobs == "sampler":  # -log pi of the sampled tokens estimates the entropy, every row
+            ent = jnp.sum((-jnp.where(mask, batch.sampler_logprobs, 0.0)).sum(-1).reshape(num_prompts, n), -1)
+            out["prompt_entropy"] = ent / jnp.maximum(jnp.sum(tok_per_row, -1), 1.0)
+            out["entropy_sum"] = jnp.sum(ent)
+        out["adv"] = (jnp.zeros((num_prompts, n), jnp.float32) if entropy_first else
+                      self._advantages(step, key, batch.rewards, batch.valid, out.get("prompt_entropy")))
+        return out
+
+    def _layout(self, batch: Batch, adv: jax.Array, order: jax.Array) -> dict:
+        cfg = self.cfg
+        rows = batch.tokens.shape[0]
+        real = order >= 0
+        idx = jnp.maximum(order, 0)  # an empty slot repeats row 0's tokens (finite activations) with no loss
+        mask = (batch.loss_mask & batch.token_mask & batch.valid.reshape(rows)[:, None])[idx] & real[:, None]
+        out = {"tokens": batch.tokens[idx], "positions": batch.positions[idx], "token_mask": batch.token_mask[idx],
+               "mask": mask, "sampler_logp": jnp.where(mask, batch.sampler_logprobs[idx], 0.0),
+               "adv": jnp.where(real, adv.reshape(rows)[idx], 0.0), "row": order}
+        zeros = jnp.zeros(out["tokens"].shape, jnp.float32)
+        if cfg.old_logprobs == "recompute":
+            out["old_logp"], out["ent"] = zeros, zeros
+        if self.use_ref:
+            out["ref_logp"] = zeros
+        return out
+
+    def _old(self, params, ref_params, packed, c, *, per, width, start):
+        cfg = self.cfg
+        x = {k: self._local(packed[k], c, per, width) for k in ("tokens", "positions", "token_mask")}
+        models = {}
+        if cfg.old_logprobs == "recompute":
+            models["old_logp"] = jax.lax.stop_gradient(params)
+        if self.use_ref:
+            models["ref_logp"] = ref_params
+        packed = dict(packed)
+        for name, p in models.items():
+            lp, ent = policy_logprobs(self.graphdef, p, x["tokens"], x["positions"], x["token_mask"],
+                                      cfg.temperature, cfg.logprob_chunk, start)
+            packed[name] = self._put_local(packed[name], lp, c, per)
+            if name == "old_logp":
+                packed["ent"] = self._put_local(packed["ent"], ent, c, per)
+        return packed
+
+    def _late_advantages(self, step, key, rewards, valid, packed):
+        num_prompts, n = rewards.shape
+        m = packed["mask"].astype(jnp.float32)
+        row = jnp.where(packed["row"] >= 0, packed["row"], num_prompts * n)
+        ent = jnp.zeros(num_prompts * n).at[row].add(jnp.sum(packed["ent"] * m, -1), mode="drop")
+        tok = jnp.zeros(num_prompts * n).at[row].add(jnp.sum(m, -1), mode="drop")
+        entropy = jnp.sum(ent.reshape(num_prompts, n), -1) / jnp.maximum(jnp.sum(tok.reshape(num_prompts, n), -1),
+                                                                         1.0)
+        return self._advantages(step, key, rewards, valid, entropy)
+
+    def _set_adv(self, packed, adv):
+        real = packed["row"] >= 0
+        return {**packed, "adv": jnp.where(real, adv.reshape(-1)[jnp.maximum(packed["row"], 0)], 0.0)}
+
+    def _zeros(self, params):
+        sums = {name: jnp.zeros((), jnp.float32) for name in
+                ("loss", "pg", "kl", "entropy", "approx_kl", "clip_low", "clip_high", "clip_dual", "lp_diff_sum",
+                 "lp_diff_max")}
+        return jax.tree.map(jnp.zeros_like, params), sums
+
+    def _grad(self, params, acc, sums, packed, c, denom, *, per, width, start):
+        keys = ROW_KEYS + (("old_logp",) if self.cfg.old_logprobs == "recompute" else ()) + (
+            ("ref_logp",) if self.use_ref else ())
+        micro = {k: self._local(packed[k], c, per, width) for k in keys}
+        micro["adv"] = self._local(packed["adv"], c, per, width)
+        if self.cfg.old_logprobs != "recompute":
+            micro["old_logp"] = micro["sampler_logp"]
+        (loss, s), g = self.grad_fn(start)(params, micro, jnp.maximum(denom, 1e-30))
+        s["loss"] = loss
+        g = jax.lax.with_sharding_constraint(g, self.p_sh)
+        out = {k: (jnp.maximum(v, s[k]) if k == "lp_diff_max" else v + s[k]) for k, v in sums.items()}
+        return jax.tree.map(jnp.add, acc, g), out
+
+    def _apply(self, params, opt_state, grads, sums, denom):
+        updates, new_opt = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = denom > 0  # a mini-batch without tokens must not move the parameters
+        pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(keep, x, y), a, b)  # noqa: E731
+        return pick(new_params, params), pick(new_opt, opt_state), {**sums, "grad_norm": optax.global_norm(grads)}
+
+    def _finish(self, step, pre, adv, batch, packed, mb_loss, mb_sums, computed):
+        cfg = self.cfg
+        num_prompts, n = batch.rewards.shape
+        m = packed["mask"].astype(jnp.float32)
+        c_tokens = jnp.maximum(jnp.sum(m), 1.0)
+        if cfg.old_logprobs == "recompute":  # entropy and sampler difference over the computed rows
+            row = jnp.where(packed["row"] >= 0, packed["row"], num_prompts * n)
+            ent = jnp.zeros(num_prompts * n).at[row].add(jnp.sum(packed["ent"] * m, -1), mode="drop")
+            tok = jnp.zeros(num_prompts * n).at[row].add(jnp.sum(m, -1), mode="drop")
+            ent_p, tok_p = (jnp.sum(x.reshape(num_prompts, n), -1) for x in (ent, tok))
+            prompt_entropy = jnp.where(tok_p > 0, ent_p / jnp.maximum(tok_p, 1.0), jnp.nan)
+            diff = jnp.abs(packed["old_logp"] - packed["sampler_logp"]) * m
+            lp_diff = (jnp.sum(diff) / c_tokens, jnp.max(diff))
+        else:  # the first mini-batch's computed rows, before its update
+            prompt_entropy = pre["prompt_entropy"]
+            lp_diff = (mb_sums["lp_diff_sum"][0] / jnp.maximum(computed["tokens_mb0"], 1.0),
+                       mb_sums["lp_diff_max"][0])
+        out = step_metrics(cfg, mb_loss, dict(mb_sums, denom=pre["denoms"]),
+                           jnp.maximum(jnp.sum(pre["counts"]), 1.0), c_tokens, lp_diff, adv, batch,
+                           pre["tok_per_row"], prompt_entropy)
+        out["lr"] = learning_rate_schedule(cfg)(step * cfg.num_minibatches + cfg.num_minibatches - 1)
+        out["rows_computed_frac"] = computed["rows"] / (num_prompts * n)
+        out["tokens_computed_frac"] = computed["tokens"] / jnp.maximum(computed["all_tokens"], 1.0)
+        out["positions_frac"] = computed["positions"] / (batch.tokens.shape[0] * batch.tokens.shape[1])
+        out["microbatches"] = computed["microbatches"]
+        return out
