@@ -3,16 +3,16 @@
 The padded update runs every row of a mini-batch at the batch's full width ``S`` (prompt bucket +
 ``max_new_tokens``). ``plan`` instead takes the rows that can move the parameters (``need``), puts each in the
 bucket of the smallest width of a fixed ladder of ``buckets`` widths that holds it (last real token + 1), and
-cuts each bucket into micro-batches trimmed on the right to its width, each holding at most ``budget`` tokens
-(rows x width). Every
-micro-batch belongs to one mini-batch (each mini-batch is its own optimiser update).
+cuts the buckets, widest first, into micro-batches trimmed on the right to their width, each holding at most
+``budget`` tokens (rows x width). Every micro-batch belongs to one mini-batch (each mini-batch is its own optimiser update).
 
 Shapes are bounded so that the number of compiled programs is too: a micro-batch is ``[rows, width]`` with
-``width`` one of the ``len(ladder) <= buckets`` ladder values and ``rows`` a multiple of a quarter of the
-bucket's capacity ``dp * floor(budget / width / dp)`` (rounded to ``dp``; the last, partly filled micro-batch of
-a bucket), so at most ``4 * buckets`` shapes per prompt bucket (``shape_bound``). Rows are dealt to
-the data-parallel shards round-robin in order of width (shard d gets rows d, 2 dp - 1 - d, 2 dp + d, ...), so
-every shard holds about the same number of tokens. Empty slots hold row index -1 (no tokens, no loss).
+``width`` one of the ``len(ladder) <= buckets`` ladder values and ``rows`` the bucket's capacity
+``dp * floor(budget / width / dp)``, or a half or a quarter of it (rounded up to ``dp``; the last micro-batch of
+a bucket), so at most ``3 * buckets`` shapes per prompt bucket (``shape_bound``). The slots that rounding up
+adds are filled with the next, narrower rows, which are then computed for free.
+Rows are dealt to the data-parallel shards back and forth in order of width (shard d gets rows d,
+2 dp - 1 - d, 2 dp + d, ...), so every shard holds about the same number of tokens. Empty slots hold row index -1 (no tokens, no loss).
 """
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ import dataclasses
 
 import numpy as np
 
-ROW_STEPS = 4  # row counts a micro-batch of one width may have: its capacity, or 1/4, 2/4, 3/4 of it
+# the row counts a micro-batch of one width may have: 1/4, 1/2 or all of its capacity (few shapes, so few
+# compilations: on a CPU one costs more than many steps' savings; a power-of-two ladder compiled ~10 shapes
+# in a 40-step default run and lost more to compilation than it saved)
+ROW_FRACTIONS = (4, 2, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +57,14 @@ def capacity(width: int, budget: int, dp: int) -> int:
     return (budget // width) // dp * dp
 
 
-def _rows_for(count: int, cap: int, dp: int, steps: int = ROW_STEPS) -> int:
-    """Slots for ``count`` rows: the smallest multiple of the bucket's row granule (``cap / steps`` rounded up to
-    a multiple of ``dp``) that holds them, at most ``cap``."""
-    granule = -(-cap // (steps * dp)) * dp
-    return min(cap, -(-count // granule) * granule)
+def _rows_for(count: int, cap: int, dp: int) -> int:
+    """Slots for ``count`` rows: the smallest of ``ROW_FRACTIONS`` of the capacity (rounded up to a multiple of
+    ``dp``) that holds them."""
+    for frac in ROW_FRACTIONS:
+        slots = min(cap, -(-cap // (frac * dp)) * dp)
+        if slots >= count:
+            return slots
+    return cap
 
 
 def _deal(order: np.ndarray, slots: int, dp: int) -> np.ndarray:
@@ -88,14 +94,17 @@ def plan(widths: np.ndarray, need: np.ndarray, minibatch: np.ndarray, num_miniba
     bucket = lad[np.minimum(np.searchsorted(lad, widths), len(lad) - 1)]
     out: list[list[Micro]] = []
     for m in range(num_minibatches):
+        rows = np.flatnonzero(need & (minibatch == m))
+        rows = rows[np.argsort(-widths[rows], kind="stable")]  # widest first
         micros = []
-        for width in lad[::-1]:  # each row in the micro-batches of its own bucket, the widest bucket first
-            rows = np.flatnonzero(need & (minibatch == m) & (bucket == width))
-            rows = rows[np.argsort(-widths[rows], kind="stable")]
-            cap = capacity(int(width), budget, dp)
-            for i in range(0, len(rows), cap):
-                take = rows[i:i + cap]
-                micros.append(Micro(m, int(width), _deal(take, _rows_for(len(take), cap, dp), dp)))
+        while len(rows):
+            width = int(bucket[rows[0]])
+            cap = capacity(width, budget, dp)
+            own = min(int(np.sum(bucket[rows] == width)), cap)  # the rows of this bucket that fit
+            slots = _rows_for(own, cap, dp)
+            # the slots the rounding adds take the next (narrower) rows: computed anyway, so free
+            micros.append(Micro(m, width, _deal(rows[:slots], slots, dp)))
+            rows = rows[slots:]
         out.append(micros)
     return out
 

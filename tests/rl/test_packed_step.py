@@ -168,7 +168,7 @@ def test_head_only_at_trained_positions_equals_the_full_head():
 
 
 def test_sharded_packed_update_equals_single_device_padded_update():
-    model = tiny_model()
+    model = toy_model()
     cfg = dataclasses.replace(BASE, num_microbatches=1, max_tokens_per_microbatch=8 * 12)
     batches = [make_batch(seed=s) for s in (0, 1)]
     want, _, _ = _run(st.make_train_step, dataclasses.replace(cfg, packing="off"), model, _mesh1(), batches)

@@ -429,10 +429,14 @@ def test_long_responses_train_and_evaluate(tmp_path):
                                            "rollout.ignore_eos": True, "rollout.decode_slots": 8,
                                            "rollout.prompts_per_step": 2, "rollout.num_samples": 4, "train.steps": 1,
                                            "train.eval_every": 0, "eval.num_prompts": 2, "eval.num_samples": 4,
-                                           "eval.greedy": False, "train.export_hf": False})
+                                           "eval.greedy": False, "train.export_hf": False,
+                                           # an entropy term: no row is skipped even when every reward is 0, so
+                                           # the packed update runs on the full 1,024-token rows
+                                           "step.entropy_coef": 1e-4})
     out = trainer.train(RunSpec.from_config(c), str(tmp_path / "run"))
     assert out["status"] == "done"
     step = next(r for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if "rollout/length_max" in r)
+    assert step["step/rows_computed_frac"] == 1.0
     assert step["rollout/length_mean"] == 1024 and step["rollout/truncated_frac"] == 1.0
     assert np.isfinite(step["step/loss"]) and step["step/entropy"] > 0
     assert "eval/pass@4" in out["final"]
