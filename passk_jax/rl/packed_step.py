@@ -255,15 +255,18 @@ class _Programs:
                 packed["ent"] = self._put_local(packed["ent"], ent, c, per)
         return packed
 
-    def _late_advantages(self, step, key, rewards, valid, packed):
-        num_prompts, n = rewards.shape
+    @staticmethod
+    def _prompt_entropy_sums(packed, num_prompts: int, n: int) -> tuple[jax.Array, jax.Array]:
+        """Per prompt, the old policy's entropy summed over the computed trained tokens, and their count."""
         m = packed["mask"].astype(jnp.float32)
         row = jnp.where(packed["row"] >= 0, packed["row"], num_prompts * n)
-        ent = jnp.zeros(num_prompts * n).at[row].add(jnp.sum(packed["ent"] * m, -1), mode="drop")
-        tok = jnp.zeros(num_prompts * n).at[row].add(jnp.sum(m, -1), mode="drop")
-        entropy = jnp.sum(ent.reshape(num_prompts, n), -1) / jnp.maximum(jnp.sum(tok.reshape(num_prompts, n), -1),
-                                                                         1.0)
-        return self._advantages(step, key, rewards, valid, entropy)
+        per_row = lambda x: jnp.zeros(num_prompts * n).at[row].add(jnp.sum(x, -1), mode="drop")  # noqa: E731
+        return (jnp.sum(per_row(packed["ent"] * m).reshape(num_prompts, n), -1),
+                jnp.sum(per_row(m).reshape(num_prompts, n), -1))
+
+    def _late_advantages(self, step, key, rewards, valid, packed):
+        ent, tok = self._prompt_entropy_sums(packed, *rewards.shape)
+        return self._advantages(step, key, rewards, valid, ent / jnp.maximum(tok, 1.0))
 
     def _set_adv(self, packed, adv):
         real = packed["row"] >= 0
@@ -301,10 +304,7 @@ class _Programs:
         m = packed["mask"].astype(jnp.float32)
         c_tokens = jnp.maximum(jnp.sum(m), 1.0)
         if cfg.old_logprobs == "recompute":  # entropy and sampler difference over the computed rows
-            row = jnp.where(packed["row"] >= 0, packed["row"], num_prompts * n)
-            ent = jnp.zeros(num_prompts * n).at[row].add(jnp.sum(packed["ent"] * m, -1), mode="drop")
-            tok = jnp.zeros(num_prompts * n).at[row].add(jnp.sum(m, -1), mode="drop")
-            ent_p, tok_p = (jnp.sum(x.reshape(num_prompts, n), -1) for x in (ent, tok))
+            ent_p, tok_p = self._prompt_entropy_sums(packed, num_prompts, n)
             prompt_entropy = jnp.where(tok_p > 0, ent_p / jnp.maximum(tok_p, 1.0), jnp.nan)
             diff = jnp.abs(packed["old_logp"] - packed["sampler_logp"]) * m
             lp_diff = (jnp.sum(diff) / c_tokens, jnp.max(diff))
