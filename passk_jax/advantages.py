@@ -22,7 +22,8 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Mapping
 
 import chex
 import jax
@@ -38,26 +39,58 @@ MAX_ROLLOUTS = 46340  # n (n + 1) must fit in int32 (see _analytic)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class Option:
+    """One keyword option of an estimator: ``check(value) -> bool``, the ``rule`` sentence a bad value gets
+    (after "option name=value ...") and what the option means (``doc``). The default is the signature's."""
+    check: Callable[[Any], bool]
+    rule: str
+    doc: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """A registry entry: the public function, the first line of its docstring, its options (with their
+    defaults), the check of its arguments against the group size, and which inputs ``compute`` supplies."""
+    name: str
     fn: Callable[..., Array]
+    summary: str
+    options: Mapping[str, Option]
+    defaults: Mapping[str, Any]
+    check: Callable[[int, int, dict], str | None]  # (n, k, options with defaults) -> error sentence or None
     uses_k: bool
-    options: tuple[str, ...]
     needs_key: bool
     needs_entropy: bool
 
 
-_SPECS: dict[str, _Spec] = {}
+_REGISTRY: dict[str, Estimator] = {}
 
 
-def _estimator(*options: str, static: tuple[str, ...] = (), jit: bool = True):
-    """Registers an estimator under its function name. The public function validates ``k`` and its
-    ``options`` eagerly, then runs the body under ``jax.jit`` (``jit=False``: a body composed of other
-    estimators, whose compilations it then shares). Only the ``static`` options (those that change shapes or
-    branches) are compile-time constants; ``k`` and numeric options are traced, so one compilation per shape
-    serves every value."""
+def _summary(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line."""
+    paragraph = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+    end = re.search(r"\.(?=\s+[A-Z`]|$)", paragraph)  # not "Eq. 18", "et al., 2025"
+    return paragraph[:end.end()] if end else paragraph
+
+
+def _no_check(n: int, k: int, options: dict) -> str | None:
+    return None
+
+
+def _estimator(options: Mapping[str, Option] | None = None, *, static: tuple[str, ...] = (), jit: bool = True,
+               check: Callable[[int, int, dict], str | None] = _no_check):
+    """Registers an estimator under its function name with its ``options`` and its ``check`` of n, k and the
+    options. The public function validates them eagerly, then runs the body under ``jax.jit`` (``jit=False``:
+    a body composed of other estimators, whose compilations it then shares). Only the ``static`` options
+    (those that change shapes or branches) are compile-time constants; ``k`` and numeric options are traced,
+    so one compilation per shape serves every value."""
+    options = dict(options or {})
+
     def wrap(body):
         jitted = jax.jit(body, static_argnames=static) if jit else body
         signature = inspect.signature(body)
+        params = signature.parameters
+        missing = sorted(set(options) - set(params))
+        assert not missing, f"{body.__name__}: options {missing} are not keyword parameters"
 
         @functools.wraps(body)
         def estimator(*args, **kwargs):
@@ -67,10 +100,41 @@ def _estimator(*options: str, static: tuple[str, ...] = (), jit: bool = True):
             validate(body.__name__, _width(arg["rewards"]), arg.get("k", 1), **{o: arg[o] for o in options})
             return jitted(*args, **kwargs)
 
-        params = signature.parameters
-        _SPECS[body.__name__] = _Spec(estimator, "k" in params, options, "key" in params, "entropy" in params)
+        _REGISTRY[body.__name__] = Estimator(
+            body.__name__, estimator, _summary(body.__doc__ or ""), options,
+            {o: params[o].default for o in options}, check, "k" in params, "key" in params, "entropy" in params)
         return estimator
     return wrap
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _positive(doc: str) -> Option:
+    return Option(lambda v: _finite(v) and v > 0, "must be a finite number > 0", doc)
+
+
+DDOF = Option(lambda v: _is_int(v) and v in (0, 1), "must be 0 or 1",
+              "0: population std (the paper's equations); 1: Bessel std (verl, the paper's Figure 2)")
+TOL = Option(lambda v: _finite(v) and v >= 0, "must be a finite number >= 0",
+             "a group whose valid rewards span max - min <= tol counts as flat (advantage exactly 0)")
+THRESHOLD = Option(_finite, "must be a finite number",
+                   "a reward passes when >= threshold (N_pos; metrics.is_pass)")
+
+
+def _two_rollouts(n: int, k: int, options: dict) -> str | None:
+    if n < 2:
+        return f"needs at least 2 rollouts per prompt (leave-one-out), got n={n}."
+
+
+def _ddof_rollouts(n: int, k: int, options: dict) -> str | None:
+    if options.get("ddof") == 1 and n < 2:
+        return f"ddof=1 needs at least 2 rollouts per prompt, got n={n}."
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -147,7 +211,9 @@ def _unsort(values: Array, inv: Array, valid: Array) -> Array:
 
 
 # ------------------------------------------------------------------------------------- Pass@1 baselines
-@_estimator("ddof", "normalize", "tol", static=("normalize",))
+@_estimator({"ddof": DDOF, "normalize": Option(lambda v: isinstance(v, bool), "must be a bool",
+                                                "False: no division by the std (Dr.GRPO)"), "tol": TOL},
+            static=("normalize",), check=_ddof_rollouts)
 def grpo(rewards, mask=None, *, ddof: int = 0, normalize: bool = True, tol: float = 0.0) -> Array:
     """GRPO / Pass@1 advantage (Eq. 1-3): ``A_i = (R_i - mean R) / std R``.
 
@@ -158,7 +224,7 @@ def grpo(rewards, mask=None, *, ddof: int = 0, normalize: bool = True, tol: floa
     return _grpo(r, valid, ddof, normalize, tol)
 
 
-@_estimator("tol")
+@_estimator({"tol": TOL}, check=_two_rollouts)
 def rloo(rewards, mask=None, *, tol: float = 0.0) -> Array:
     """REINFORCE leave-one-out: ``A_i = R_i - mean_{j != i} R_j = n / (n-1) (R_i - mean R)``. Groups with
     fewer than 2 valid rollouts or with ``max - min <= tol`` get exactly 0."""
@@ -167,7 +233,46 @@ def rloo(rewards, mask=None, *, tol: float = 0.0) -> Array:
     return _grpo(r, valid, 1, False, tol) * n / jnp.maximum(n - 1.0, 1.0)
 
 
-@_estimator("normalize", "ddof", static=("normalize",))
+@_estimator()
+def maxrl(rewards, mask=None) -> Array:
+    """MaxRL, maximum-likelihood RL (arXiv 2602.02710): ``A_i = (R_i - mean R) / mean R`` per prompt.
+
+    For binary rewards mean R is the empirical pass rate p, and the mean of A_i grad log pi is the
+    estimate of grad log p (the gradient of the log-likelihood of success) rather than of grad p as in
+    Pass@1 training: a prompt solved once in n rollouts weighs n times more than with a plain baseline.
+    Rewards are meant to be >= 0 (a success probability); a prompt with mean R <= 0 or equal valid rewards
+    gets exactly 0."""
+    r, valid = _prepare(rewards, mask)
+    mean = jnp.sum(r, axis=1) / jnp.maximum(_count(valid), 1)
+    ok = mean > 0
+    return _grpo(r, valid, 0, False) / jnp.where(ok, mean, 1.0)[:, None] * ok[:, None]
+
+
+@_estimator({"beta": Option(lambda v: _finite(v) and v != 0, "must be a finite number other than 0",
+                            "risk parameter: > 0 risk-seeking (weighs rare successes up), < 0 risk-averse; "
+                            "A -> R - mean R as beta -> 0")})
+def rs_grpo(rewards, mask=None, *, beta: float = 2.0) -> Array:
+    """RS-GRPO, risk-seeking policy optimisation (arXiv 2509.24261): ``A_i = (1/beta) (exp(beta R_i) /
+    mean_j exp(beta R_j) - 1)`` per prompt.
+
+    The exponential utility (1/beta) log mean exp(beta R) interpolates between the mean reward (beta -> 0)
+    and the maximum (beta -> inf, the Pass@k limit). Evaluated without overflow or cancellation as
+    ``(u_i - mean u) / (beta (1 + mean u))`` with ``u = expm1(beta (R - m))``, m the extreme valid reward
+    on beta's side; equal valid rewards give exactly 0."""
+    r, valid = _prepare(rewards, mask)
+    lo, hi = _lo_hi(r, valid)
+    m = jnp.where(beta > 0, hi, lo)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # a prompt without valid rollouts
+    u = jnp.where(valid, jnp.expm1(beta * (r - m[:, None])), 0.0)
+    u_mean = jnp.sum(u, axis=1) / jnp.maximum(_count(valid), 1)
+    d = jnp.where(valid, u - u_mean[:, None], 0.0)
+    flat = hi - lo <= 0
+    return jnp.where(flat[:, None], 0.0, d / (beta * (1.0 + u_mean))[:, None])
+
+
+@_estimator({"normalize": Option(lambda v: isinstance(v, bool), "must be a bool",
+                                 "True: divide the gap by the group std"), "ddof": DDOF},
+            static=("normalize",), check=_two_rollouts)
 def max_minus_second(rewards, mask=None, *, normalize: bool = False, ddof: int = 1) -> Array:
     """Max-minus-second (Tang et al., 2025; verl's ``grpo_passk``; *not* Pass@k Training).
 
@@ -310,7 +415,12 @@ def _analytic_sorted(r: Array, valid: Array, k) -> Array:
 
 
 # ------------------------------------------------------------------------ Pass@k: sampled group variants
-@_estimator("ddof")
+def _full_groups(n: int, k: int, options: dict) -> str | None:
+    if n < 2 * k:
+        return f"full sampling needs at least two groups, but n={n} < 2k={2 * k}."
+
+
+@_estimator({"ddof": DDOF}, check=_full_groups)
 def passk_full(rewards, k: int, mask=None, *, ddof: int = 0) -> Array:
     """Full sampling (Alg. 1): the valid rollouts, in their original order, form floor(n/k) disjoint
     consecutive groups of k (leftovers get 0). Group reward = max of its members (Eq. 5); group rewards are
@@ -346,7 +456,11 @@ def bootstrap_groups(key: Array, valid: Array, k, num_groups: int) -> Array:
     return (rank < k) & valid[:, None, :]
 
 
-@_estimator("num_groups", "reduce", "ddof", jit=False)
+@_estimator({"num_groups": Option(lambda v: v is None or (_is_int(v) and v >= 1), "must be None or an integer >= 1",
+                                  "groups drawn per prompt (None: n, as in the paper)"),
+             "reduce": Option(lambda v: v in ("sum", "mean"), "must be 'sum' or 'mean'",
+                              "'sum' over a response's groups (Eq. 6) or their 'mean'"),
+             "ddof": DDOF}, jit=False, check=_ddof_rollouts)
 def passk_bootstrap(key: Array, rewards, k: int, mask=None, *, num_groups: int | None = None,
                     reduce: str = "sum", ddof: int = 0) -> Array:
     """Bootstrap sampling (Alg. 2): ``num_groups`` (default n, as in the paper) independent groups of k
@@ -380,7 +494,7 @@ def _accuracy(rewards, mask, threshold) -> Array:
     return (_n_pos(r, valid, threshold) / jnp.maximum(_count(valid), 1))[:, None]
 
 
-@_estimator("threshold", jit=False)
+@_estimator({"threshold": THRESHOLD}, jit=False)
 def combination(rewards, k: int, mask=None, *, threshold: float = PASS_THRESHOLD) -> Array:
     """Combination (Eq. 18): ``A = (N_pos/N) A_pass@k + (1 - N_pos/N) A_pass@1`` with the analytical Pass@k
     advantage and GRPO (population std). N_pos counts the valid rewards that pass (``metrics.is_pass``:
@@ -396,7 +510,11 @@ def _exceed_factor(rewards, mask, a, b, base, threshold) -> Array:
     return (a * jnp.log(base) / (b * jnp.log(n_pos + 0.5)))[:, None]
 
 
-@_estimator("a", "b", "base", "threshold", jit=False)
+@_estimator({"a": _positive("numerator of f = a / (b log_base(N_pos + 0.5))"),
+             "b": _positive("factor of the logarithm in f"),
+             "base": Option(lambda v: _finite(v) and v > 0 and v != 1, "must be a finite number > 0 other than 1",
+                            "base of the logarithm in f"),
+             "threshold": THRESHOLD}, jit=False)
 def exceed(rewards, k: int, mask=None, *, a: float = 4.0, b: float = 10.0, base: float = math.e,
            threshold: float = PASS_THRESHOLD) -> Array:
     """Exceeding Pass@k (Eq. 17): ``A' = f(N_pos) A_pass@k`` with ``f = a / (b log_base(N_pos + 0.5))``.
@@ -418,7 +536,8 @@ def _most_entropic(entropy, fraction) -> Array:
     return (lax.sort((order, iota), num_keys=1)[1] < jnp.floor(fraction * entropy.shape[0] + 0.5))[:, None]
 
 
-@_estimator("fraction", jit=False)
+@_estimator({"fraction": Option(lambda v: _finite(v) and 0 <= v <= 1, "must be a number in [0, 1]",
+                                "share of prompts (highest entropy first) that use Pass@1")}, jit=False)
 def entropy_adaptive(rewards, entropy, k: int, mask=None, *, fraction: float = 0.5) -> Array:
     """Entropy-adaptive transfer (the paper's adaptation by policy entropy): the ``floor(fraction * P +
     0.5)`` prompts with the highest mean entropy ``entropy f32[P]`` (ties: lower index first) use the Pass@1
@@ -428,7 +547,14 @@ def entropy_adaptive(rewards, entropy, k: int, mask=None, *, fraction: float = 0
 
 
 # ------------------------------------------------------------------------------------------------- PKPO
-@_estimator("baseline", static=("baseline",))
+def _pkpo_rollouts(n: int, k: int, options: dict) -> str | None:
+    if options.get("baseline") == "sloo" and n < k + 1:
+        return f"baseline 'sloo' needs n >= k + 1 rollouts, got n={n}, k={k}."
+
+
+@_estimator({"baseline": Option(lambda v: v in PKPO_BASELINES, f"must be one of {PKPO_BASELINES}",
+                                "'none', 'sloo' or 'sloo_minus_one' (their Eq. 19, 29, 33)")},
+            static=("baseline",), check=_pkpo_rollouts)
 def pkpo(rewards, k: int, mask=None, *, baseline: str = "sloo_minus_one") -> Array:
     """PKPO reward transformation (Walder & Karkhanis, 2025), binary and real-valued rewards.
 
@@ -469,59 +595,51 @@ def _loo_rho(sr: Array, rank: Array, n: Array, kk) -> Array:
 
 
 # ------------------------------------------------------------------------------- registry and validation
-def _finite(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-_OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "ddof": (lambda v: _is_int(v) and v in (0, 1), "must be 0 or 1"),
-    "normalize": (lambda v: isinstance(v, bool), "must be a bool"),
-    "tol": (lambda v: _finite(v) and v >= 0, "must be a finite number >= 0"),
-    "num_groups": (lambda v: v is None or (_is_int(v) and v >= 1), "must be None or an integer >= 1"),
-    "reduce": (lambda v: v in ("sum", "mean"), "must be 'sum' or 'mean'"),
-    "threshold": (_finite, "must be a finite number"),
-    "a": (lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
-    "b": (lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
-    "base": (lambda v: _finite(v) and v > 0 and v != 1, "must be a finite number > 0 other than 1"),
-    "fraction": (lambda v: _finite(v) and 0 <= v <= 1, "must be a number in [0, 1]"),
-    "baseline": (lambda v: v in PKPO_BASELINES, f"must be one of {PKPO_BASELINES}"),
-}
-
-
 def names() -> tuple[str, ...]:
     """Sorted names of the registered estimators."""
-    return tuple(sorted(_SPECS))
+    return tuple(sorted(_REGISTRY))
 
 
-def _spec(name: str) -> _Spec:
-    if name not in _SPECS:
+def entry(name: str) -> Estimator:
+    """The registry entry of ``name`` (ValueError listing the valid names otherwise)."""
+    if name not in _REGISTRY:
         raise ValueError(f"unknown advantage estimator {name!r}; valid names: {', '.join(names())}.")
-    return _SPECS[name]
+    return _REGISTRY[name]
+
+
+def get(name: str) -> Callable[..., Array]:
+    """The estimator function registered under ``name``."""
+    return entry(name).fn
+
+
+def describe() -> str:
+    """A Markdown table of every estimator: name, whether it takes k, its options with their defaults, and the
+    first line of its docstring (the README's table is this output)."""
+    rows = ["| name | k | options (default) | what it is |", "|---|---|---|---|"]
+    for name in names():
+        e = entry(name)
+        opts = ", ".join(f"`{o}={e.defaults[o]!r}`" for o in e.options) or "none"
+        rows.append(f"| `{name}` | {'yes' if e.uses_k else 'no'} | {opts} | {e.summary} |")
+    return "\n".join(rows) + "\n"
 
 
 def _check_option_names(name: str, options: dict) -> None:
-    allowed = _spec(name).options
+    allowed = entry(name).options
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         allowed = ", ".join(allowed) or "none"
         raise ValueError(f"{name}: unknown option {unknown[0]!r}; its options are: {allowed}.")
 
 
-def get(name: str) -> Callable[..., Array]:
-    """The estimator function registered under ``name`` (ValueError listing the valid names otherwise)."""
-    return _spec(name).fn
-
-
 def validate(name: str, n: int, k: int = 1, **options) -> None:
     """Eager, config-time checks of an estimator's static arguments; raises ValueError with one sentence.
 
-    ``n`` is the number of rollouts per prompt (the static width of ``rewards``). Estimators run these
-    checks themselves at call (trace) time on the static width; a traced mask that leaves a prompt with too
-    few valid rollouts is not an error: that prompt gets all-zero advantages."""
+    ``n`` is the number of rollouts per prompt (the static width of ``rewards``). The checks common to all
+    estimators (n, k) are here; each option's rule and each estimator's own constraint on n and k come with
+    its registry entry. Estimators run these checks themselves at call (trace) time on the static width; a
+    traced mask that leaves a prompt with too few valid rollouts is not an error: that prompt gets all-zero
+    advantages."""
+    e = entry(name)
     _check_option_names(name, options)
     if not _is_int(n) or n < 1:
         raise ValueError(f"{name}: the number of rollouts per prompt n must be an integer >= 1, got {n!r}.")
@@ -532,15 +650,11 @@ def validate(name: str, n: int, k: int = 1, **options) -> None:
     if k > n:
         raise ValueError(f"{name}: k={k} exceeds the number of rollouts per prompt n={n}.")
     for opt, value in options.items():
-        ok, rule = _OPTION_RULES[opt]
-        if not ok(value):
-            raise ValueError(f"{name}: option {opt}={value!r} {rule}.")
-    if name == "passk_full" and n < 2 * k:
-        raise ValueError(f"passk_full: full sampling needs at least two groups, but n={n} < 2k={2 * k}.")
-    if name == "pkpo" and options.get("baseline") == "sloo" and n < k + 1:
-        raise ValueError(f"pkpo: baseline 'sloo' needs n >= k + 1 rollouts, got n={n}, k={k}.")
-    if (name in ("rloo", "max_minus_second") or options.get("ddof") == 1) and n < 2:
-        raise ValueError(f"{name}: needs at least 2 rollouts per prompt (leave-one-out, ddof=1), got n={n}.")
+        if not e.options[opt].check(value):
+            raise ValueError(f"{name}: option {opt}={value!r} {e.options[opt].rule}.")
+    problem = e.check(n, k, {**e.defaults, **options})
+    if problem:
+        raise ValueError(f"{name}: {problem}")
 
 
 def compute(name: str, rewards, mask=None, *, k: int = 1, key: Array | None = None, entropy=None,
@@ -549,17 +663,17 @@ def compute(name: str, rewards, mask=None, *, k: int = 1, key: Array | None = No
 
     ``key`` is required by ``passk_bootstrap`` and ``entropy f32[P]`` by ``entropy_adaptive``; inputs an
     estimator does not use (including ``k``) are ignored. ``options`` are the estimator's keyword options."""
-    spec = _spec(name)
+    e = entry(name)
     _check_option_names(name, options)
     kwargs = dict(options, rewards=rewards, mask=mask)
-    if spec.uses_k:
+    if e.uses_k:
         kwargs["k"] = k
-    if spec.needs_key:
+    if e.needs_key:
         if key is None:
             raise ValueError(f"{name} samples groups at random and needs a PRNG key: pass key=...")
         kwargs["key"] = key
-    if spec.needs_entropy:
+    if e.needs_entropy:
         if entropy is None:
             raise ValueError(f"{name} ranks prompts by mean entropy and needs entropy=f32[P].")
         kwargs["entropy"] = entropy
-    return spec.fn(**kwargs)
+    return e.fn(**kwargs)

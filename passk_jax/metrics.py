@@ -1,5 +1,5 @@
-"""Evaluation metrics: what counts as a pass, the unbiased pass@k estimator, pass@k curves, and the paper's
-eta diagnostic."""
+"""Evaluation metrics: what counts as a pass, the unbiased pass@k and pass^k estimators, pass@k curves, and the
+paper's eta diagnostic."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -32,13 +32,18 @@ def pass_at_k(n, c, k) -> Array:
     exactly 1. Invalid entries (k < 1, k > n, c < 0, c > n) raise ValueError when the inputs are concrete and
     give NaN under ``jit``."""
     n, c, k = jnp.broadcast_arrays(*(jnp.asarray(x, jnp.int32) for x in (n, c, k)))
+    _check_counts("pass_at_k", n, c, k)
+    return _pass_at_k(n, c, k)
+
+
+def _check_counts(name: str, n, c, k) -> None:
+    """One sentence naming the first invalid entry, when the inputs are concrete (traced ones give NaN)."""
     if not any(isinstance(x, jax.core.Tracer) for x in (n, c, k)):
         for bad, what in (((k < 1) | (k > n), "k must satisfy 1 <= k <= n"),
                           ((c < 0) | (c > n), "c must satisfy 0 <= c <= n")):
             if np.any(np.asarray(bad)):
                 i = np.unravel_index(int(np.argmax(np.asarray(bad))), bad.shape)
-                raise ValueError(f"pass_at_k: {what}, got n={int(n[i])}, c={int(c[i])}, k={int(k[i])}.")
-    return _pass_at_k(n, c, k)
+                raise ValueError(f"{name}: {what}, got n={int(n[i])}, c={int(c[i])}, k={int(k[i])}.")
 
 
 @jax.jit
@@ -58,6 +63,35 @@ def _pass_at_k(n: Array, c: Array, k: Array) -> Array:
     zeros = jnp.zeros(n.shape, jnp.float32)
     log_q, _ = lax.fori_loop(0, jnp.max(terms, initial=0), body, (zeros, zeros))
     out = jnp.where(certain, 1.0, 0.0 - jnp.expm1(log_q))  # 0.0 - : no -0.0 for c = 0
+    return jnp.where((k < 1) | (k > n) | (c < 0) | (c > n), jnp.nan, out)
+
+
+def pass_hat_k(n, c, k) -> Array:
+    """Unbiased pass^k, the probability that k samples drawn without replacement are *all* correct: ``C(c, k)
+    / C(n, k)`` over the elementwise-broadcast integer arrays ``n``, ``c``, ``k`` (the reliability
+    counterpart of pass@k; tau-bench's pass^k). Same stable product form as ``pass_at_k``: ``prod_{t < k}
+    (c - t) / (n - t)`` summed in logs with Kahan compensation; ``c < k`` gives exactly 0 and ``c = n``
+    exactly 1. Invalid entries raise ValueError when concrete and give NaN under ``jit``."""
+    n, c, k = jnp.broadcast_arrays(*(jnp.asarray(x, jnp.int32) for x in (n, c, k)))
+    _check_counts("pass_hat_k", n, c, k)
+    return _pass_hat_k(n, c, k)
+
+
+@jax.jit
+def _pass_hat_k(n: Array, c: Array, k: Array) -> Array:
+    nf, cf = n.astype(jnp.float32), c.astype(jnp.float32)
+    terms = jnp.where((c < k) | (c == n), 0, k)
+
+    def body(t, carry):
+        total, comp = carry
+        term = jnp.where(t < terms, jnp.log((cf - t) / jnp.maximum(nf - t, 1.0)), 0.0)
+        y = term - comp
+        new = total + y
+        return new, (new - total) - y
+
+    zeros = jnp.zeros(n.shape, jnp.float32)
+    log_p, _ = lax.fori_loop(0, jnp.max(terms, initial=0), body, (zeros, zeros))
+    out = jnp.where(c < k, 0.0, jnp.where(c == n, 1.0, jnp.exp(log_p)))
     return jnp.where((k < 1) | (k > n) | (c < 0) | (c > n), jnp.nan, out)
 
 

@@ -24,9 +24,11 @@ def _load(path: str) -> dict[str, float]:
         return json.load(f)
 
 
-def pass_at_k_table(evals: dict[str, dict[str, float]]) -> tuple[list[int], dict[str, dict[int, float]]]:
-    """ks present in every eval and {eval name: {k: pass@k}} for the overall (all-source) numbers."""
-    pat = re.compile(r"^eval/pass@(\d+)$")
+def pass_at_k_table(evals: dict[str, dict[str, float]], metric: str = "pass@"
+                    ) -> tuple[list[int], dict[str, dict[int, float]]]:
+    """ks present in every eval and {eval name: {k: value}} for the overall (all-source) numbers of
+    ``metric`` ("pass@": pass@k; "pass^": pass^k, all k samples correct)."""
+    pat = re.compile(rf"^eval/{re.escape(metric)}(\d+)$")
     table = {name: {int(m.group(1)): v for key, v in ev.items() if (m := pat.match(key))}
              for name, ev in evals.items()}
     ks = sorted(set.intersection(*(set(t) for t in table.values()))) if table else []
@@ -88,14 +90,18 @@ def write(workdir: str, spec: RunSpec) -> str:
         f"prompts per step = {spec.rollout.prompts_per_step}; RL steps = {spec.total_steps}",
         f"- evaluation: {spec.eval.num_prompts} held-out prompts x {spec.eval.num_samples} samples, "
         f"temperature {spec.eval.temperature}, top-p {spec.eval.top_p}; unbiased pass@k", "",
-        "## Held-out pass@k", "",
-        "| | " + " | ".join(f"pass@{k}" for k in ks) + " | greedy |",
+        "## Held-out pass@k and pass^k", "",
+        "pass@k: at least one of k samples correct; pass^k: all k correct (both unbiased, from the same samples).",
+        "", "| | " + " | ".join(f"k={k}" for k in ks) + " | greedy |",
         "|---|" + "---|" * (len(ks) + 1),
     ]
+    hat = pass_at_k_table(evals, "pass^")[1]
     for name, vals in table.items():
         greedy = evals[name].get("eval/greedy_accuracy")
-        lines.append(f"| {name} | " + " | ".join(f"{vals[k]:.3f}" for k in ks)
+        lines.append(f"| {name}: pass@k | " + " | ".join(f"{vals[k]:.3f}" for k in ks)
                      + (f" | {greedy:.3f} |" if greedy is not None else " | — (eval.greedy off) |"))
+        if all(k in hat.get(name, {}) for k in ks):
+            lines.append(f"| {name}: pass^k | " + " | ".join(f"{hat[name][k]:.3f}" for k in ks) + " | |")
     sources = sorted({key.split("/")[1] for ev in evals.values() for key in ev
                       if key.count("/") == 2 and key.startswith("eval/") and "/pass@" in key})
     if sources and ks:

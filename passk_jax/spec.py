@@ -17,7 +17,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from passk_jax import advantages
 from passk_jax.models.transformer import ATTENTION_KERNELS
 from passk_jax.rl.step import StepConfig, validate_batch
 from passk_jax.sampling import DECODE_LAYOUTS
@@ -240,8 +239,8 @@ def field_defaults() -> dict[str, Any]:
         if not dataclasses.is_dataclass(kls):
             continue
         for f in dataclasses.fields(kls):
-            if f.default is not dataclasses.MISSING and not isinstance(f.default, (Mapping, tuple)):
-                out[f"{name}.{f.name}"] = f.default
+            if f.default is not dataclasses.MISSING and not isinstance(f.default, Mapping):
+                out[f"{name}.{f.name}"] = list(f.default) if isinstance(f.default, tuple) else f.default
     return out
 
 
@@ -267,8 +266,12 @@ class RunSpec:
             where = "step" if not self.train.stages else f"train.stages[{i}].step"
             cfg = stage.step
             _need(stage.steps >= 0, f"a stage has steps={stage.steps}; it must be >= 0.")
-            _need(cfg.k <= r.num_samples, f"{where}.k={cfg.k} exceeds rollout.num_samples={r.num_samples} "
-                                          "(k samples are drawn from the rollouts of a prompt).")
+            try:
+                cfg.validate()
+            except ValueError as err:  # the step's own messages name the field without its section
+                raise ValueError(f"{where}: {err}") from None
+            _need(max(cfg.ks) <= r.num_samples, f"{where}.k={max(cfg.ks)} exceeds rollout.num_samples="
+                  f"{r.num_samples} (k samples are drawn from the rollouts of a prompt).")
             if cfg.old_logprobs == "sampler" and (r.top_p < 1 or r.top_k > 0 or r.temperature != cfg.temperature):
                 raise ValueError(f"{where}.old_logprobs='sampler' needs rollout.top_p=1, rollout.top_k=0 and "
                                  "rollout.temperature equal to step.temperature; use old_logprobs='recompute'.")
@@ -277,9 +280,7 @@ class RunSpec:
                   f"(a prompt plus rollout.max_new_tokens={r.max_new_tokens} tokens); raise it, or set 0 for the "
                   "padded micro-batch's size.")
             try:
-                cfg.validate()
                 validate_batch(cfg, r.prompts_per_step, r.num_samples, r.prompts_per_step * r.num_samples)
-                advantages.validate(cfg.estimator, r.num_samples, cfg.k, **dict(cfg.estimator_options))
             except ValueError as err:  # the step's own messages name the field without its section
                 raise ValueError(f"{where}: {err}") from None
 
@@ -300,6 +301,13 @@ class RunSpec:
             if step < edge:
                 return i
         return len(self.stages) - 1
+
+    def step_at(self, step: int) -> tuple[int, StepConfig]:
+        """(stage, step configuration) of global RL step ``step`` (0-based), k-annealing resolved: the
+        stage's ``k_schedule`` counts the stage's own steps."""
+        stage = self.stage_of(step)
+        start = sum(s.steps for s in self.stages[:stage])
+        return stage, self.stages[stage].step.at(step - start)
 
     def check_host(self) -> RunSpec:
         """The checks that depend on this machine: the data-parallel size of the mesh over this job's

@@ -173,3 +173,21 @@ def passk_conditional_sd(r, k):
         return np.zeros(n)
     z = (maxima - maxima.mean()) / maxima.std()
     return np.array([np.std([zi for s, zi in zip(subsets, z) if i in s]) for i in range(n)])
+
+
+def maxrl(r):
+    """MaxRL (arXiv 2602.02710): (r - mean) / mean; 0 when mean <= 0 or the rewards are equal."""
+    r = np.asarray(r, np.float64)
+    mean = r.mean()
+    if mean <= 0 or r.max() == r.min():
+        return np.zeros_like(r)
+    return (r - mean) / mean
+
+
+def rs_grpo(r, beta):
+    """RS-GRPO (arXiv 2509.24261): (1/beta) (exp(beta r) / mean exp(beta r) - 1), straight from the formula."""
+    r = np.asarray(r, np.float64)
+    if r.max() == r.min():
+        return np.zeros_like(r)
+    w = np.exp(beta * r)
+    return (w / w.mean() - 1.0) / beta

@@ -4,9 +4,12 @@ registry and validation, and identical results eagerly, under jit with 8-device 
 
 Most tests reuse the shared [72, 10] batches of tests/advantage_reference.py so that every estimator
 compiles once for the whole file (k is traced inside the estimators)."""
+import inspect
 import math
+import os
 from fractions import Fraction
 
+import chex
 import jax
 import jax.numpy as jnp
 import mpmath
@@ -19,7 +22,7 @@ from tests import advantage_reference as ref
 
 BATCHES = ref.standard_batches()
 CENTRED = ("passk_analytic", "grpo", "rloo", "passk_full", "passk_bootstrap", "combination", "exceed",
-           "entropy_adaptive")
+           "entropy_adaptive", "rs_grpo")  # maxrl too, where the mean reward is > 0 (test_zero_sum...)
 
 
 def _all_estimators(rewards, mask, entropy, key, k=3, variants=True):
@@ -56,6 +59,8 @@ def test_zero_sum_and_k1_is_grpo(batch):
             out = np.asarray(adv.compute(name, rewards, mask, k=k, key=key, entropy=_entropy(72)))
             scale = max(1.0, float(np.abs(out).max()))
             np.testing.assert_allclose(out.sum(axis=1), 0.0, atol=3e-5 * scale, err_msg=f"{name} k={k}")
+    out = np.asarray(adv.maxrl(np.abs(rewards), mask))
+    np.testing.assert_allclose(out.sum(axis=1), 0.0, atol=3e-5 * max(1.0, float(np.abs(out).max())))
     np.testing.assert_allclose(adv.passk_analytic(rewards, 1, mask), adv.grpo(rewards, mask, ddof=0),
                                rtol=2e-6, atol=2e-6)
 
@@ -76,7 +81,7 @@ def test_degenerate_groups_are_exactly_zero():
         for name in ("passk_analytic", "passk_full", "passk_bootstrap", "bootstrap_mean", "exceed"):
             assert np.all(out[name][: len(rows)] == 0), (name, k)  # sigma = 0 for every Pass@k variant
         for name in ("grpo", "rloo", "dr_grpo_ddof1", "combination", "entropy_adaptive", "max_minus_second",
-                     "mms_normalized", "pkpo"):  # pkpo: sloo_minus_one
+                     "mms_normalized", "pkpo", "maxrl", "rs_grpo"):  # pkpo: sloo_minus_one
             assert np.all(out[name][constant] == 0), (name, k)
     assert np.all(np.asarray(adv.passk_analytic(rewards, 2, mask))[3, :2] != 0)  # k = 2: rank 2 can win
     # the pitfall of an epsilon in the std: seven rewards of 0.7 must not give +-0.91
@@ -182,8 +187,23 @@ def test_real_stability_n4096():
 
 
 def test_registry_and_validation():
-    assert adv.names() == tuple(sorted(adv.names())) and len(adv.names()) == 10
-    assert adv.get("pkpo") is adv.pkpo
+    """Every public estimator is registered under its own name, with its options (the keyword parameters
+    of its signature, at their defaults) and a one-sentence summary; the README's table is ``describe()``."""
+    public = {name for name in dir(adv) if not name.startswith("_") and getattr(getattr(adv, name), "__wrapped__", None)}
+    assert public - set(adv.names()) == {"bootstrap_groups"} and len(adv.names()) == 12  # a jitted helper
+    for name in adv.names():
+        e = adv.entry(name)
+        assert adv.get(name) is getattr(adv, name) and e.name == name
+        params = inspect.signature(e.fn.__wrapped__).parameters
+        keyword = {p for p, v in params.items() if v.kind is v.KEYWORD_ONLY}
+        assert set(e.options) == keyword and all(e.defaults[o] == params[o].default for o in keyword), name
+        assert e.uses_k == ("k" in params) and e.summary.endswith(".") and "\n" not in e.summary
+        for option in e.options.values():
+            assert option.doc and option.rule.startswith("must")
+        for option, default in e.defaults.items():  # every default passes its own rule
+            assert e.options[option].check(default), (name, option)
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert adv.describe() in readme
     with pytest.raises(ValueError, match="valid names: combination, entropy_adaptive"):
         adv.get("pass_at_k")
     rewards = np.zeros((2, 8), np.float32)
@@ -192,7 +212,9 @@ def test_registry_and_validation():
            ("pkpo", 8, 2, dict(baseline="x")),
            ("passk_bootstrap", 8, 2, dict(reduce="max")), ("passk_bootstrap", 8, 2, dict(num_groups=0)),
            ("exceed", 8, 2, dict(base=1.0)), ("entropy_adaptive", 8, 2, dict(fraction=1.5)),
-           ("rloo", 1, 1, {}), ("grpo", 8, 1, dict(bogus=1)), ("passk_analytic", 8, 2.0, {})]
+           ("rloo", 1, 1, {}), ("grpo", 8, 1, dict(bogus=1)), ("passk_analytic", 8, 2.0, {}),
+           ("rs_grpo", 8, 1, dict(beta=0.0)), ("rs_grpo", 8, 1, dict(beta=float("inf"))),
+           ("maxrl", 8, 1, dict(ddof=1)), ("max_minus_second", 1, 1, {}), ("grpo", 1, 1, dict(ddof=1))]
     for name, n, k, options in bad:
         with pytest.raises(ValueError) as err:
             adv.validate(name, n, k, **options)
@@ -244,3 +266,20 @@ def test_identical_eager_sharded_jit_and_vmap():
     for i in range(2):
         np.testing.assert_allclose(per_key[i], adv.passk_bootstrap(keys[i], rewards, 3, mask),
                                    rtol=1e-5, atol=1e-5)
+
+
+class EstimatorVariantsTest(chex.TestCase):
+    """Each estimator gives the same advantages called eagerly and inside a user's ``jax.jit`` (options and
+    k closed over), with the output shape and dtype of the contract."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_every_estimator(self):
+        rewards, mask = BATCHES["binary"]
+        entropy, key = _entropy(72), jax.random.PRNGKey(3)
+        for name in adv.names():
+            want = adv.compute(name, rewards, mask, k=2, key=key, entropy=entropy)
+            got = self.variant(lambda r, m, e, kk: adv.compute(name, r, m, k=2, key=kk, entropy=e))(
+                rewards, mask, entropy, key)
+            chex.assert_shape(got, rewards.shape)
+            chex.assert_type(got, jnp.float32)
+            chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)

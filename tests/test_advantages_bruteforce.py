@@ -66,6 +66,31 @@ def test_combination_exceed(k):
         _check(lambda r, m: adv.exceed(r, k, m, **log10), lambda r: ref.exceed(r, k, **log10), batch)
 
 
+def test_maxrl():
+    """(R - mean R) / mean R over the valid rewards: binary, +-1 (mean <= 0 gives 0) and nonnegative reals."""
+    for batch in ("binary", "plus_minus"):
+        _check(adv.maxrl, ref.maxrl, batch)
+    rewards, mask = _batches()["real"]
+    got = np.asarray(adv.maxrl(np.abs(rewards), mask))
+    np.testing.assert_allclose(got, _reference(ref.maxrl, np.abs(rewards), mask), **TOL)
+
+
+@pytest.mark.parametrize("beta", [0.5, 2.0, 8.0, -1.0])
+def test_rs_grpo(beta):
+    """The exponential-utility advantage against the direct float64 formula; beta = 8 on rewards up to 2
+    would overflow nothing here but shows the shifted form loses no accuracy at exp(16)."""
+    for batch in ("binary", "real"):
+        _check(lambda r, m: adv.rs_grpo(r, m, beta=beta), lambda r: ref.rs_grpo(r, beta), batch)
+
+
+def test_rs_grpo_small_beta_is_centred_reward():
+    """beta -> 0: A -> R - mean R (the risk-neutral limit), with no cancellation in the expm1 form."""
+    rewards, mask = _batches()["real"]
+    got = np.asarray(adv.rs_grpo(rewards, mask, beta=1e-4))
+    want = _reference(lambda r: r - r.mean() if r.max() > r.min() else 0 * r, rewards, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("k", [1, 3, 7, 10])
 def test_entropy_adaptive(k):
     rewards, mask = _batches()["real"]

@@ -41,6 +41,25 @@ def test_pass_at_k_errors_and_jit():
     assert float(jitted[0]) == pytest.approx(float(_exact(8, 2, 4)), rel=1e-6) and np.isnan(jitted[1])
 
 
+def test_pass_hat_k_matches_math_comb():
+    """pass^k = C(c, k) / C(n, k) (all k samples correct) in exact rationals, every n <= 12."""
+    n, c, k = np.array([(n, c, k) for n in range(1, 13) for c in range(n + 1) for k in range(1, n + 1)]).T
+    got = np.asarray(metrics.pass_hat_k(n, c, k))
+    want = np.array([float(Fraction(math.comb(ci, ki), math.comb(ni, ki))) for ni, ci, ki in zip(n, c, k)])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    assert np.all(got[c < k] == 0) and np.all(got[c == n] == 1)
+    np.testing.assert_allclose(got[k == 1], (c / n)[k == 1], rtol=1e-6)  # pass^1 = pass@1
+    big, cs = 4096, np.array([4096, 4095, 4000, 3000, 2048, 100])
+    for kk in (1, 7, 100, 2048):  # relative error ~ |log p| eps; values below 1e-30 are not compared
+        want = np.array([float(Fraction(math.comb(ci, kk), math.comb(big, kk))) for ci in cs])
+        got = np.asarray(metrics.pass_hat_k(big, cs, kk), np.float64)
+        np.testing.assert_allclose(got[want > 1e-30], want[want > 1e-30], rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="pass_hat_k: k must satisfy 1 <= k <= n"):
+        metrics.pass_hat_k(8, 2, 9)
+    jitted = jax.jit(metrics.pass_hat_k)(jnp.array([8, 8]), jnp.array([5, 9]), jnp.array([2, 2]))
+    assert float(jitted[0]) == pytest.approx(10 / 28, rel=1e-6) and np.isnan(jitted[1])
+
+
 def test_pass_at_k_curve():
     rng = np.random.default_rng(0)
     correct = rng.random((50, 16)) < rng.random((50, 1))

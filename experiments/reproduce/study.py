@@ -248,11 +248,17 @@ def make_record(spec: StudySpec, method: str, seed: int, workdir: str, wall_s: f
     curves = {short: [[r["step"], r[name]] for r in records if name in r and "rollout/reward_mean" in r]
               for short, name in (("entropy", "step/entropy"), ("reward", "rollout/reward_mean"),
                                   ("length", "rollout/length_mean"))}
+    failures = {}  # verifier calls that timed out or raised (scored 0), summed over the run's steps
+    for r in records:
+        for name, value in r.items():
+            parts = name.split("/")
+            if len(parts) == 3 and parts[0] == "verifier" and parts[2] in ("timeouts", "errors"):
+                failures[f"{parts[1]}/{parts[2]}"] = failures.get(f"{parts[1]}/{parts[2]}", 0) + int(value)
     return dict(design=spec.name, design_fingerprint=spec.fingerprint(), method=method, seed=seed,
                 num_samples=int(spec.overrides["eval.num_samples"]), steps=spec.steps,
                 sources_sha=hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:16],
                 warm_start=fingerprint(evals["0"], curves), evals=evals, curves=curves, wall_s=round(wall_s, 1),
-                commit=commit or _commit(), machine=_machine())
+                commit=commit or _commit(), machine=_machine(), verifier_failures=failures)
 
 
 def write_record(path: str, record: dict[str, Any]) -> None:

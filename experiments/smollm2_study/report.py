@@ -75,6 +75,12 @@ def write(design: study.Design, records_dir: str = study.RECORDS) -> str:
         commits = sorted({r["commit"] for r in records})
         lines += ["", f"CPU time: {wall / 3600:.2f} h wall for {len(records)} runs on {'; '.join(machines)} "
                       f"(commits {', '.join(commits)})."]
+        failed = {f"{r['method']} seed {r['seed']}": r["verifier_failures"] for r in records
+                  if any(r.get("verifier_failures", {}).values())}
+        unknown = [f"{r['method']} seed {r['seed']}" for r in records if "verifier_failures" not in r]
+        lines += ["", "Verifier failures (timeouts or errors, scored 0): " + (
+            "; ".join(f"{run}: {counts}" for run, counts in failed.items()) if failed else "none recorded") + (
+            f" (not recorded by the older records of {', '.join(unknown)})" if unknown else "") + "."]
     path = os.path.join(records_dir, design.name, "RESULTS.md")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

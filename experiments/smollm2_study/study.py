@@ -30,6 +30,10 @@ from experiments.reproduce import study as repro
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDS = os.path.join(HERE, "results")
 DATA_SEED = 0
+# How long one answer may take to verify. An execution setting, not part of the design: the runs share a
+# 2-core box with other work at nice 19, and a starved verifier must not turn an answer into a timeout
+# (scored 0); records count the verifier failures that happened anyway (``verifier_failures``).
+VERIFIER_TIMEOUT_S = 600.0
 METHODS = {"pass1": {"step.estimator": "grpo", "step.k": 1}, "passk_analytic": {"step.estimator": "passk_analytic"}}
 
 
@@ -118,6 +122,7 @@ def run_config(design: Design, method: str, seed: int, *, train_file: str, test_
         c.step.k = design.k
     c.seed = seed
     c.model.hf_path = model_path
+    c.task.verifier_timeout_s = VERIFIER_TIMEOUT_S
     c.task.options.train_files = train_file
     c.task.options.test_files = test_file
     c.task.options.test_size = design.num_test

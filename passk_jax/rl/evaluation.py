@@ -1,4 +1,4 @@
-"""Held-out evaluation: unbiased pass@k for k = 1, 2, 4, ..., n_eval, overall and per data_source.
+"""Held-out evaluation: unbiased pass@k and pass^k for k = 1, 2, 4, ..., n_eval, overall and per data_source.
 
 Sampling follows the paper's evaluation settings (temperature 1.0, top-p 0.95, n_eval samples per
 prompt); pass@k is the unbiased estimator of ``passk_jax.metrics.pass_at_k`` computed from the per-prompt
@@ -28,8 +28,8 @@ def powers_of_two(n: int) -> list[int]:
 
 def summarize(correct: np.ndarray, sources: Sequence[str], rewards: np.ndarray, texts: Sequence[Any],
               prefix: str = "eval/") -> dict[str, float]:
-    """pass@k (mean and standard error over prompts) for k in powers_of_two(n), overall and per source,
-    plus the mean reward and the number of distinct wrong answers per prompt (the paper's diversity).
+    """pass@k and pass^k (all k samples correct; mean and standard error over prompts) for k in
+    powers_of_two(n), overall and per source, plus the mean reward and the number of distinct wrong answers per prompt (the paper's diversity).
 
     ``texts`` only need to compare equal when the responses do (``Rollouts.text_keys()``)."""
     num_prompts, n = correct.shape
@@ -42,11 +42,12 @@ def summarize(correct: np.ndarray, sources: Sequence[str], rewards: np.ndarray, 
         tag = "" if name == "all" else f"{name}/"
         c = correct[idx].sum(1)
         for k in ks:
-            per_prompt = np.asarray(metrics.pass_at_k(np.full_like(c, n), c, k), np.float64)
-            out[f"{prefix}{tag}pass@{k}"] = float(per_prompt.mean())
-            if name == "all":
-                out[f"{prefix}pass@{k}_stderr"] = float(per_prompt.std(ddof=1) / np.sqrt(len(idx))
-                                                        if len(idx) > 1 else 0.0)
+            for metric, fn in (("pass@", metrics.pass_at_k), ("pass^", metrics.pass_hat_k)):
+                per_prompt = np.asarray(fn(np.full_like(c, n), c, k), np.float64)
+                out[f"{prefix}{tag}{metric}{k}"] = float(per_prompt.mean())
+                if name == "all":
+                    out[f"{prefix}{metric}{k}_stderr"] = float(per_prompt.std(ddof=1) / np.sqrt(len(idx))
+                                                               if len(idx) > 1 else 0.0)
     out[f"{prefix}distinct_wrong_per_prompt"] = float(distinct_answers(correct, texts)[0].mean())
     return out
 

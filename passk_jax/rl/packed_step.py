@@ -65,7 +65,7 @@ def make_packed_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: A
     progs = _Programs(graphdef, cfg, mesh, params)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     M, K = cfg.num_minibatches, cfg.num_microbatches
-    entropy_first = advantages._spec(cfg.estimator).needs_entropy and cfg.old_logprobs == "recompute"
+    entropy_first = advantages.entry(cfg.estimator).needs_entropy and cfg.old_logprobs == "recompute"
 
     def train_step(state: TrainState, batch: Batch):
         num_prompts, n = np.shape(batch.rewards)

@@ -20,6 +20,7 @@ rules of ``passk_jax.parallel``. The optimiser schedule counts optimiser updates
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -31,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from passk_jax import advantages, parallel
 from passk_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
-from passk_jax.metrics import PASS_THRESHOLD, is_pass, pass_at_k
+from passk_jax.metrics import PASS_THRESHOLD, is_pass, pass_at_k, pass_hat_k
 from passk_jax.models.transformer import forward, head_weight
 from passk_jax.rl import losses
 from passk_jax.rl.batch import BATCH, Batch, batch_shardings
@@ -48,6 +49,9 @@ class StepConfig(OptimConfig):
     # advantages (passk_jax.advantages registry)
     estimator: str = "grpo"
     k: int = 1
+    k_schedule: tuple[tuple[int, int], ...] = ()  # k-annealing (PKPO): (RL step of the stage, k) knots, k
+    #                                               linear in between (rounded half up), the first knot's
+    #                                               (step 0, k) equal to k, the last k after it; () = k throughout
     estimator_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # surrogate (paper: DAPO clip-higher, token-level loss, no KL, no entropy bonus)
     eps_low: float = 0.2
@@ -73,6 +77,32 @@ class StepConfig(OptimConfig):
     max_tokens_per_microbatch: int = 0  # rows x width of a packed micro-batch; 0 = the padded micro-batch's
     length_buckets: int = 4  # widths a packed micro-batch may take (prompt + j/length_buckets of the completion)
 
+    def __post_init__(self):  # JSON and ConfigDict give lists: knots are compared and hashed as tuples
+        try:
+            object.__setattr__(self, "k_schedule", tuple(tuple(knot) for knot in self.k_schedule))
+        except TypeError:
+            pass  # validate() names the problem
+
+    def k_at(self, step: int) -> int:
+        """k at RL step ``step`` of the stage (0-based): ``k`` without a schedule, else the schedule's
+        piecewise-linear value, rounded half up, constant after the last knot."""
+        if not self.k_schedule:
+            return self.k
+        for (s0, k0), (s1, k1) in zip(self.k_schedule, self.k_schedule[1:]):
+            if step < s1:
+                return int(math.floor(k0 + (k1 - k0) * (max(step, s0) - s0) / (s1 - s0) + 0.5))
+        return self.k_schedule[-1][1]
+
+    def at(self, step: int) -> StepConfig:
+        """The configuration of RL step ``step`` of the stage: ``k = k_at(step)`` and no schedule (itself
+        when there is none), what the compiled step of that step is built from."""
+        return self if not self.k_schedule else dataclasses.replace(self, k=self.k_at(step), k_schedule=())
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """Every k the step may use (the knots' values bound the interpolated ones)."""
+        return tuple(sorted({self.k, *(k for _, k in self.k_schedule)}))
+
     @property
     def skips_zero_advantage(self) -> bool:
         """Whether a row with advantage 0 leaves the loss and its gradient unchanged: its only per-token term
@@ -95,6 +125,15 @@ class StepConfig(OptimConfig):
                 raise ValueError(msg)
         need(self.estimator in advantages.names(),
              f"estimator {self.estimator!r} is not registered; choose one of {advantages.names()}.")
+        knots = self.k_schedule
+        need(all(isinstance(kn, tuple) and len(kn) == 2 and all(_is_int(x) for x in kn) for kn in knots),
+             f"k_schedule must be a sequence of (step, k) integer pairs, got {knots!r}.")
+        need(not knots or tuple(knots[0]) == (0, self.k),
+             f"k_schedule must start at (0, k) with k={self.k} (step.k), but its first knot is {knots[0] if knots else ()}; "
+             "set both.")
+        need(all(a[0] < b[0] for a, b in zip(knots, knots[1:])),
+             f"k_schedule steps must increase strictly, got {[kn[0] for kn in knots]}.")
+        need(all(kn[1] >= 1 for kn in knots), f"k_schedule values of k must be >= 1, got {[kn[1] for kn in knots]}.")
         need(0 <= self.eps_low < 1 and self.eps_high >= 0, "eps_low must be in [0, 1) and eps_high >= 0.")
         need(self.dual_clip is None or self.dual_clip > 1.0, "dual_clip must be None or > 1.")
         need(self.ratio_level in losses.RATIO_LEVELS, f"ratio_level must be one of {losses.RATIO_LEVELS}.")
@@ -142,7 +181,12 @@ def validate_batch(cfg: StepConfig, num_prompts: int, n: int, rows: int, mesh: M
     if micro_rows % dp:
         raise ValueError(f"micro-batch rows ({micro_rows} = P*n/num_minibatches/num_microbatches) are not "
                          f"divisible by the data-parallel size data*fsdp={dp}.")
-    advantages.validate(cfg.estimator, n, cfg.k, **cfg.estimator_options)
+    for k in cfg.ks:
+        advantages.validate(cfg.estimator, n, k, **cfg.estimator_options)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: jax.Array,
@@ -401,7 +445,7 @@ def step_metrics(cfg, mb_loss, mb_sums, tokens, stat_tokens, lp_diff, adv, batch
 
 def group_metrics(adv: jax.Array, rewards: jax.Array, valid: jax.Array, tok_per_row: jax.Array, k: int,
                     threshold: float) -> dict[str, jax.Array]:
-    """Advantage, reward, group pass@k and response-length statistics over the valid rollouts."""
+    """Advantage, reward, group pass@k and pass^k and response-length statistics over the valid rollouts."""
     v = valid.astype(jnp.float32)
     nv = jnp.maximum(jnp.sum(v), 1.0)
     adv_mean = jnp.sum(adv * v) / nv
@@ -413,6 +457,7 @@ def group_metrics(adv: jax.Array, rewards: jax.Array, valid: jax.Array, tok_per_
         "adv_zero_prompt_frac": jnp.mean(jnp.all(adv == 0, axis=-1).astype(jnp.float32)),
         "reward_mean": jnp.sum(rewards * v) / nv,
         "rollout_pass@k": jnp.mean(group_pass_at_k(is_pass(rewards, threshold), valid, k)),
+        "rollout_pass^k": jnp.mean(group_pass_hat_k(is_pass(rewards, threshold), valid, k)),
         "response_length_mean": jnp.sum(tok_per_row * v) / nv,
         "response_length_max": jnp.max(jnp.where(valid, tok_per_row, 0.0)),
         "response_length_min": jnp.where(any_valid, jnp.min(jnp.where(valid, tok_per_row, jnp.inf)), 0.0),
@@ -430,3 +475,13 @@ def group_pass_at_k(correct: jax.Array, valid: jax.Array, k: int) -> jax.Array:
     enough = m >= k
     exact = pass_at_k(jnp.where(enough, m, k), jnp.where(enough, c, 0), k)
     return jnp.where(enough, exact, (c > 0).astype(jnp.float32))
+
+
+def group_pass_hat_k(correct: jax.Array, valid: jax.Array, k: int) -> jax.Array:
+    """Unbiased pass^k per prompt (all k samples correct; ``passk_jax.metrics.pass_hat_k``) from its valid
+    samples, f32[P]; a prompt with fewer than k valid samples scores whether all of them are correct."""
+    m = jnp.sum(valid, axis=-1).astype(jnp.int32)
+    c = jnp.sum(correct & valid, axis=-1).astype(jnp.int32)
+    enough = m >= k
+    exact = pass_hat_k(jnp.where(enough, m, k), jnp.where(enough, c, 0), k)
+    return jnp.where(enough, exact, ((c == m) & (m > 0)).astype(jnp.float32))

@@ -282,7 +282,7 @@ class Run:
     bar: Any = None
     stopping: bool = False
     data_counts: dict[str, float] = dataclasses.field(default_factory=dict)  # prompts left out (step-0 record)
-    _fns: dict[int, tuple] = dataclasses.field(default_factory=dict)
+    _fns: dict[tuple[int, int], tuple] = dataclasses.field(default_factory=dict)  # (stage, k) ->
 
     @property
     def is_main(self) -> bool:
@@ -297,13 +297,15 @@ class Run:
         """Whether another ``rl_step`` is due: still running, not preempted, steps left."""
         return self.status == "running" and not self.stopping and self.step < self.spec.total_steps
 
-    def step_fns(self, stage: int) -> tuple:
-        """(init_state, train_step) of a stage, built on first use."""
-        if stage not in self._fns:
-            cfg = self.spec.stages[stage].step
+    def step_fns(self, stage: int, k: int | None = None) -> tuple:
+        """(init_state, train_step) of a stage (at ``k`` when its step anneals k), built on first use."""
+        cfg = self.spec.stages[stage].step
+        if k is not None and cfg.k_schedule:
+            cfg = dataclasses.replace(cfg, k=k, k_schedule=())
+        if (stage, cfg.k) not in self._fns:
             make = make_train_step if cfg.packing == "off" else make_packed_train_step
-            self._fns[stage] = make(self.graphdef, cfg, self.mesh, self.param_shapes)
-        return self._fns[stage]
+            self._fns[stage, cfg.k] = make(self.graphdef, cfg, self.mesh, self.param_shapes)
+        return self._fns[stage, cfg.k]
 
     def preempted(self) -> bool:
         """A preemption signal on any process (the same answer on every process)."""
@@ -359,7 +361,7 @@ class Run:
         """One RL step: sample and score rollouts, update, log the metrics (and evaluate, checkpoint when
         due); returns the logged metrics."""
         spec, sampler, step = self.spec, self.env.sampler, self.step
-        stage = spec.stage_of(step)
+        stage, cfg = spec.step_at(step)
         t0 = time.perf_counter()
         rkey = jax.random.fold_in(jax.random.fold_in(self.root, 3), step)
         weights = sampler.prepare(self.state.params)  # the decode copy, once per policy update
@@ -372,16 +374,14 @@ class Run:
         verifier = self.monitor.take(step + 1)  # stops here, before the update, when every response failed
         with self.timers.phase("batch assembly"):
             batch = rollout.to_batch(r)
-        train_step = self.step_fns(stage)[1]
+        train_step = self.step_fns(stage, cfg.k)[1]
         t1 = time.perf_counter()
         with self.timers.phase("update"):
             self.state, step_metrics = self.timers.wait(train_step(self.state, batch))
         step_metrics = jax.device_get(step_metrics)
         t2 = time.perf_counter()
         self.step = step = step + 1
-        k = spec.stages[stage].step.k
-        scalars = {f"step/{name.replace(f'@{k}', '@k')}": v for name, v in step_metrics.items()
-                   if np.ndim(v) == 0}
+        scalars = {f"step/{name}": v for name, v in step_metrics.items() if np.ndim(v) == 0}
         scalars.update(rollout.rollout_metrics(r))
         scalars.update(extra)
         times = parallel.process_max({**r.timings, "time/update": t2 - t1, "time/step": t2 - t0})
@@ -389,7 +389,8 @@ class Run:
         tokens = float(r.lengths.sum())
         scalars.update({"time/update": times["time/update"], "time/step": times["time/step"],
                         "perf/tokens_per_s": tokens / times["time/step"],
-                        "train/stage": float(stage), "train/data_position": float(self.position)})
+                        "train/stage": float(stage), "train/k": float(cfg.k),
+                        "train/data_position": float(self.position)})
         total = spec.total_steps
         if spec.train.eval_every and step % spec.train.eval_every == 0 and step < total:
             scalars.update(self.evaluate())

@@ -73,11 +73,13 @@ def test_weight_decay_mask_skips_norms_and_biases():
     assert not flags["['layers']['input_norm'].value"]  # stacked [layers, hidden]: 2-D but not decayed
 
 
-def test_group_pass_at_k_is_unbiased():
+def test_group_pass_at_k_and_pass_hat_k_are_unbiased():
     correct = jnp.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], bool)
     valid = jnp.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], bool)
     # 1 - C(n-c, k)/C(n, k) with k = 2: 1 - 3/6; 1 - 0; 0; n=1 < k -> any correct
     np.testing.assert_allclose(st.group_pass_at_k(correct, valid, 2), [0.5, 1.0, 0.0, 1.0], rtol=1e-6)
+    # pass^k = C(c, k)/C(n, k), k = 2: 0/6; 1/3; 0; n=1 < k -> all (the one) correct
+    np.testing.assert_allclose(st.group_pass_hat_k(correct, valid, 2), [0.0, 1 / 3, 0.0, 1.0], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- exact accumulation
@@ -222,3 +224,19 @@ def test_entropy_adaptive_uses_in_graph_entropy_and_kl_starts_at_zero():
     assert abs(float(m["kl"])) < 1e-6  # reference == policy before the first update
     state, m2 = train_step(state, batch)
     assert float(m2["kl"]) > 0
+
+
+def test_k_schedule_values_and_stages(tmp_path):
+    """k-annealing: piecewise-linear knots rounded half up, constant after the last knot, counted from the
+    start of each stage; ``at(step)`` is the plain configuration the compiled step of that step uses."""
+    cfg = st.StepConfig(estimator="pkpo", k=8, k_schedule=[[0, 8], [4, 8], [10, 1]])  # lists, as from JSON
+    assert cfg.k_schedule == ((0, 8), (4, 8), (10, 1)) and cfg.ks == (1, 8)
+    assert [cfg.k_at(t) for t in range(13)] == [8, 8, 8, 8, 8, 7, 6, 5, 3, 2, 1, 1, 1]
+    assert cfg.at(6) == dataclasses.replace(cfg, k=6, k_schedule=()) and st.StepConfig().at(5) == st.StepConfig()
+    from tests.rl.test_trainer import tiny_spec
+
+    spec = tiny_spec(tmp_path, **{"train.stages": (
+        {"steps": 2, "step": {"estimator": "grpo", "k": 1}},
+        {"steps": 3, "step": {"estimator": "pkpo", "k": 3, "k_schedule": ((0, 3), (2, 1))}})})
+    assert [spec.step_at(t)[0] for t in range(5)] == [0, 0, 1, 1, 1]
+    assert [spec.step_at(t)[1].k for t in range(5)] == [1, 1, 3, 2, 1]

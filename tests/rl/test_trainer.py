@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny maze config: outputs, exact resume, SIGTERM, export, validation."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -27,6 +28,9 @@ OVERRIDES = {
 }
 
 
+ANNEAL = {"step.k_schedule": ((0, 2), (2, 1))}  # the `runs` fixture's k-annealing (k = 2, 2, 1, 1)
+
+
 def tiny_spec(cache_dir, **extra):
     return RunSpec.from_config(tiny_config(cache_dir, **extra))
 
@@ -45,11 +49,12 @@ def tiny_config(cache_dir, **extra):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One uninterrupted run and one stopped after step 2 then resumed, sharing the SFT cache; the second
-    also logs to Weights & Biases in offline mode."""
+    also logs to Weights & Biases in offline mode. Both anneal k from 2 to 1 at step 2 (k-annealing: the
+    resumed run must pick the schedule up where it stopped)."""
     base = tmp_path_factory.mktemp("trainer")
     full, split = str(base / "full"), str(base / "split")
-    wandb = {"train.wandb_project": "passk-test", "train.wandb_mode": "offline"}
-    out_full = trainer.train(tiny_spec(base / "cache"), full)
+    wandb = {"train.wandb_project": "passk-test", "train.wandb_mode": "offline", **ANNEAL}
+    out_full = trainer.train(tiny_spec(base / "cache", **ANNEAL), full)
     out_stop = trainer.train(tiny_spec(base / "cache", **wandb), split, stop_after=2)
     out_resume = trainer.train(tiny_spec(base / "cache", **wandb), split)
     return dict(full=full, split=split, out_full=out_full, out_stop=out_stop, out_resume=out_resume, base=base)
@@ -73,7 +78,9 @@ def test_outputs_and_report(runs):
     records = read_jsonl(os.path.join(wd, "metrics.jsonl"))
     train_recs = [r for r in records if "rollout/reward_mean" in r]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
-    for key in ("step/loss", "step/entropy", "step/clip_high_frac", "step/rollout_pass@k", "step/grad_norm",
+    assert [r["train/k"] for r in train_recs] == [2, 2, 1, 1]  # k_schedule ((0, 2), (2, 1))
+    for key in ("step/loss", "step/entropy", "step/clip_high_frac", "step/rollout_pass@k", "step/rollout_pass^k",
+                "step/grad_norm",
                 "step/adv_zero_prompt_frac", "rollout/length_mean", "time/sample", "time/score",
                 "time/update", "perf/tokens_per_s", "verifier/train/errors", "verifier/train/timeouts",
                 "verifier/train/invalid", "verifier/train/scored_total", "verifier/eval/scored"):
@@ -83,7 +90,8 @@ def test_outputs_and_report(runs):
     assert [r["phase"] for r in records if "phase" in r] == ["final"]
     assert "eval/pass@4" in train_recs[1]  # eval_every=2
     final = json.load(open(os.path.join(wd, "eval_final.json")))
-    for key in ("eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/greedy_accuracy", "eval/maze_5x5/pass@4"):
+    for key in ("eval/pass@1", "eval/pass@2", "eval/pass@4", "eval/greedy_accuracy", "eval/maze_5x5/pass@4",
+                "eval/pass^4", "eval/pass^4_stderr", "eval/maze_5x5/pass^4"):
         assert key in final
     details = sorted(os.listdir(os.path.join(wd, "eval_details")))
     assert details == ["step_000000.json", "step_000002.json", "step_000004.json"]  # initial, eval_every, final
@@ -93,7 +101,7 @@ def test_outputs_and_report(runs):
     assert np.mean(last["greedy"]) == pytest.approx(final["eval/greedy_accuracy"])
     assert np.mean(last["distinct_wrong"]) == pytest.approx(final["eval/distinct_wrong_per_prompt"])
     text = open(os.path.join(wd, "report.md")).read()
-    assert "| before RL |" in text and "| after RL |" in text and "pass@4" in text
+    assert "| before RL: pass@k |" in text and "| after RL: pass^k |" in text and "k=4" in text
     assert "## Samples of the final evaluation" in text and "| prompt | ground truth | response |" in text
 
 
@@ -209,7 +217,7 @@ def test_rerun_of_a_finished_run_changes_nothing(runs, caplog):
     wd = _copy_run(runs, "rerun")
     before = open(os.path.join(wd, "metrics.jsonl")).read()
     caplog.set_level("INFO")
-    out = trainer.train(tiny_spec(runs["base"] / "cache"), wd)
+    out = trainer.train(tiny_spec(runs["base"] / "cache", **ANNEAL), wd)
     assert out["status"] == "done" and out["step"] == 4 and "already finished" in caplog.text
     assert open(os.path.join(wd, "metrics.jsonl")).read() == before
 
@@ -220,7 +228,7 @@ def test_changed_config_is_refused_before_compiling(runs):
     wd = _copy_run(runs, "changed")
     files = {name: open(os.path.join(wd, name), "rb").read() for name in ("config.json", "metrics.jsonl")}
     with pytest.raises(WorkdirError, match=r"step\.kl_coef \(0\.0 -> 0\.1\)"):
-        trainer.train(tiny_spec(runs["base"] / "cache", **{"step.kl_coef": 0.1}), wd)
+        trainer.train(tiny_spec(runs["base"] / "cache", **ANNEAL, **{"step.kl_coef": 0.1}), wd)
     assert {name: open(os.path.join(wd, name), "rb").read() for name in files} == files
     assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()) == [2, 3, 4]
 
@@ -234,7 +242,7 @@ def test_corrupt_newest_checkpoint_then_longer_resume_finishes(runs, caplog):
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
     caplog.set_level("INFO")
-    out = trainer.train(tiny_spec(runs["base"] / "cache", **{"train.steps": 5}), wd)
+    out = trainer.train(tiny_spec(runs["base"] / "cache", **ANNEAL, **{"train.steps": 5}), wd)
     assert out["status"] == "done" and out["step"] == 5
     assert "step 4" in caplog.text and "unreadable" in caplog.text and "resuming from checkpoint step 3" in caplog.text
     assert os.listdir(os.path.join(wd, "checkpoints", "corrupt")) == ["4"]
@@ -310,6 +318,9 @@ def test_eval_pass_at_k_matches_estimator():
         assert out[f"eval/pass@{k}"] == pytest.approx(want, abs=1e-6)
         want_b = np.mean([float(metrics.pass_at_k(8, int(c), k)) for c in correct[[2, 3, 4]].sum(1)])
         assert out[f"eval/b/pass@{k}"] == pytest.approx(want_b, abs=1e-6)
+        hat = [math.comb(int(c), k) / math.comb(8, k) for c in correct.sum(1)]  # all k of 8 correct
+        assert out[f"eval/pass^{k}"] == pytest.approx(np.mean(hat), abs=1e-6)
+        assert out[f"eval/pass^{k}_stderr"] == pytest.approx(np.std(hat, ddof=1) / np.sqrt(6), abs=1e-6)
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -332,6 +343,11 @@ def test_eval_pass_at_k_matches_estimator():
     ("step.log_ratio_clip", float("inf"), "step.log_ratio_clip must be a finite number"),
     ("train.stages", ({"steps": 1, "step": {"eps_high": float("nan")}},),
      r"train.stages\[0\].step.eps_high must be a finite number"),
+    ("step.k_schedule", ((0, 2), (4, 5)), r"step.k=5 exceeds rollout.num_samples=4"),
+    ("step.k_schedule", ((0, 3), (4, 1)), r"k_schedule must start at \(0, k\) with k=2 \(step.k\), but its first"),
+    ("step.k_schedule", ((0, 2), (4, 1), (4, 1)), "k_schedule steps must increase strictly"),
+    ("step.k_schedule", ((0, 2), (4, 0)), "k_schedule values of k must be >= 1"),
+    ("step.k_schedule", ((0, 2, 3),), r"k_schedule must be a sequence of \(step, k\) integer pairs"),
 ])
 def test_config_validation(tmp_path, key, value, needle):
     with pytest.raises(ValueError, match=needle):
@@ -452,7 +468,7 @@ def test_a_finished_run_without_its_checkpoints_is_refused_before_compiling(runs
     before = {name: open(os.path.join(wd, name), "rb").read()
               for name in ("metrics.jsonl", "eval_final.json", "report.md", "hf_export/model.safetensors")}
     with pytest.raises(WorkdirError, match="of step 4 but it has no checkpoint"):
-        trainer.train(tiny_spec(runs["base"] / "cache"), wd)
+        trainer.train(tiny_spec(runs["base"] / "cache", **ANNEAL), wd)
     assert {name: open(os.path.join(wd, name), "rb").read() for name in before} == before
     assert sorted(os.listdir(os.path.join(wd, "eval_details"))) == [f"step_{s:06d}.json" for s in (0, 2, 4)]
 
@@ -472,12 +488,12 @@ def test_a_resume_keeps_results_until_it_recomputes_them(runs, caplog):
     before = {name: open(os.path.join(wd, name), "rb").read()
               for name in ("eval_final.json", "report.md", "hf_export/model.safetensors", "eval_details/step_000004.json")}
     caplog.set_level("INFO")
-    out = trainer.train(tiny_spec(runs["base"] / "cache"), wd, stop_after=3)
+    out = trainer.train(tiny_spec(runs["base"] / "cache", **ANNEAL), wd, stop_after=3)
     assert out["status"] == "stopped" and out["step"] == 3
     assert f"dropped 1 torn row(s) left by an interrupted write: line {len(lines)} (40 bytes)" in caplog.text
     assert {name: open(os.path.join(wd, name), "rb").read() for name in before} == before
     assert open(metrics).readlines() == lines[:-1]
-    out = trainer.train(tiny_spec(runs["base"] / "cache"), wd)
+    out = trainer.train(tiny_spec(runs["base"] / "cache", **ANNEAL), wd)
     assert out["status"] == "done" and out["step"] == 4
     assert _train_records(wd) == _train_records(runs["full"])
     records = read_jsonl(metrics)
