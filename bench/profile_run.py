@@ -121,8 +121,8 @@ def main(argv: list[str]) -> None:
         sft_dir = tempfile.mkdtemp(prefix="passk_profile_sft_")
         config.sft.cache_dir = sft_dir
     prof = Profiler()
-    from passk_jax.rl import trainer
-    from passk_jax.spec import RunSpec
+    from passk_jax.run import trainer
+    from passk_jax.run.spec import RunSpec
 
     spec = RunSpec.from_config(config)
     t0 = time.perf_counter()

@@ -18,8 +18,8 @@ flags.DEFINE_bool("debug", False, "Show the full traceback of an error instead o
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from passk_jax.rl.monitor import VerifierError
-    from passk_jax.workdir import WorkdirError
+    from passk_jax.run.monitor import VerifierError
+    from passk_jax.run.workdir import WorkdirError
 
     return ValueError, OSError, WorkdirError, VerifierError
 
@@ -112,7 +112,7 @@ def one_line_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], 
         except Exception as err:  # noqa: BLE001 - the one place errors become messages
             if flags.FLAGS["debug"].value or isinstance(err, app.UsageError):
                 raise
-            from passk_jax.workdir import disk_full_message
+            from passk_jax.run.workdir import disk_full_message
 
             text = disk_full_message(err) or str(err).strip() or type(err).__name__
             if not isinstance(err, _user_errors()) and not disk_full_message(err):
@@ -137,7 +137,7 @@ def config_fields(config) -> list[str]:
 def check_overrides(argv: list[str], config, name: str) -> None:
     """Exit with one line naming the first ``--config.FIELD`` override that is not a field of ``config``,
     and the closest valid names."""
-    from passk_jax.workdir import closest_fields
+    from passk_jax.run.workdir import closest_fields
 
     fields = config_fields(config)
     for arg in argv[1:]:

@@ -23,9 +23,9 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readabl
 def export_run(workdir: str, out: str, step: int | None = None) -> int:
     """Restore a run's params from its checkpoint and write them as an HF checkpoint; returns the step."""
     from passk_jax import parallel
-    from passk_jax.checkpoint import Checkpointer
-    from passk_jax.rl import trainer
-    from passk_jax.spec import RunSpec
+    from passk_jax.run import trainer
+    from passk_jax.run.checkpoint import Checkpointer
+    from passk_jax.run.spec import RunSpec
 
     cfg_path = os.path.join(workdir, "config.json")
     if not os.path.exists(cfg_path):

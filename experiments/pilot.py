@@ -37,8 +37,9 @@ def pilot(spec, *, show: int = 1) -> tuple[dict, list]:
     import numpy as np
 
     from passk_jax import parallel
-    from passk_jax.rl import evaluation, rollout, samples, trainer
-    from passk_jax.rl.data import check_prompts, load_examples, make_task
+    from passk_jax.rl import rollout
+    from passk_jax.run import evaluation, samples, trainer
+    from passk_jax.run.data import check_prompts, load_examples, make_task
     from passk_jax.sampling import Sampler
     from passk_jax.tasks.pool import VerifierPool
 
@@ -89,8 +90,8 @@ def pilot(spec, *, show: int = 1) -> tuple[dict, list]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from passk_jax.rl import samples
-    from passk_jax.spec import RunSpec
+    from passk_jax.run import samples
+    from passk_jax.run.spec import RunSpec
 
     cli.show_progress_messages()
     spec = RunSpec.from_config(configs.config_flag_value())

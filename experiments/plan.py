@@ -117,7 +117,7 @@ from passk_jax.models.transformer import ModelConfig, Transformer, split  # noqa
 from passk_jax.rl import step as rl_step  # noqa: E402
 from passk_jax.rl.batch import Batch, batch_shardings  # noqa: E402
 from passk_jax.sampling import Sampler, default_buckets  # noqa: E402
-from passk_jax.spec import MeshSpec, ModelSpec, RunSpec  # noqa: E402
+from passk_jax.run.spec import MeshSpec, ModelSpec, RunSpec  # noqa: E402
 
 ARCHITECTURES = CHECKPOINTS  # named architectures (passk_jax/models/families.py): no checkpoint needed
 
@@ -180,7 +180,7 @@ def model_config(m: ModelSpec, name: str, topo: Topology | None = None) -> tuple
         if name not in ARCHITECTURES:
             raise ValueError(f"unknown --model {name!r}; known: {', '.join(sorted(ARCHITECTURES))}.")
         return ModelConfig.named(name, **numerics), name
-    from passk_jax.tasks.tokenizer import build_char_tokenizer
+    from passk_jax.tokenizer import build_char_tokenizer
 
     preset = getattr(ModelConfig, m.preset)
     return preset(vocab_size=len(build_char_tokenizer()), max_position_embeddings=m.max_len, **numerics), m.preset

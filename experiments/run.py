@@ -34,8 +34,8 @@ def main(argv: list[str]) -> None:
     from passk_jax import parallel
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from passk_jax.rl import trainer
-    from passk_jax.spec import RunSpec
+    from passk_jax.run import trainer
+    from passk_jax.run.spec import RunSpec
 
     cli.show_progress_messages()
     spec = RunSpec.from_config(configs.config_flag_value())

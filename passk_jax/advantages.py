@@ -677,3 +677,19 @@ def compute(name: str, rewards, mask=None, *, k: int = 1, key: Array | None = No
             raise ValueError(f"{name} ranks prompts by mean entropy and needs entropy=f32[P].")
         kwargs["entropy"] = entropy
     return e.fn(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+def eta(n: int, k: int, estimator: str | Callable[[Array], Array] = "passk_analytic",
+        **options) -> np.ndarray:
+    """The paper's Section 4 diagnostic: ``eta(N_pos) = N_pos |A_pos| + N_neg |A_neg|`` for N_pos = 0..n.
+
+    Evaluated with the actual estimator on binary rewards (one prompt per N_pos, as the sum of |A_i|): a
+    registry name (``options`` and e.g. ``key=`` are passed to ``compute``) or a callable
+    ``rewards f32[P, n] -> f32[P, n]``. Returns f64[n + 1]."""
+    rewards = (np.arange(n)[None, :] < np.arange(n + 1)[:, None]).astype(np.float32)
+    if callable(estimator):
+        adv = estimator(jnp.asarray(rewards))
+    else:
+        adv = compute(estimator, rewards, k=k, **options)
+    return np.abs(np.asarray(adv, np.float64)).sum(axis=1)

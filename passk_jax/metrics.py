@@ -1,8 +1,8 @@
-"""Evaluation metrics: what counts as a pass, the unbiased pass@k and pass^k estimators, pass@k curves, and the
-paper's eta diagnostic."""
+"""Evaluation metrics: what counts as a pass, the unbiased pass@k and pass^k estimators and pass@k curves.
+(The paper's eta diagnostic of the estimators is ``advantages.eta``.)"""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,20 +108,3 @@ def pass_at_k_curve(correct, ks: Sequence[int]) -> dict[str, np.ndarray]:
     vals = np.asarray(pass_at_k(n, correct.sum(axis=1)[None, :], ks[:, None]), np.float64)  # [K, P]
     stderr = vals.std(axis=1, ddof=1) / np.sqrt(p) if p > 1 else np.zeros(len(ks))
     return {"k": ks, "mean": vals.mean(axis=1), "stderr": stderr}
-
-
-def eta(n: int, k: int, estimator: str | Callable[[Array], Array] = "passk_analytic",
-        **options) -> np.ndarray:
-    """The paper's Section 4 diagnostic: ``eta(N_pos) = N_pos |A_pos| + N_neg |A_neg|`` for N_pos = 0..n.
-
-    Evaluated with the actual estimator on binary rewards (one prompt per N_pos, as the sum of |A_i|): a
-    registry name (``options`` and e.g. ``key=`` are passed to ``advantages.compute``) or a callable
-    ``rewards f32[P, n] -> f32[P, n]``. Returns f64[n + 1]."""
-    from passk_jax import advantages  # here, not at the top: advantages imports this module (is_pass)
-
-    rewards = (np.arange(n)[None, :] < np.arange(n + 1)[:, None]).astype(np.float32)
-    if callable(estimator):
-        adv = estimator(jnp.asarray(rewards))
-    else:
-        adv = advantages.compute(estimator, rewards, k=k, **options)
-    return np.abs(np.asarray(adv, np.float64)).sum(axis=1)

@@ -18,7 +18,8 @@ Flow of `Sampler.sample` (rows are prompt-major, row = p * n + j):
    `pad_id`, masked, with log-probability 0; the EOS is part of the completion.
 
 temperature / top_p / top_k / eos_ids are traced, so changing them never recompiles; one compilation per
-(bucket, P, n, max_new_tokens).  `Sampler.trace_counts` counts traces of each jitted function for tests.
+(bucket, P, n, max_new_tokens): `Sampler.compile_counts()` reads the jit caches (nothing counts inside traced
+code), and the vocabulary-wide work of a decode step is the draw and its log-probability, nothing else.
 """
 
 from __future__ import annotations
@@ -82,7 +83,6 @@ class SampleOutput(NamedTuple):
 
     tokens: jax.Array        # i32[P*n, T]  completion tokens, pad_id after the EOS
     logprobs: jax.Array      # f32[P*n, T]  log-prob under the sampling distribution (T, top-p, top-k); 0 masked
-    logprobs_raw: jax.Array  # f32[P*n, T]  log-prob under the unmodified policy at temperature 1; 0 masked
     mask: jax.Array          # bool[P*n, T] completion tokens, EOS included
     lengths: jax.Array       # i32[P*n]     number of completion tokens (EOS included)
     truncated: jax.Array     # bool[P*n]    no EOS within max_new_tokens
@@ -212,7 +212,7 @@ def row_keys(key: jax.Array, rows: jax.Array, t: jax.Array | int) -> jax.Array:
 
 
 def select_rows(keys: jax.Array, logits: jax.Array, temperature, top_p, top_k):
-    """`select_tokens` with one key per row: keys [B], logits f32[B, V] -> (tokens, logprob, logprob_raw)."""
+    """`select_tokens` with one key per row: keys [B], logits f32[B, V] -> (tokens, logprob)."""
     out = jax.vmap(lambda k, z: select_tokens(k, z[None], temperature, top_p, top_k))(keys, logits)
     return tuple(x[:, 0] for x in out)
 
@@ -265,7 +265,6 @@ class Sampler:
         self.phase_start, self.max_phases = int(phase_start), int(max_phases)
         if self.phase_start < 1 or self.max_phases < 1:
             raise ValueError(f"phase_start and max_phases must be >= 1, got {phase_start}, {max_phases}.")
-        self.trace_counts = {"prefill": 0, "decode": 0}
         self._prefill = jax.jit(self._prefill_fn)
         # No donation: the P*n-row completion cache is created (and grown per phase) inside `decode`, where
         # XLA updates it in place; only the n-times smaller P-row prompt cache crosses the jit boundary.
@@ -360,9 +359,14 @@ class Sampler:
         return {"prefill": prefill, "decode": decode}
 
     # ---------------------------------------------------------------- host side
+    def compile_counts(self) -> dict[str, int]:
+        """Compiled variants held by the jit caches: {"prefill": n, "decode": n (lockstep + slots)}."""
+        return {"prefill": self._prefill._cache_size(),
+                "decode": self._decode._cache_size() + self._decode_slots._cache_size()}
+
     def compile_count(self) -> int:
         """Number of compiled variants held by the jit caches of prefill and decode."""
-        return self._prefill._cache_size() + self._decode._cache_size() + self._decode_slots._cache_size()
+        return sum(self.compile_counts().values())
 
     def check_slots(self, slots: int, rows: int) -> None:
         """``rollout.decode_slots`` must be 0 (lockstep) or 1..rows and split evenly over the data axes."""
@@ -472,7 +476,6 @@ class Sampler:
     # ---------------------------------------------------------------- jitted
     def _prefill_fn(self, params, tokens, positions, mask):
         """Prompts i32[P, S] (left-padded) -> (prompt cache: P rows x S slots, next-token logits f32[P, V])."""
-        self.trace_counts["prefill"] += 1
         n_prompts, s = tokens.shape
         cache = self._constrain_cache(init_cache(self.cfg, n_prompts, s, self.kv_dtype))
         if s > 1:  # all but the last column: only the cache is kept, so the LM head is dead code
@@ -493,7 +496,6 @@ class Sampler:
                    *, num_samples: int, max_new_tokens: int):
         """Decode P*n rows from the P-row prompt cache; returns the SampleOutput fields but prompt_index and
         prompts."""
-        self.trace_counts["decode"] += 1
         steps = max_new_tokens
         if not self.cfg.scan_layers:  # per-layer weights sliced once here, not on every decode step
             params = unstack_layers(params)
@@ -504,36 +506,35 @@ class Sampler:
         row_ids = self._constrain_rows(jnp.arange(rows, dtype=jnp.int32))
 
         def pick(t, logits, done):
-            tok, lp, raw = select_rows(row_keys(key, row_ids, t), logits, temperature, top_p, top_k)
-            return (jnp.where(done, self.pad_id, tok), jnp.where(done, 0.0, lp), jnp.where(done, 0.0, raw))
+            tok, lp = select_rows(row_keys(key, row_ids, t), logits, temperature, top_p, top_k)
+            return jnp.where(done, self.pad_id, tok), jnp.where(done, 0.0, lp)
 
-        tok, lp, raw = pick(0, logits, jnp.zeros((rows,), bool))
+        tok, lp = pick(0, logits, jnp.zeros((rows,), bool))
         buf = lambda fill, dtype, first: self._constrain_rows(
             jnp.full((rows, steps), fill, dtype).at[:, 0].set(first))
         phases = decode_phases(steps, self.phase_start, self.max_phases)
         # the rows' own continuation: step t writes slot t - 1; the prompt stays in the P-row prefix
         cache = self._constrain_cache(init_cache(self.cfg, rows, max(1, phases[0] - 1), self.kv_dtype))
         state = dict(t=jnp.int32(1), cache=cache, tok=tok, done=is_eos(tok), length=jnp.ones((rows,), jnp.int32),
-                     tokens=buf(self.pad_id, jnp.int32, tok), lp=buf(0.0, jnp.float32, lp),
-                     raw=buf(0.0, jnp.float32, raw))
+                     tokens=buf(self.pad_id, jnp.int32, tok), lp=buf(0.0, jnp.float32, lp))
 
         def body(s):  # step t feeds token t-1 (completion slot t - 1) and samples token t
             t, done = s["t"], s["done"]
             pos = (next_pos + t - 1)[:, None]
             logits, cache = forward(self.graphdef, params, s["tok"][:, None], pos, ~done[:, None], s["cache"],
                                     prefix=prompt_cache)
-            tok, lp, raw = pick(t, logits[:, 0].astype(jnp.float32), done)
+            tok, lp = pick(t, logits[:, 0].astype(jnp.float32), done)
             put = lambda b, x: self._constrain_rows(lax.dynamic_update_slice_in_dim(b, x[:, None], t, axis=1))
             return dict(t=t + 1, cache=self._constrain_cache(cache), tok=tok, done=done | is_eos(tok),
                         length=s["length"] + (~done).astype(jnp.int32),
-                        tokens=put(s["tokens"], tok), lp=put(s["lp"], lp), raw=put(s["raw"], raw))
+                        tokens=put(s["tokens"], tok), lp=put(s["lp"], lp))
 
         for end in phases:  # each phase stops early too once every row is done
             state["cache"] = self._grow(state["cache"], max(1, end - 1))
             state = lax.while_loop(lambda s, end=end: (s["t"] < end) & ~jnp.all(s["done"]), body, state)
         mask = jnp.arange(steps)[None, :] < state["length"][:, None]
         # A row is done exactly when it emitted an EOS (pad fills only after that), so ~done = truncated.
-        return state["tokens"], state["lp"], state["raw"], mask, state["length"], ~state["done"]
+        return state["tokens"], state["lp"], mask, state["length"], ~state["done"]
 
     def _decode_slots_fn(self, params, prompt_cache, logits, next_pos, eos, temperature, top_p, top_k, key,
                          *, num_samples: int, max_new_tokens: int, slots: int):
@@ -544,7 +545,6 @@ class Sampler:
         so no prefill is redone) and its cache is invalidated. Token t of row r is drawn with
         ``row_keys(key, r, t)``, so results equal lockstep decoding; outputs are [P*n, T] in row order. KV
         memory is ``slots`` x the completion length instead of P*n x it."""
-        self.trace_counts["decode"] += 1
         T, n, S = max_new_tokens, num_samples, slots
         if not self.cfg.scan_layers:
             params = unstack_layers(params)
@@ -559,7 +559,7 @@ class Sampler:
         state = dict(row=slot_vec(jnp.arange(S, dtype=jnp.int32)), t=slot_vec(jnp.zeros((S,), jnp.int32)),
                      tok=slot_vec(jnp.full((S,), self.pad_id, jnp.int32)), next_row=jnp.int32(S),
                      cache=self._constrain_cache(init_cache(self.cfg, S, max(1, T - 1), self.kv_dtype)),
-                     tokens=buf(self.pad_id, jnp.int32), lp=buf(0.0, jnp.float32), raw=buf(0.0, jnp.float32),
+                     tokens=buf(self.pad_id, jnp.int32), lp=buf(0.0, jnp.float32),
                      length=jnp.zeros((R + 1,), jnp.int32), eos_hit=jnp.zeros((R + 1,), bool))
 
         def body(s):
@@ -572,7 +572,7 @@ class Sampler:
             out, cache = forward(self.graphdef, params, s["tok"][:, None], (next_pos[r] + t - 1)[:, None],
                                  feed[:, None], s["cache"], prefix=prompt_cache, prefix_rows=prompt, ring=True)
             z = jnp.where(fresh[:, None], logits[prompt], out[:, 0].astype(jnp.float32))
-            tok, lp, raw = select_rows(row_keys(key, r, t), z, temperature, top_p, top_k)
+            tok, lp = select_rows(row_keys(key, r, t), z, temperature, top_p, top_k)
             dest = jnp.where(active, row, R)
             hit = is_eos(tok)
             end = active & (hit | (t + 1 >= T))
@@ -584,11 +584,11 @@ class Sampler:
                         next_row=s["next_row"] + jnp.sum(end.astype(jnp.int32)),
                         cache=self._constrain_cache(cache),
                         tokens=s["tokens"].at[dest, t].set(tok), lp=s["lp"].at[dest, t].set(lp),
-                        raw=s["raw"].at[dest, t].set(raw), length=s["length"].at[dest].set(t + 1),
+                        length=s["length"].at[dest].set(t + 1),
                         eos_hit=s["eos_hit"].at[dest].set(hit))
 
         state = lax.while_loop(lambda s: jnp.any(s["row"] < R), body, state)
         length = self._constrain_rows(state["length"][:R])
         mask = jnp.arange(T)[None, :] < length[:, None]
         rows = lambda x: self._constrain_rows(x[:R])  # noqa: E731
-        return rows(state["tokens"]), rows(state["lp"]), rows(state["raw"]), mask, length, ~rows(state["eos_hit"])
+        return rows(state["tokens"]), rows(state["lp"]), mask, length, ~rows(state["eos_hit"])

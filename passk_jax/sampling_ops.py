@@ -101,37 +101,33 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
 
 def select_tokens(key: jax.Array, logits: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                  top_k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  top_k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row.
 
     Args: key (one PRNG key for the whole batch), logits f32[B, V], traced scalars temperature (0 = greedy),
       top_p in (0, 1], top_k >= 0 (0 = off).
-    Returns: tokens i32[B], logprob f32[B] under the modified distribution (0 for greedy),
-      logprob_raw f32[B] under softmax(logits) (temperature 1, no truncation).
+    Returns: tokens i32[B] and their logprob f32[B] under the modified distribution (0 for greedy), the
+      sampling policy the trainer's ``old_logprobs="sampler"`` needs; nothing else vocabulary-wide.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.asarray(temperature, jnp.float32) <= 0
     z = modified_logits(logits, temperature, top_p, top_k)
     tokens = lax.cond(greedy, lambda: first_argmax(logits),  # Gumbel-max draw from softmax(z) otherwise
                       lambda: first_argmax(z + jax.random.gumbel(key, z.shape, jnp.float32)))
-    take = lambda a: jnp.take_along_axis(a, tokens[:, None], axis=-1)[:, 0]
-    logprob = jnp.where(greedy, 0.0, take(jax.nn.log_softmax(z, axis=-1)))
-    logprob_raw = take(jax.nn.log_softmax(logits, axis=-1))
-    return tokens, logprob, logprob_raw
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, jnp.where(greedy, 0.0, logprob)
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                   top_k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Log-probabilities of given tokens i32[...] under logits f32[..., V]: (modified, raw).
+                   top_k: jax.Array) -> jax.Array:
+    """Log-probabilities of given tokens i32[...] under the modified distribution of logits f32[..., V].
 
     Teacher-forced counterpart of `select_tokens` (same definitions, greedy -> 0 where the token is the
-    argmax and -inf elsewhere); used to check the sampler and by the train step's recomputation."""
+    argmax and -inf elsewhere): what the tests check the sampler's log-probabilities against."""
     shape = tokens.shape
     logits = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32)
     tokens = tokens.reshape(-1, 1)
     z = modified_logits(logits, temperature, top_p, top_k)
     lp = jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tokens, axis=-1)[:, 0]
     greedy_lp = jnp.where(jnp.argmax(logits, axis=-1) == tokens[:, 0], 0.0, -jnp.inf)
-    lp = jnp.where(jnp.asarray(temperature) <= 0, greedy_lp, lp)
-    raw = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens, axis=-1)[:, 0]
-    return lp.reshape(shape), raw.reshape(shape)
+    return jnp.where(jnp.asarray(temperature) <= 0, greedy_lp, lp).reshape(shape)

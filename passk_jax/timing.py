@@ -5,7 +5,7 @@ jitted phase produced. The default ``NO_TIMERS`` does neither (no clock, no devi
 timers computes and synchronises exactly as one with none. ``bench/profile_run.py`` passes a subclass that
 records exclusive wall time per phase and waits on the arrays.
 
-Phases, and who reports them: "warm start (SFT)" and "checkpoint" / "logging" (``rl/trainer.py``: the warm
+Phases, and who reports them: "warm start (SFT)" and "checkpoint" / "logging" (``run/trainer.py``: the warm
 start, ``Checkpointer.save`` / ``.wait``, ``MetricWriter.write``), "eval" (``Run.evaluate``), "batch assembly"
 and "update" (``Run.rl_step``: ``rollout.to_batch``, the train step), "prompt preparation", "fetch to host",
 "detokenise", "score" (``rollout.generate``: rendering + tokenising, the sampling section around the

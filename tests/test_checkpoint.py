@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from passk_jax.checkpoint import Checkpointer
+from passk_jax.run.checkpoint import Checkpointer
 
 
 def _state(shift):

@@ -57,9 +57,10 @@ def test_replicated_decode_loop_gathers_no_weight(mesh_shape):
 
 @pytest.mark.parametrize("dtype,atol", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_replicated_layout_samples_like_one_device(dtype, atol):
-    """Same key: the 8-device replicated decode picks the single-device tokens; log-probs agree to float32
-    rounding, or for bf16 to its unit roundoff 2^-8 on O(1) logits (different reduction order across
-    devices), and on one device the bf16 decode copy is bitwise the cast-at-use computation."""
+    """Same key, greedy: the 8-device replicated decode picks the single-device tokens; the logits (of the
+    prefill, through the same decode weights) agree to float32 rounding, or for bf16 to its unit roundoff
+    2^-8 on O(1) logits (different reduction order across devices), and on one device the bf16 decode copy
+    is bitwise the cast-at-use computation."""
     cfg = _cfg(dtype=dtype)
     graphdef, params = init(cfg, seed=0)
     kw = dict(KW, key=jax.random.PRNGKey(3), temperature=0.0)
@@ -69,13 +70,16 @@ def test_replicated_layout_samples_like_one_device(dtype, atol):
     assert isinstance(weights, DecodeWeights) and one.prepare(weights) is weights
     assert {x.dtype for x in jax.tree.leaves(weights.params)} == {np.dtype(dtype)}
     same = one.sample(weights, PROMPTS, **kw)
-    for name in ("tokens", "logprobs", "logprobs_raw", "lengths"):
+    for name in ("tokens", "logprobs", "lengths"):
         np.testing.assert_array_equal(getattr(same, name), getattr(ref, name), err_msg=name)
+    ref_logits = Sampler(graphdef, cfg, decode_layout="training").prefill(params, PROMPTS)[1]
+    np.testing.assert_array_equal(one.prefill(weights, PROMPTS)[1], ref_logits)
     mesh = parallel.make_mesh(2, 4, 1)
     graphdef8, params8 = init(cfg, seed=0, mesh=mesh)
-    out = Sampler(graphdef8, cfg, mesh=mesh, decode_layout="replicated").sample(params8, PROMPTS, **kw)
+    eight = Sampler(graphdef8, cfg, mesh=mesh, decode_layout="replicated")
+    out = eight.sample(params8, PROMPTS, **kw)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_allclose(out.logprobs_raw, ref.logprobs_raw, atol=atol)
+    np.testing.assert_allclose(eight.prefill(params8, PROMPTS)[1], ref_logits, atol=atol)
 
 
 def test_auto_rule_and_errors():

@@ -25,7 +25,6 @@ def _same(out, ref):
         np.testing.assert_array_equal(getattr(out, name), getattr(ref, name), err_msg=name)
     # the ring cache sums a row's attention in another order: float32 rounding only
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-6)
-    np.testing.assert_allclose(out.logprobs_raw, ref.logprobs_raw, atol=2e-6)
 
 
 def test_any_number_of_slots_samples_like_lockstep(model):

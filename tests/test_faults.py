@@ -7,12 +7,12 @@ import os
 import pytest
 
 from experiments import configs
-from passk_jax import workdir as wd
-from passk_jax.metric_log import MetricWriter, read_jsonl, repair_jsonl
-from passk_jax.rl.data import check_prompts
-from passk_jax.spec import RunSpec
+from passk_jax.run import workdir as wd
+from passk_jax.run.data import check_prompts
+from passk_jax.run.metric_log import MetricWriter, read_jsonl, repair_jsonl
+from passk_jax.run.spec import RunSpec
 from passk_jax.tasks import get as get_task
-from passk_jax.tasks.tokenizer import build_char_tokenizer, encode_prompt, prompt_lengths
+from passk_jax.tokenizer import build_char_tokenizer, encode_prompt, prompt_lengths
 from passk_jax.tasks.verl_data import load_verl, write_verl
 
 CONFIG = {"seed": 0, "train": {"steps": 40, "checkpoint_every": 10}, "step": {"k": 4}}
@@ -194,7 +194,7 @@ def test_disk_full_is_one_sentence_naming_path_and_free_space(tmp_path):
 
 # ------------------------------------------------------------------ the warm-start cache key
 def test_warm_start_key_ignores_where_the_cache_lives():
-    from passk_jax.rl.trainer import warm_start_key
+    from passk_jax.run.trainer import warm_start_key
 
     base = _spec()
     moved = _spec(**{"sft.cache_dir": "/elsewhere/cache", "task.verifier_workers": 0})

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from passk_jax import metrics
+from passk_jax import advantages as adv, metrics
 
 
 def _exact(n, c, k):
@@ -73,10 +73,10 @@ def test_pass_at_k_curve():
 
 def test_eta_argmax_facts():
     n = 32
-    argmax = {k: int(np.argmax(metrics.eta(n, k))) / n for k in (1, 4, 8)}
+    argmax = {k: int(np.argmax(adv.eta(n, k))) / n for k in (1, 4, 8)}
     assert argmax == {1: 0.5, 4: 0.25, 8: 0.125}
     p = np.arange(n + 1) / n
-    np.testing.assert_allclose(metrics.eta(n, 1, "grpo"), 2 * n * np.sqrt(p * (1 - p)), rtol=1e-5, atol=1e-5)
-    assert np.argmax(metrics.eta(n, 4, "exceed")) == 1  # Eq. 17 moves the peak to the hardest solved prompt
-    assert metrics.eta(n, 4)[-1] == 0 and metrics.eta(n, 4)[0] == 0  # easy and unsolved prompts: no signal
-    assert np.allclose(metrics.eta(n, 4, lambda r: 2 * r), 2 * np.arange(n + 1))
+    np.testing.assert_allclose(adv.eta(n, 1, "grpo"), 2 * n * np.sqrt(p * (1 - p)), rtol=1e-5, atol=1e-5)
+    assert np.argmax(adv.eta(n, 4, "exceed")) == 1  # Eq. 17 moves the peak to the hardest solved prompt
+    assert adv.eta(n, 4)[-1] == 0 and adv.eta(n, 4)[0] == 0  # easy and unsolved prompts: no signal
+    assert np.allclose(adv.eta(n, 4, lambda r: 2 * r), 2 * np.arange(n + 1))

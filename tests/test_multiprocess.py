@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from passk_jax import parallel
-from passk_jax.metric_log import read_jsonl
 from passk_jax.rl import rollout
+from passk_jax.run.metric_log import read_jsonl
 from passk_jax.sampling import PaddedPrompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from passk_jax import advantages, metrics
-from passk_jax.rl import evaluation, rollout
-from passk_jax.rl import step as rl_step
+from passk_jax.rl import rollout, step as rl_step
+from passk_jax.run import evaluation
 from passk_jax.sampling import PaddedPrompts
 
 AT = metrics.PASS_THRESHOLD

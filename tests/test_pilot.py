@@ -2,7 +2,7 @@
 import pytest
 
 from experiments import configs, pilot
-from passk_jax.spec import RunSpec
+from passk_jax.run.spec import RunSpec
 
 
 def test_pilot_row_of_a_fresh_model(tmp_path, monkeypatch):

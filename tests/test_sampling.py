@@ -4,6 +4,7 @@ frequencies, EOS / lengths / truncation, determinism, one compilation, sharded =
 import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +92,7 @@ def test_greedy_matches_transformers_generate(tiny, sampler):
 
 
 def teacher_forced(graphdef, params, prompts, out, n, knobs):
-    """Recompute (modified, raw) logprobs of the sampled tokens with one cache-free forward over
+    """Recompute the (modified-distribution) logprobs of the sampled tokens with one cache-free forward over
     [prompt | completion] per row (left-padded prompt, completion masked after its length)."""
     tokens = np.asarray(out.tokens)
     rows, new = tokens.shape
@@ -101,8 +102,7 @@ def teacher_forced(graphdef, params, prompts, out, n, knobs):
     msk = np.concatenate([msk, np.asarray(out.mask)], 1)
     pos = np.concatenate([pos, pos[:, -1:] + 1 + np.arange(new)[None]], 1)
     logits, _ = jax.jit(forward, static_argnums=0)(graphdef, params, seq, pos, msk)
-    lp, raw = token_logprobs(logits[:, width - 1:-1], jnp.asarray(tokens), *knobs)
-    return np.asarray(lp), np.asarray(raw)
+    return np.asarray(token_logprobs(logits[:, width - 1:-1], jnp.asarray(tokens), *knobs))
 
 
 @pytest.mark.parametrize("knobs", [(0.8, 0.9, 20), (1.0, 1.0, 0), (0.5, 1.0, 0), (1.7, 0.5, 0)])
@@ -111,11 +111,10 @@ def test_logprobs_match_teacher_forcing(tiny, sampler, knobs):
     n = 3
     out = sampler.sample(params, PROMPTS, num_samples=n, max_new_tokens=10, temperature=knobs[0], top_p=knobs[1],
                          top_k=knobs[2], eos_ids=[11, 12, 13], key=jax.random.key(1))
-    lp, raw = teacher_forced(graphdef, params, PROMPTS, out, n, knobs)
+    lp = teacher_forced(graphdef, params, PROMPTS, out, n, knobs)
     mask = np.asarray(out.mask)
     np.testing.assert_allclose(np.asarray(out.logprobs)[mask], lp[mask], atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out.logprobs_raw)[mask], raw[mask], atol=1e-5)
-    assert np.all(np.asarray(out.logprobs)[~mask] == 0) and np.all(np.asarray(out.logprobs_raw)[~mask] == 0)
+    assert np.all(np.asarray(out.logprobs)[~mask] == 0)
 
 
 def test_first_token_frequencies(tiny, sampler):
@@ -167,15 +166,13 @@ def test_determinism_and_one_compilation(tiny):
     a = sampler.sample(params, PROMPTS, temperature=1.0, key=jax.random.key(3), **kw)
     b = sampler.sample(params, PROMPTS, temperature=1.0, key=jax.random.key(3), **kw)
     c = sampler.sample(params, PROMPTS, temperature=1.0, key=jax.random.key(4), **kw)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):  # every array, the padded prompts included
-        np.testing.assert_array_equal(x, y)
+    chex.assert_trees_all_equal(a, b)  # every array, the padded prompts included
     assert not np.array_equal(a.tokens, c.tokens)
     for t, p, k, eos in [(0.0, 1.0, 0, ()), (0.5, 0.9, 0, (3,)), (2.0, 1.0, 5, (1, 2)), (1.0, 0.3, 7, ())]:
         sampler.sample(params, PROMPTS, temperature=t, top_p=p, top_k=k, eos_ids=eos, key=jax.random.key(5), **kw)
-    assert sampler.trace_counts == {"prefill": 1, "decode": 1}
-    assert sampler.compile_count() == 2
+    assert sampler.compile_counts() == {"prefill": 1, "decode": 1} and sampler.compile_count() == 2
     sampler.sample(params, PROMPTS[:2], temperature=1.0, key=jax.random.key(5), **kw)  # new P: one more each
-    assert sampler.trace_counts == {"prefill": 2, "decode": 2}
+    assert sampler.compile_counts() == {"prefill": 2, "decode": 2}
 
 
 def test_sharded_equals_unsharded(tiny, sampler):
@@ -192,7 +189,6 @@ def test_sharded_equals_unsharded(tiny, sampler):
     for name in ("tokens", "mask", "lengths", "truncated", "prompt_index"):
         np.testing.assert_array_equal(getattr(out, name), getattr(ref, name), err_msg=name)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
-    np.testing.assert_allclose(out.logprobs_raw, ref.logprobs_raw, atol=1e-5)
 
 
 @pytest.mark.parametrize("prompts,kw,match", [
@@ -214,7 +210,7 @@ def test_bad_input_raises_before_compiling(tiny, prompts, kw, match):
     sampler = Sampler(graphdef, cfg)
     with pytest.raises(ValueError, match=match):
         sampler.sample(params, prompts, **{"num_samples": 1, "max_new_tokens": 4, "key": jax.random.key(0), **kw})
-    assert sampler.trace_counts == {"prefill": 0, "decode": 0}
+    assert sampler.compile_counts() == {"prefill": 0, "decode": 0}
 
 
 def test_decode_phases_do_not_change_results(tiny, sampler):
@@ -244,7 +240,7 @@ def test_unrolled_layer_stack_samples_the_same(tiny, sampler):
     out = unrolled_sampler.sample(parallel.shard_params(params, mesh), PROMPTS[:2] + PROMPTS[2:], **kw)
     for name in ("tokens", "mask", "lengths", "truncated"):
         np.testing.assert_array_equal(getattr(out, name), getattr(ref, name), err_msg=name)
-    np.testing.assert_allclose(out.logprobs_raw, ref.logprobs_raw, atol=1e-5)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
 
 
 def test_layers_option_picks_the_stack_and_keeps_the_rollouts(tiny):

@@ -3,10 +3,11 @@
 import jax
 import numpy as np
 
-from passk_jax import parallel, sft
+from passk_jax import parallel
 from passk_jax.models.transformer import ModelConfig, init
+from passk_jax.run import sft
 from passk_jax.tasks import get as get_task
-from passk_jax.tasks.tokenizer import build_char_tokenizer
+from passk_jax.tokenizer import build_char_tokenizer
 
 
 def _setup():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.smollm2_study import report, study
-from passk_jax.spec import RunSpec
+from passk_jax.run.spec import RunSpec
 
 
 def test_run_configs_are_the_named_config_with_the_design(tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from passk_jax import workdir as wd
+from passk_jax.run import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = {"seed": 0, "step": {"k": 4, "kl_coef": 0.0, "estimator_options": {}}, "train": {"steps": 40}}
@@ -25,7 +25,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
 
 
 def test_lock_held_by_another_process(tmp_path):
-    code = ("import sys, time; from passk_jax.workdir import RunLock; RunLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from passk_jax.run.workdir import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -41,7 +41,7 @@ def test_lock_held_by_another_process(tmp_path):
 
 
 def test_stale_lock_after_sigkill_is_taken_over(tmp_path, caplog):
-    code = ("import os, signal, sys; from passk_jax.workdir import RunLock; RunLock(sys.argv[1]).acquire(); "
+    code = ("import os, signal, sys; from passk_jax.run.workdir import RunLock; RunLock(sys.argv[1]).acquire(); "
             "os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL
@@ -78,7 +78,7 @@ def test_changed_config_is_refused_naming_fields(tmp_path):
 def test_a_field_added_at_its_default_resumes_an_older_workdir(tmp_path):
     """A config.json written before a field existed resumes under a config that sets the field to the
     library's default (the old run used it); any other value of the new field is a different config."""
-    from passk_jax.spec import field_defaults
+    from passk_jax.run.spec import field_defaults
 
     defaults = field_defaults()
     wd.claim(str(tmp_path), CONFIG).release()
@@ -103,7 +103,7 @@ def test_every_step_field_can_be_set_from_the_command_line():
     from experiments import configs
     from experiments.cli import config_fields
     from passk_jax.rl.step import StepConfig
-    from passk_jax.spec import RunSpec
+    from passk_jax.run.spec import RunSpec
 
     c = configs.get("passk_k4")
     assert {f"step.{f.name}" for f in dataclasses.fields(StepConfig)} <= set(config_fields(c))

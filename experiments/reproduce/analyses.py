@@ -1,7 +1,7 @@
 """Exact analyses of the paper (seconds, no training): Section 4's eta curves, bootstrap -> analytical
 convergence (Alg. 2 -> Alg. 3) and the advantage values at N = 32.
 
-Everything is computed with the library's own estimators (``passk_jax.advantages`` / ``metrics.eta``), so
+Everything is computed with the library's own estimators (``passk_jax.advantages``, its ``eta``), so
 these numbers test the implementation as much as they reproduce the paper. ``run(out_dir)`` writes
 ``eta.csv``, ``eta.png``, ``bootstrap_convergence.csv``, ``bootstrap_convergence.png``,
 ``advantage_table.csv`` and ``analyses.json`` (the summary the report reads).
@@ -46,7 +46,7 @@ def binary_rewards(n: int = N) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ eta
 def eta_curves(n: int = N, curves: Sequence[tuple[str, str, int]] = ETA_CURVES) -> dict[str, np.ndarray]:
     """{label: eta f64[n + 1]} with eta(N_pos) = N_pos |A_pos| + N_neg |A_neg| (Section 4)."""
-    return {label: metrics.eta(n, k, name) for label, name, k in curves}
+    return {label: advantages.eta(n, k, name) for label, name, k in curves}
 
 
 def eta_argmax(curves: dict[str, np.ndarray]) -> dict[str, int]:

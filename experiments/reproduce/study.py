@@ -31,7 +31,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from experiments import configs
-from passk_jax.metric_log import read_jsonl
+from passk_jax.run.metric_log import read_jsonl
 
 DATA_SEED = 0
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -360,7 +360,7 @@ def _supersede(spec: StudySpec, seed: int, record: dict[str, Any], records_dir: 
 def _timed_train(trainer, config, workdir: str) -> tuple[dict[str, Any], float]:
     """``trainer.train`` and the run's wall time summed over every invocation (``study_wall_s`` in the
     workdir carries it across interruptions)."""
-    from passk_jax.spec import RunSpec
+    from passk_jax.run.spec import RunSpec
 
     path = os.path.join(workdir, "study_wall_s")
     before = float(open(path).read()) if os.path.exists(path) else 0.0
@@ -377,7 +377,7 @@ def run(spec: StudySpec, runs_dir: str, *, records_dir: str = RECORDS,
         log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train every (seed, method) of ``spec`` that has no record yet, seed by seed (a seed's first run
     builds its warm start); returns every record."""
-    from passk_jax.rl import trainer
+    from passk_jax.run import trainer
 
     root = os.path.join(runs_dir, spec.name)
     train_file, test_file, sources = write_data(spec, os.path.join(root, "data"))

@@ -97,8 +97,8 @@ def _set(config, dotted: str, value: Any) -> None:
 
 def write_data(design: Design, data_dir: str, model_path: str) -> tuple[str, str, list[str]]:
     """The shared train / held-out pools as verl JSONL; returns (train path, test path, test sources)."""
-    from passk_jax.rl.data import make_task
-    from passk_jax.spec import RunSpec
+    from passk_jax.run.data import make_task
+    from passk_jax.run.spec import RunSpec
     from passk_jax.tasks.verl_data import write_verl
 
     c = configs.get("smollm2_arith")
@@ -138,7 +138,7 @@ load_records = repro.load_records  # every record of the design's methods and se
 def run(design: Design, runs_dir: str, model_path: str, *, records_dir: str = RECORDS,
         log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train every (seed, method) without a record, seed by seed; returns the records."""
-    from passk_jax.rl import trainer
+    from passk_jax.run import trainer
 
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise FileNotFoundError(f"no converted model in {model_path}; run `make smollm2` first.")

@@ -32,7 +32,7 @@ from flax import nnx
 from passk_jax.models.families import BY_HF_ARCHITECTURE, FAMILIES
 from passk_jax.models.transformer import DTYPES, ModelConfig, Transformer
 from passk_jax.parallel import param_shardings, to_host
-from passk_jax.tasks.tokenizer import build_char_tokenizer, char_alphabet
+from passk_jax.tokenizer import build_char_tokenizer, char_alphabet, load_tokenizer
 
 SUPPORTED_ARCHITECTURES = {arch: f.name for arch, f in BY_HF_ARCHITECTURE.items()}  # from families.FAMILIES
 _ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -393,17 +393,6 @@ def save_tokenizer(tokenizer: Any, path: str | os.PathLike, *, source: str | os.
         return
     alphabet = char_alphabet(tokenizer)
     (tokenizer if alphabet is None else build_char_tokenizer(alphabet)).save_pretrained(str(path))
-
-
-def load_tokenizer(path: str | os.PathLike) -> Any:
-    """transformers tokenizer from a local directory (never the network); its chat template comes with it."""
-    import transformers
-
-    path = Path(path)
-    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not path.is_dir() or not any((path / f).is_file() for f in files):
-        raise FileNotFoundError(f"no tokenizer files ({', '.join(files)}) in local directory {path}.")
-    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "config_from_hf", "config_to_hf", "load_pretrained", "save_pretrained",

@@ -31,7 +31,7 @@ from passk_jax.rl.batch import Batch, batch_shardings
 from passk_jax.sampling import PaddedPrompts, Sampler, SampleOutput
 from passk_jax.tasks import Example, Task, has_answer, reward_spec
 from passk_jax.tasks.pool import VerifierPool
-from passk_jax.tasks.tokenizer import decode_response, encode_prompt
+from passk_jax.tokenizer import decode_response, encode_prompt
 from passk_jax.timing import NO_TIMERS, Timers
 
 

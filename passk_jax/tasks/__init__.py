@@ -30,27 +30,11 @@ from __future__ import annotations
 
 import importlib
 import numbers
-from dataclasses import dataclass, field
 from math import isfinite  # not `import math`: the submodule passk_jax.tasks.math would shadow it
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-Message = dict[str, str]
-Prompt = str | list[Message]
-
-
-@dataclass
-class Example:
-    """One problem. `prompt`: what the model sees (text, or chat messages); `ground_truth`: what the
-    verifier needs (a maze grid, a countdown spec, a final answer); `extra`: metadata (difficulty, index);
-    `origin`: where the example came from, e.g. 'data/train.jsonl:3' or 'data/train.parquet: row 2'; empty
-    for generated examples (not part of equality)."""
-
-    prompt: Prompt
-    ground_truth: Any
-    data_source: str
-    extra: dict[str, Any] = field(default_factory=dict)
-    origin: str = field(default="", compare=False)
-
+from passk_jax.tasks.example import Example, Message, Prompt
+from passk_jax.tasks.verl_io import load_verl
 
 @runtime_checkable
 class Task(Protocol):
@@ -83,8 +67,6 @@ class BaseTask:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
         if self.files[split]:
-            from passk_jax.tasks.verl_data import load_verl
-
             rows = load_verl(self.files[split], on_bad_row=self.on_bad_row)
             return rows if num is None else rows[:num]
         return self.generate(split, num, seed)

@@ -11,9 +11,8 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from passk_jax.models import hf
-from passk_jax.models import transformer as T
-from passk_jax.tasks.tokenizer import (CHAT_TEMPLATE, DEFAULT_ALPHABET, SPECIALS, build_char_tokenizer,
+from passk_jax.models import hf, transformer as T
+from passk_jax.tokenizer import (CHAT_TEMPLATE, DEFAULT_ALPHABET, SPECIALS, build_char_tokenizer,
                                        char_alphabet, load_tokenizer)
 
 TEXTS = ["S.*..\n..*.E\n>  RRDD <answer>(8-5)*7+3</answer>", "  two  spaces\n\n\nthree newlines   ",
@@ -161,7 +160,7 @@ def test_hf_tokenizer_passes_through(tmp_path, source):
 def test_trainer_export_from_hf_path_keeps_tokenizer_and_config(tmp_path):
     """``trainer.export(..., hf_path=...)`` (the run's and experiments.export's path) copies the source tokenizer
     and keeps the source config.json's own fields; both Auto classes load the result."""
-    from passk_jax.rl import trainer
+    from passk_jax.run import trainer
 
     _qwen2_style_checkpoint(tmp_path / "src")
     source_cfg = json.loads((tmp_path / "src" / "config.json").read_text())

@@ -4,6 +4,7 @@
 match transformers' PyTorch model, and our greedy decoding with the checkpoint's EOS ids equals ``generate``."""
 import json
 import os
+import shutil
 
 import chex
 import jax
@@ -14,11 +15,10 @@ import torch
 import transformers
 
 from experiments import import_model
-from passk_jax.models import hf
-from passk_jax.models import transformer as T
+from passk_jax.models import hf, transformer as T
 from passk_jax.rl.rollout import checkpoint_stop_ids, eos_ids
 from passk_jax.sampling import Sampler
-from passk_jax.tasks.tokenizer import encode_prompt
+from passk_jax.tokenizer import encode_prompt
 
 MESSAGES = [{"role": "system", "content": "Put the final answer in <answer></answer> tags."},
             {"role": "user", "content": "What is 12 + 7?"}]
@@ -71,15 +71,33 @@ def test_logits_and_greedy_decoding_match_transformers(smollm2):
     assert np.asarray(got.tokens[0, :n]).tolist() == generated[0, len(prompt):].tolist()
 
 
+def _first_layers(src: str, dst: str, layers: int) -> str:
+    """A copy of the converted checkpoint with only its first ``layers`` decoder layers (same vocabulary,
+    tokenizer, chat template and EOS ids): what the run layer sees of the real model, at a test's cost."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config["num_hidden_layers"] = layers
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    weights = load_file(os.path.join(src, "model.safetensors"))
+    keep = {k: v for k, v in weights.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    save_file(keep, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
 def test_named_config_runs_a_step_and_records_samples(smollm2, tmp_path):
-    """``smollm2_arith`` at tiny sizes: the initial evaluation, one RL step, the final evaluation, and the
-    samples of each: chat prompts, the responses, their extracted answers and rewards."""
+    """``smollm2_arith`` at tiny sizes on the real checkpoint cut to 2 of its 30 layers: the initial
+    evaluation, one RL step, the final evaluation, and the samples of each: chat prompts, the responses,
+    their extracted answers and rewards."""
     from experiments import configs
-    from passk_jax.rl import samples, trainer
-    from passk_jax.spec import RunSpec
+    from passk_jax.run import samples, trainer
+    from passk_jax.run.spec import RunSpec
     from passk_jax.tasks import Example, get as get_task
 
-    out, _ = smollm2
+    out = _first_layers(smollm2[0], str(tmp_path / "smollm2_2_layers"), 2)
     c = configs.get("smollm2_arith")
     for dotted, value in {"model.hf_path": out, "model.scan_layers": True, "task.num_train": 8,
                           "task.options.test_size": 2, "rollout.prompts_per_step": 2, "rollout.num_samples": 4,

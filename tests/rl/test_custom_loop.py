@@ -4,8 +4,9 @@ import os
 
 import numpy as np
 
-from passk_jax.rl import rollout, trainer
-from passk_jax.spec import RunSpec
+from passk_jax.rl import rollout
+from passk_jax.run import trainer
+from passk_jax.run.spec import RunSpec
 from tests.rl.test_trainer import tiny_config
 
 

@@ -4,10 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from passk_jax.rl import rollout, trainer
-from passk_jax.rl.data import DataStream
+from passk_jax.rl import rollout
+from passk_jax.run import trainer
+from passk_jax.run.data import DataStream
+from passk_jax.run.spec import RolloutSpec
 from passk_jax.sampling import PaddedPrompts
-from passk_jax.spec import RolloutSpec
 
 
 def fake_rollouts(examples, n):

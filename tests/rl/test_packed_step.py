@@ -14,10 +14,9 @@ import pytest
 
 from experiments import configs
 from passk_jax import parallel
-from passk_jax.rl import losses, packing
-from passk_jax.rl import step as st
+from passk_jax.rl import losses, packing, step as st
 from passk_jax.rl.packed_step import make_packed_train_step
-from passk_jax.spec import RunSpec
+from passk_jax.run.spec import RunSpec
 from tests.rl.helpers import make_batch, tiny_model, toy_model
 
 BASE = st.StepConfig(estimator="passk_analytic", k=2, learning_rate=1e-3, warmup_steps=2, adam_eps=1e-4,

@@ -5,6 +5,7 @@ time); ``test_step_transformer.py`` repeats the mesh check with the real decoder
 """
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,8 +148,7 @@ def test_sharded_step_equals_single_device(runs, shape):
     # fp32 with "highest" matmuls: sharding only reorders sums (~1e-7 relative); two steps of 2 AdamW updates
     # each at lr 1e-3 keep parameter differences orders of magnitude below 1e-5.
     ref, got = runs[(1, 1, 1)], runs[shape]
-    for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(ref["params"])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(got["params"], ref["params"], rtol=1e-5, atol=1e-6)
     for mg, mr in zip(got["metrics"], ref["metrics"]):
         for name in mr:
             np.testing.assert_allclose(mg[name], mr[name], rtol=1e-5, atol=1e-6, err_msg=name)

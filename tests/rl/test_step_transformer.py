@@ -1,4 +1,5 @@
 """The train step with the real decoder: fsdp 4 x tensor 2 on 8 virtual devices == one device."""
+import chex
 import jax
 import numpy as np
 
@@ -25,8 +26,7 @@ def test_transformer_step_fsdp_tensor_equals_single_device():
     got_params, got_metrics, step = _run(parallel.make_mesh(1, 4, 2), graphdef, params)
     assert step._cache_size() == 1
     # float32, "highest" matmuls: sharding reorders sums only (~1e-7 relative); Adam eps 1e-4 (see BASE)
-    for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(ref_params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(got_params, ref_params, rtol=1e-5, atol=1e-6)
     for mg, mr in zip(got_metrics, ref_metrics):
         for name in mr:
             np.testing.assert_allclose(mg[name], mr[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -50,5 +50,4 @@ def test_chunked_logprobs_step_equals_full_logits():
         state, m = train_step(init(params, jax.random.PRNGKey(3)),
                               jax.device_put(make_batch(seed=0), batch_shardings(mesh)))
         out[chunk] = jax.tree.map(np.asarray, (state.params, m))
-    for a, b in zip(jax.tree.leaves(out[5]), jax.tree.leaves(out[0])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(out[5], out[0], rtol=1e-5, atol=1e-6)

@@ -8,15 +8,16 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
 
 from experiments import configs
 from passk_jax import metrics
-from passk_jax.metric_log import read_jsonl
-from passk_jax.rl import evaluation, monitor, trainer
-from passk_jax.spec import RunSpec
+from passk_jax.run import evaluation, monitor, trainer
+from passk_jax.run.metric_log import read_jsonl
+from passk_jax.run.spec import RunSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = {
@@ -108,7 +109,7 @@ def test_outputs_and_report(runs):
 def test_samples_show_what_the_model_wrote(runs):
     """Every evaluation (steps 0, 2, 4) and every second RL step records 4 prompts x 2 responses; each
     recorded reward is what the task's verifier gives the recorded text, each answer what it reads."""
-    from passk_jax.rl import samples
+    from passk_jax.run import samples
     from passk_jax.tasks import Example
     from passk_jax.tasks.maze import MazeTask, extract_maze_answer
 
@@ -149,11 +150,7 @@ def test_wandb_offline_run_continues_across_the_resume(runs):
 
 
 def test_resume_is_bitwise_exact(runs):
-    a, b = _params(runs["full"]), _params(runs["split"])
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(_params(runs["full"]), _params(runs["split"]))  # structure, dtypes, bits
     skip = ("time", "time/", "perf/", "sft/")  # SFT ran in one workdir, was cached in the other
     # (verifier counters are compared: per-step and cumulative counts survive the resume)
     ra = [r for r in read_jsonl(os.path.join(runs["full"], "metrics.jsonl"))]
@@ -223,7 +220,7 @@ def test_rerun_of_a_finished_run_changes_nothing(runs, caplog):
 
 
 def test_changed_config_is_refused_before_compiling(runs):
-    from passk_jax.workdir import WorkdirError
+    from passk_jax.run.workdir import WorkdirError
 
     wd = _copy_run(runs, "changed")
     files = {name: open(os.path.join(wd, name), "rb").read() for name in ("config.json", "metrics.jsonl")}
@@ -247,8 +244,7 @@ def test_corrupt_newest_checkpoint_then_longer_resume_finishes(runs, caplog):
     assert "step 4" in caplog.text and "unreadable" in caplog.text and "resuming from checkpoint step 3" in caplog.text
     assert os.listdir(os.path.join(wd, "checkpoints", "corrupt")) == ["4"]
     redone = _params(wd)  # the re-saved step 4 equals the uninterrupted run's step 4
-    for x, y in zip(jax.tree.leaves(redone), jax.tree.leaves(_params(runs["split"]))):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(redone, _params(runs["split"]))
     full = _train_records(runs["full"])
     mine = _train_records(wd)
     assert [r["step"] for r in mine] == [1, 2, 3, 4, 5]
@@ -461,7 +457,7 @@ def test_long_responses_train_and_evaluate(tmp_path):
 
 def test_a_finished_run_without_its_checkpoints_is_refused_before_compiling(runs):
     """A rerun must not retrain a finished run whose checkpoints were removed (it would replace its results)."""
-    from passk_jax.workdir import WorkdirError
+    from passk_jax.run.workdir import WorkdirError
 
     wd = _copy_run(runs, "no_checkpoints")
     shutil.rmtree(os.path.join(wd, "checkpoints"))

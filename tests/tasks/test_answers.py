@@ -43,7 +43,7 @@ def test_parse_answer_option():
 
 def test_no_answer_is_counted_and_warned():
     from passk_jax.rl import rollout
-    from passk_jax.rl.monitor import VerifierMonitor
+    from passk_jax.run.monitor import VerifierMonitor
     from passk_jax.tasks.pool import VerifierPool
 
     task = tasks.get("math", answer="tag", strict_format=True)

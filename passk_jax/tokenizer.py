@@ -16,7 +16,9 @@ concatenates the message contents after <bos>.
 """
 from __future__ import annotations
 
+import os
 import string
+from pathlib import Path
 from typing import Any, Sequence
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -69,13 +71,26 @@ def save_char_tokenizer(path: str, alphabet: str = DEFAULT_ALPHABET):
     return tok
 
 
-def load_tokenizer(path: str):
-    """A local tokenizer directory with a tokenizer.json (ours, or a real model's), no hub access.
-    `PreTrainedTokenizerFast` directly: the same object AutoTokenizer yields for tokenizer.json models in
-    transformers 5, without AutoTokenizer's seconds-long import."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a local directory, never the network; its chat template comes with it.
+
+    A model checkpoint (a directory with config.json) goes through ``AutoTokenizer``, which picks the class
+    its configs name; a bare tokenizer directory (the character tokenizer a run saves) loads as
+    ``PreTrainedTokenizerFast`` from its tokenizer.json, without AutoTokenizer's seconds-long import.
+    A directory without tokenizer files is a FileNotFoundError naming it."""
+    path = Path(path)
+    if not path.is_dir() or not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in local directory {path}.")
+    if (path / "config.json").is_file():
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[dict[str, str]]) -> list[int]:

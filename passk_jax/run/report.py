@@ -7,9 +7,9 @@ import os
 import re
 from typing import Any
 
-from passk_jax.metric_log import read_jsonl
-from passk_jax.rl import samples
-from passk_jax.spec import RunSpec
+from passk_jax.run import samples
+from passk_jax.run.metric_log import read_jsonl
+from passk_jax.run.spec import RunSpec
 
 CURVES = (("rollout/reward_mean", "mean reward of the rollouts"),
           ("step/rollout_pass@k", "group pass@k of the rollouts"),

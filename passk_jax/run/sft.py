@@ -20,10 +20,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from passk_jax import parallel
 from passk_jax.models.transformer import forward
-from passk_jax.rl import losses
 from passk_jax.optim import OptimConfig, make_optimizer
+from passk_jax.rl import losses
 from passk_jax.tasks import Example, Task
-from passk_jax.tasks.tokenizer import encode_prompt
+from passk_jax.tokenizer import encode_prompt
 
 
 def build_dataset(task: Task, tokenizer: Any, examples: Sequence[Example], *, demos_per_example: int,
@@ -153,7 +153,7 @@ def cache_unwritable(cache_dir: str) -> str:
     """Why warm starts cannot be saved under ``cache_dir`` ("" when they can): process 0 creates it and writes
     a probe file; every process gets its answer. Checked before saving, because Orbax's background threads
     wait minutes for a directory it failed to create."""
-    from passk_jax.workdir import unwritable
+    from passk_jax.run.workdir import unwritable
 
     return parallel.broadcast_text(unwritable(cache_dir) if jax.process_index() == 0 else "")
 

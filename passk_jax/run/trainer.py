@@ -30,21 +30,21 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from passk_jax import parallel, report, sft
-from passk_jax import workdir as workdir_lib
-from passk_jax.checkpoint import Checkpointer, PreemptionGuard
-from passk_jax.metric_log import MetricWriter, console_line, repair_jsonl
+from passk_jax import parallel
 from passk_jax.models import hf
 from passk_jax.models.transformer import ModelConfig, init as init_model, split
-from passk_jax.rl import evaluation, rollout, samples
-from passk_jax.rl.data import DataStream, check_prompts, load_examples, make_task
-from passk_jax.rl.monitor import VerifierMonitor
+from passk_jax.rl import rollout
 from passk_jax.rl.packed_step import make_packed_train_step
 from passk_jax.rl.step import TrainState, abstract_state, make_train_step
+from passk_jax.run import evaluation, report, samples, sft, workdir as workdir_lib
+from passk_jax.run.checkpoint import Checkpointer, PreemptionGuard
+from passk_jax.run.data import DataStream, check_prompts, load_examples, make_task
+from passk_jax.run.metric_log import MetricWriter, console_line, repair_jsonl
+from passk_jax.run.monitor import VerifierMonitor
+from passk_jax.run.spec import RolloutSpec, RunSpec, field_defaults
 from passk_jax.sampling import Sampler
-from passk_jax.spec import RolloutSpec, RunSpec, field_defaults
 from passk_jax.tasks.pool import VerifierPool
-from passk_jax.tasks.tokenizer import build_char_tokenizer, load_tokenizer
+from passk_jax.tokenizer import build_char_tokenizer, load_tokenizer
 from passk_jax.timing import NO_TIMERS, Timers
 
 log = logging.getLogger("passk_jax")
@@ -72,7 +72,7 @@ def model_context(spec: RunSpec) -> tuple[int, str]:
 def run_tokenizer(spec: RunSpec, workdir: str):
     """The run's tokenizer: the checkpoint's, or the character tokenizer (the workdir's copy when it has one)."""
     if spec.model.hf_path:
-        return hf.load_tokenizer(spec.model.hf_path)
+        return load_tokenizer(spec.model.hf_path)
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         return load_tokenizer(tok_dir)
@@ -87,7 +87,7 @@ def build_model(spec: RunSpec, mesh: jax.sharding.Mesh, workdir: str, tokenizer:
         model, cfg = hf.load_pretrained(m.hf_path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh,
                                         remat=m.remat, scan_layers=m.scan_layers, attention=m.attention)
         graphdef, params = split(model)
-        return graphdef, params, cfg, tokenizer or hf.load_tokenizer(m.hf_path)
+        return graphdef, params, cfg, tokenizer or load_tokenizer(m.hf_path)
     tok_dir = os.path.join(workdir, "tokenizer")
     # process 0's view decides, so no process reads the file while process 0 is writing it
     if parallel.allgather(np.bool_(os.path.exists(os.path.join(tok_dir, "tokenizer.json"))))[0]:
@@ -119,7 +119,7 @@ def wandb_sink(spec: RunSpec, workdir: str) -> Any:
     t = spec.train
     if not t.wandb_project or t.wandb_mode == "disabled":
         return None
-    from passk_jax.metric_log import WandbSink
+    from passk_jax.run.metric_log import WandbSink
 
     return WandbSink(workdir, t.wandb_project, entity=t.wandb_entity, mode=t.wandb_mode, config=spec.config_json)
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from passk_jax.tasks.tokenizer import (DEFAULT_ALPHABET, SPECIALS, build_char_tokenizer, char_alphabet,
+from passk_jax.tokenizer import (DEFAULT_ALPHABET, SPECIALS, build_char_tokenizer, char_alphabet,
                                        decode_response, encode_prompt, load_tokenizer, save_char_tokenizer)
 
 

@@ -4,7 +4,7 @@ under a ``RunSpec``, each checking its own fields where it is built; ``RunSpec``
 ``RunSpec.from_config(config)`` is the one conversion from an ``ml_collections`` config (the named configs
 of ``experiments/configs`` and their ``--config.a.b=value`` overrides); the library takes the spec and never
 reads a config. ``RunSpec.config_json`` is the config as JSON, exactly what a workdir's ``config.json``
-records (``passk_jax.workdir`` compares it field by field). ``check_host()`` adds the checks that depend on
+records (``passk_jax.run.workdir`` compares it field by field). ``check_host()`` adds the checks that depend on
 this machine (device count, backend, files). Every failure is one sentence naming the field.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from passk_jax.spec import RunSpec, TaskSpec
+from passk_jax.run.spec import RunSpec, TaskSpec
 from passk_jax.tasks import Task, get as get_task, reward_spec
 
 log = logging.getLogger("passk_jax")
@@ -67,7 +67,7 @@ def check_prompts(spec: RunSpec, task: Task, tokenizer: Any, context: int, conte
     for generated examples); with ``task.long_prompts="skip"`` it is left out and counted instead.
 
     Returns the (possibly filtered) splits and ``{"data/<split>/skipped_long_prompts": count}``."""
-    from passk_jax.tasks.tokenizer import prompt_lengths
+    from passk_jax.tokenizer import prompt_lengths
 
     budget = spec.rollout.max_new_tokens
     if budget >= context:
