@@ -64,14 +64,14 @@ class ModelSpec:
     (``hf_path``; then ``preset`` is ignored). ``preset`` "hf": the run needs ``hf_path``, a directory on
     the machine that runs it (``RunSpec.check_host``)."""
 
-    preset: str = "tiny"
-    hf_path: str = ""
-    dtype: str = "float32"
+    preset: str = "tiny"  # "tiny" | "small"; ignored when hf_path is set
+    hf_path: str = ""  # local Hugging Face directory (config.json + *.safetensors + tokenizer)
+    dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
     param_dtype: str = "float32"
-    remat: str = "none"
-    scan_layers: bool = False
-    attention: str = "auto"
-    max_len: int = 256
+    remat: str = "none"  # activation rematerialisation policy of the layers
+    scan_layers: bool = False  # True: lax.scan over layers (fast compile); False: unrolled (fast steps)
+    attention: str = "auto"  # no-cache attention kernel: "auto" (splash on TPU, cuDNN on GPU, else blocked)
+    max_len: int = 256  # context length of a fresh model (prompt + completion)
 
     def __post_init__(self):
         _need(self.attention in ATTENTION_KERNELS,
@@ -86,12 +86,13 @@ class TaskSpec:
 
     name: str = "maze"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # "" / None count as unset
-    num_train: int | None = 4000
+    num_train: int | None = 4000  # training problems generated (or the first rows of train_files)
     verifier_workers: int = 1
     verifier_timeout_s: float = 10.0
-    max_error_frac: float = 0.5
-    max_failed_steps: int = 3
-    long_prompts: str = "error"  # a prompt that leaves no room for max_new_tokens: "error" or "skip" (counted)
+    max_error_frac: float = 0.5  # warn loudly when a step's share of failed verifier calls exceeds this
+    max_failed_steps: int = 3  # stop when every response of this many consecutive steps failed
+    long_prompts: str = "error"  # a prompt that leaves no room for max_new_tokens: "error" (names file:line
+    #                              before anything compiles) or "skip" (left out, counted)
 
     def __post_init__(self):
         t = self
@@ -153,11 +154,11 @@ class EvalSpec:
     """Held-out evaluation: prompts, samples per prompt, sampling settings, prompts per sampler call."""
 
     num_prompts: int = 64
-    num_samples: int = 16
+    num_samples: int = 16  # the paper's evaluation: temperature 1.0, top-p 0.95, unbiased pass@k
     temperature: float = 1.0
     top_p: float = 0.95
-    greedy: bool = True
-    sample_prompts: int = 64
+    greedy: bool = True  # also one temperature-0 sample per prompt (greedy accuracy)
+    sample_prompts: int = 64  # prompts per sampler call during evaluation
 
     def __post_init__(self):
         e = self
@@ -180,12 +181,12 @@ class TrainSpec:
     (their step configs already merged over the base ``step`` section), empty for one stage of ``steps``."""
 
     steps: int = 40
-    eval_every: int = 0
+    eval_every: int = 0  # 0 = evaluate only before and after training
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     log_every: int = 1
-    stages: tuple[Stage, ...] = ()
-    export_hf: bool = True
+    stages: tuple[Stage, ...] = ()  # in a config: a sequence of {"steps": int, "step": {StepConfig overrides}}
+    export_hf: bool = True  # write the final policy as a Hugging Face checkpoint
     samples_prompts: int = 4  # prompts recorded in samples/step_<N>.jsonl per evaluation (0 = none)
     samples_responses: int = 2  # responses recorded per prompt
     samples_every: int = 0  # also record an RL step's rollouts every this many steps (0 = evaluations only)
@@ -217,7 +218,7 @@ class SftSpec:
     demos_per_example: int = 1
     cache: bool = True
     cache_dir: str = "runs/.sft_cache"
-    seed: int = -1
+    seed: int = -1  # SFT data order / cache key; -1 = the run's seed (a study shares one)
 
 
 @dataclasses.dataclass(frozen=True)
