@@ -18,6 +18,7 @@ EXPECTED = [("sampler", "default", "ok"), ("sampler", "layout=training", "ok"), 
 
 def test_gpu_bench_cpu_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # compile-bound smoke (tests/conftest.py)
     out = tmp_path / "gpu.json"
     proc = subprocess.run(["bash", "bench/gpu.sh", "--cpu-smoke", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -23,7 +23,8 @@ def test_profiler_charges_nested_time_to_the_innermost_phase():
 
 
 def test_profile_of_a_tiny_run(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",  # one device; -O0 as the whole suite (tests/conftest.py)
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
     cmd = [sys.executable, "-m", "bench.profile_run", "--config=passk_k4", f"--workdir={tmp_path / 'run'}",
            "--config.train.steps=2", "--config.sft.steps=2", "--config.sft.num_examples=8",
            "--config.sft.batch_size=4", "--config.rollout.prompts_per_step=4", "--config.rollout.num_samples=4", "--config.rollout.decode_slots=8",

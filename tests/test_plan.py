@@ -20,6 +20,7 @@ TINY = ["--config=passk_k4", "--config.rollout.prompts_per_step=4", "--config.ro
 
 def _plan(*args, timeout=120):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # as the whole suite (tests/conftest.py)
     return subprocess.run([sys.executable, "-m", "experiments.plan", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
