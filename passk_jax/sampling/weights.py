@@ -1,0 +1,114 @@
+"""The weights a decode reads: their layout ("replicated": the compute-dtype copy whole on every device of a
+data-parallel group, so no decode step gathers a weight; "training": the FSDP-sharded parameters as they
+are), the rule that picks it, and the copy made once per policy update."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from passk_jax import parallel
+from passk_jax.models.transformer import DTYPES, ModelConfig
+
+DECODE_LAYOUTS = ("auto", "replicated", "training")
+REPLICATED_MAX_FRACTION = 0.25  # "auto": replicate the decode weights while they take at most this much memory
+
+
+class DecodeWeights(NamedTuple):
+    """The sampler's copy of the policy weights: compute dtype, decode layout (`DecodeLayout.prepare`)."""
+
+    params: Any
+
+
+def choose_decode_layout(layout: str, weight_bytes_per_device: float, device_bytes: float | None) -> str:
+    """Resolve ``decode_layout``. "replicated": the weights in the compute dtype, whole on every device of a
+    data-parallel group (split over the mesh's 'tensor' axis only: column-parallel q/k/v/gate/up, row-parallel
+    o/down, one activation all-reduce per block), so no decode step gathers a weight; rows and KV cache are
+    split over ('data', 'fsdp'). "training": the training parameters as they are (FSDP-sharded: every decode
+    step all-gathers every layer's weights; the fallback for models too big to replicate). "auto":
+    "replicated" when that copy takes at most REPLICATED_MAX_FRACTION of a device's memory (or the memory is
+    unknown, as on CPU), else "training"."""
+    if layout not in DECODE_LAYOUTS:
+        raise ValueError(f"rollout.decode_layout must be one of {DECODE_LAYOUTS}, got {layout!r}.")
+    if layout != "auto":
+        return layout
+    fits = device_bytes is None or weight_bytes_per_device <= REPLICATED_MAX_FRACTION * device_bytes
+    return "replicated" if fits else "training"
+
+
+def device_memory_bytes() -> float | None:
+    """Memory of this process's first device as its runtime reports it (None where it reports none: CPU)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a runtime without memory statistics
+        return None
+    return stats.get("bytes_limit")
+
+
+class DecodeLayout:
+    """The decode-weight layout of one model on one mesh: ``decode_layout`` ("auto", "replicated",
+    "training"; see `choose_decode_layout`) and the device memory the "auto" rule compares against."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh | None, decode_layout: str = "auto",
+                 device_memory: float | None = None):
+        choose_decode_layout(decode_layout, 0, None)  # validates the name
+        self.cfg, self.mesh, self.decode_layout = cfg, mesh, decode_layout
+        self.device_memory = device_memory_bytes() if device_memory is None else device_memory
+        self._prepare_fn = None
+
+    def decode_shardings(self, params: Any) -> Any:
+        """Shardings of the decode copy of `params` ("replicated" layout; None without a mesh)."""
+        if self.mesh is None:
+            return None
+        return parallel.param_shardings(params, self.mesh, parallel.DECODE_RULES)
+
+    def weight_bytes_per_device(self, params: Any) -> float:
+        """Bytes per device of the "replicated" decode copy of `params` (compute dtype)."""
+        itemsize = jnp.dtype(self.cfg.dtype).itemsize
+        shardings = self.decode_shardings(params)
+        leaves = jax.tree.leaves(params)
+        if shardings is None:
+            return float(sum(int(np.prod(x.shape)) for x in leaves) * itemsize)
+        return float(sum(int(np.prod(sh.shard_shape(x.shape))) * itemsize
+                         for x, sh in zip(leaves, jax.tree.leaves(shardings))))
+
+    def layout_for(self, params: Any) -> str:
+        """The decode layout these parameters get ("replicated" or "training"); an explicit "replicated"
+        that cannot fit a device is one error naming the field."""
+        need = self.weight_bytes_per_device(params)
+        layout = choose_decode_layout(self.decode_layout, need, self.device_memory)
+        if layout == "replicated" and self.device_memory is not None and need > self.device_memory:
+            raise ValueError(f"rollout.decode_layout='replicated' needs {need / 2**30:.1f} GiB of weights per device "
+                             f"but a device has {self.device_memory / 2**30:.1f} GiB; use 'auto' or 'training', "
+                             "or split the weights over a larger mesh.tensor.")
+        return layout
+
+    def prepare(self, params: Any) -> DecodeWeights:
+        """The weights the decode reads, made once per policy update: the compute-dtype copy in the decode
+        layout (one jitted cast + reshard), or the parameters as they are for the "training" layout."""
+        if isinstance(params, DecodeWeights):
+            return params
+        if self.layout_for(params) == "training":
+            return DecodeWeights(params)
+        if self._prepare_fn is None:
+            dtype = DTYPES[self.cfg.dtype]
+            self._prepare_fn = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
+                                       out_shardings=self.decode_shardings(params))
+        return DecodeWeights(self._prepare_fn(params))
+
+    def abstract_weights(self, params: Any) -> DecodeWeights:
+        """`prepare` on abstract parameters (ShapeDtypeStructs with shardings): shapes, dtypes and shardings
+        only, for plans."""
+        if isinstance(params, DecodeWeights):
+            return params
+        if self.layout_for(params) == "training":
+            return DecodeWeights(params)
+        dtype = DTYPES[self.cfg.dtype]
+        shardings = self.decode_shardings(params)
+        if shardings is None:
+            return DecodeWeights(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params))
+        return DecodeWeights(jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh),
+                                          params, shardings))
