@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 
 from passk_jax.metrics import PASS_THRESHOLD, is_pass
+from passk_jax.registry import Registry
 
 Array = jax.Array
 PKPO_BASELINES = ("none", "sloo", "sloo_minus_one")
@@ -62,7 +63,7 @@ class Estimator:
     needs_entropy: bool
 
 
-_REGISTRY: dict[str, Estimator] = {}
+_REGISTRY: Registry[Estimator] = Registry("advantage estimator")
 
 
 def _summary(doc: str) -> str:
@@ -100,9 +101,9 @@ def _estimator(options: Mapping[str, Option] | None = None, *, static: tuple[str
             validate(body.__name__, _width(arg["rewards"]), arg.get("k", 1), **{o: arg[o] for o in options})
             return jitted(*args, **kwargs)
 
-        _REGISTRY[body.__name__] = Estimator(
+        _REGISTRY.register(body.__name__, Estimator(
             body.__name__, estimator, _summary(body.__doc__ or ""), options,
-            {o: params[o].default for o in options}, check, "k" in params, "key" in params, "entropy" in params)
+            {o: params[o].default for o in options}, check, "k" in params, "key" in params, "entropy" in params))
         return estimator
     return wrap
 
@@ -597,14 +598,12 @@ def _loo_rho(sr: Array, rank: Array, n: Array, kk) -> Array:
 # ------------------------------------------------------------------------------- registry and validation
 def names() -> tuple[str, ...]:
     """Sorted names of the registered estimators."""
-    return tuple(sorted(_REGISTRY))
+    return _REGISTRY.names()
 
 
 def entry(name: str) -> Estimator:
     """The registry entry of ``name`` (ValueError listing the valid names otherwise)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown advantage estimator {name!r}; valid names: {', '.join(names())}.")
-    return _REGISTRY[name]
+    return _REGISTRY.lookup(name)
 
 
 def get(name: str) -> Callable[..., Array]:

@@ -11,7 +11,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Lowest floor first; a module may import modules of its own floor or of lower ones. A name ending in "."
 # is a package prefix.
 FLOORS = (
-    ("passk_jax.parallel", "passk_jax.timing", "passk_jax.optim", "passk_jax.hlo", "passk_jax.metrics",
+    ("passk_jax.parallel", "passk_jax.timing", "passk_jax.optim", "passk_jax.hlo", "passk_jax.metrics", "passk_jax.registry",
      "passk_jax.tokenizer", "passk_jax.sampling_ops", "passk_jax.rl.packing", "passk_jax.rl.losses",
      "passk_jax.models.families", "passk_jax.__init__", "passk_jax.rl.__init__", "passk_jax.models.__init__"),
     ("passk_jax.advantages", "passk_jax.models.attention", "passk_jax.tasks."),

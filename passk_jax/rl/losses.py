@@ -11,11 +11,14 @@ and the token-level loss, no KL and no entropy bonus; the other options are the 
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
-AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+from passk_jax.registry import Registry
+
 RATIO_LEVELS: tuple[str, ...] = ("token", "sequence")
 
 
@@ -95,59 +98,63 @@ def chunked_shifted_logprobs_and_entropy(
 
 
 # ----------------------------------------------------------------------------- aggregation
+@dataclasses.dataclass(frozen=True)
+class Aggregation:
+    """A loss aggregation: each row's numerator from its masked sum and token count, and the denominator
+    from the rows' token counts and the normalising length. Both add over any split of the rows, because the
+    step divides each micro-batch's sum by the whole mini-batch's denominator."""
+
+    doc: str
+    row_value: Callable[[jax.Array, jax.Array], jax.Array]  # (row sums f32[B], token counts f32[B]) -> f32[B]
+    denominator: Callable[[jax.Array, int], jax.Array]      # (token counts f32[B], length) -> f32[]
+
+
+AGGREGATION_REGISTRY: Registry[Aggregation] = Registry("loss aggregation")
+AGGREGATION_REGISTRY.register("token_mean", Aggregation(
+    "DAPO, the paper's default: sum over all valid tokens / number of valid tokens",
+    lambda sums, counts: sums, lambda counts, length: jnp.sum(counts)))
+AGGREGATION_REGISTRY.register("seq_mean_token_mean", Aggregation(
+    "GRPO: per-row token mean, then mean over the rows that have tokens",
+    lambda sums, counts: sums / jnp.maximum(counts, 1.0),
+    lambda counts, length: jnp.sum((counts > 0).astype(jnp.float32))))
+AGGREGATION_REGISTRY.register("seq_mean_token_sum_norm", Aggregation(
+    "Dr.GRPO: per-row token sum / (rows with tokens x norm_length; default the padded width S)",
+    lambda sums, counts: sums,
+    lambda counts, length: jnp.sum((counts > 0).astype(jnp.float32)) * jnp.float32(length)))
+AGGREGATIONS: tuple[str, ...] = AGGREGATION_REGISTRY.names()
+
+
 def _row_counts(mask: jax.Array) -> jax.Array:
     return jnp.sum(mask.astype(jnp.float32), axis=-1)
 
 
 def loss_denominator(mask: jax.Array, mode: str, norm_length: int | None = None) -> jax.Array:
-    """The denominator of ``aggregate`` alone (depends on the mask only, never on the parameters).
-
-    token_mean: number of valid tokens.  seq_mean_token_mean: number of rows with >= 1 valid token.
-    seq_mean_token_sum_norm (Dr.GRPO): rows with >= 1 valid token x ``norm_length`` (default S, the
-    padded width: a constant generation budget, as Dr.GRPO prescribes).
-    """
-    _check_mode(mode)
-    counts = _row_counts(mask)
-    if mode == "token_mean":
-        return jnp.sum(counts)
-    rows = jnp.sum((counts > 0).astype(jnp.float32))
-    if mode == "seq_mean_token_mean":
-        return rows
-    length = mask.shape[-1] if norm_length is None else norm_length
-    return rows * jnp.float32(length)
+    """The denominator of ``aggregate`` alone (depends on the mask only, never on the parameters; see
+    ``AGGREGATION_REGISTRY``); ``norm_length`` (Dr.GRPO) defaults to S, the padded width: a constant
+    generation budget, as Dr.GRPO prescribes."""
+    agg = AGGREGATION_REGISTRY.lookup(mode)
+    return agg.denominator(_row_counts(mask), mask.shape[-1] if norm_length is None else norm_length)
 
 
 def aggregate_sum(values: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
     """The numerator of ``aggregate``; additive over any split of the rows."""
-    _check_mode(mode)
-    m = mask.astype(jnp.float32)
-    row_sums = jnp.sum(values * m, axis=-1)
-    if mode == "seq_mean_token_mean":
-        row_sums = row_sums / jnp.maximum(_row_counts(mask), 1.0)
-    return jnp.sum(row_sums)
+    agg = AGGREGATION_REGISTRY.lookup(mode)
+    row_sums = jnp.sum(values * mask.astype(jnp.float32), axis=-1)
+    return jnp.sum(agg.row_value(row_sums, _row_counts(mask)))
 
 
 def aggregate(
     values: jax.Array, mask: jax.Array, mode: str, norm_length: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Aggregate per-token values f32[B, S] under ``mask`` into a (sum, denominator) pair.
-
-    - ``token_mean`` (DAPO, the paper's default): sum over all valid tokens / number of valid tokens.
-    - ``seq_mean_token_mean`` (GRPO): per-row token mean, then mean over rows that have tokens.
-    - ``seq_mean_token_sum_norm`` (Dr.GRPO): per-row token sum, / (rows x norm_length).
-    Both parts add over row partitions; the loss is ``finalize(sum_total, denominator_total)``.
-    """
+    """Aggregate per-token values f32[B, S] under ``mask`` into a (sum, denominator) pair, by the registered
+    aggregation ``mode`` (``AGGREGATION_REGISTRY``: token_mean, seq_mean_token_mean, seq_mean_token_sum_norm).
+    Both parts add over row partitions; the loss is ``finalize(sum_total, denominator_total)``."""
     return aggregate_sum(values, mask, mode), loss_denominator(mask, mode, norm_length)
 
 
 def finalize(total: jax.Array, denominator: jax.Array) -> jax.Array:
     """total / denominator, and exactly 0 when nothing was counted (never NaN)."""
     return jnp.where(denominator > 0, total / jnp.maximum(denominator, 1e-30), 0.0)
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in AGGREGATIONS:
-        raise ValueError(f"loss aggregation {mode!r} is unknown; choose one of {AGGREGATIONS}.")
 
 
 # ----------------------------------------------------------------------------- surrogate
@@ -210,20 +217,20 @@ def clipped_surrogate(
 
 
 # ----------------------------------------------------------------------------- KL
-def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3", clip: float = 20.0) -> jax.Array:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman 2020).
+# Per-token estimates of KL(pi || pi_ref) from the clamped log-ratio lr = log(pi / pi_ref) (Schulman 2020).
+KL_REGISTRY: Registry[Callable[[jax.Array], jax.Array]] = Registry("KL estimator")
+KL_REGISTRY.register("k1", lambda lr: lr)                                  # log(pi / pi_ref)
+KL_REGISTRY.register("k2", lambda lr: 0.5 * jnp.square(lr))               # 0.5 log(pi / pi_ref)^2
+KL_REGISTRY.register("k3", lambda lr: jnp.exp(-lr) - 1.0 + lr)            # unbiased, non-negative, low variance
+KL_ESTIMATORS: tuple[str, ...] = KL_REGISTRY.names()
 
-    k1 = log(pi / pi_ref); k2 = 0.5 log(pi / pi_ref)^2; k3 = pi_ref/pi - 1 - log(pi_ref/pi) (unbiased,
-    non-negative, low variance). The log-ratio is clamped to +-``clip`` before exponentiating.
-    """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator {estimator!r} is unknown; choose one of {KL_ESTIMATORS}.")
-    lr = jnp.clip(logp - ref_logp, -clip, clip)
-    if estimator == "k1":
-        return lr
-    if estimator == "k2":
-        return 0.5 * jnp.square(lr)
-    return jnp.exp(-lr) - 1.0 + lr
+
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3", clip: float = 20.0) -> jax.Array:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi by the registered ``estimator``
+    (``KL_REGISTRY``): k1 = log(pi / pi_ref); k2 = 0.5 log(pi / pi_ref)^2; k3 = pi_ref/pi - 1 - log(pi_ref/pi).
+    The log-ratio is clamped to +-``clip`` before exponentiating."""
+    fn = KL_REGISTRY.lookup(estimator)
+    return fn(jnp.clip(logp - ref_logp, -clip, clip))
 
 
 def approx_kl(logp: jax.Array, old_logp: jax.Array) -> jax.Array:

@@ -33,6 +33,7 @@ import numbers
 from math import isfinite  # not `import math`: the submodule passk_jax.tasks.math would shadow it
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+from passk_jax.registry import Registry
 from passk_jax.tasks.example import Example, Message, Prompt
 from passk_jax.tasks.verl_io import load_verl
 
@@ -131,22 +132,25 @@ def reward_spec(task: Any) -> tuple[tuple[float, float], bool]:
     return reward_range, bool(getattr(task, "bool_rewards", False))
 
 
-_REGISTRY: dict[str, str | Callable[..., Task]] = {
-    "maze": "passk_jax.tasks.maze:MazeTask",
-    "countdown": "passk_jax.tasks.countdown:CountdownTask",
-    "math": "passk_jax.tasks.math:MathTask",
-    "gym": "passk_jax.tasks.gym:GymTask",
-    "verl": "passk_jax.tasks.verl_data:VerlTask",
-}
+# The task registry (`passk_jax.registry.Registry`, the idiom of estimators and losses too): each entry is
+# the task's factory, a callable taking its options or a "module:attr" path to one (imported on first use,
+# so a verifier worker imports only its own task's dependencies); the options and their checks are the
+# factory's keyword arguments, its docs the class docstring.
+_REGISTRY: Registry[str | Callable[..., Task]] = Registry("task")
+for _name, _path in (("maze", "passk_jax.tasks.maze:MazeTask"), ("countdown", "passk_jax.tasks.countdown:CountdownTask"),
+                     ("math", "passk_jax.tasks.math:MathTask"), ("gym", "passk_jax.tasks.gym:GymTask"),
+                     ("verl", "passk_jax.tasks.verl_data:VerlTask")):
+    _REGISTRY.register(_name, _path)
 
 
 def register(name: str, factory: str | Callable[..., Task]) -> None:
-    """Add a task: `factory` is a callable taking the task config, or a "module:attr" path to one."""
-    _REGISTRY[name] = factory
+    """Add a task (or replace one of that name): `factory` is a callable taking the task config, or a
+    "module:attr" path to one."""
+    _REGISTRY.register(name, factory, replace=True)
 
 
 def names() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return _REGISTRY.names()
 
 
 def resolve(path: str) -> Any:
@@ -159,9 +163,7 @@ def resolve(path: str) -> Any:
 
 def get(name: str, **cfg: Any) -> Task:
     """Build a registered task: `get("maze", template="compact", train_sizes=(9, 11))`."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(names())}.")
-    factory = _REGISTRY[name]
+    factory = _REGISTRY.lookup(name)
     return (resolve(factory) if isinstance(factory, str) else factory)(**cfg)
 
 
