@@ -294,7 +294,8 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
            prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None):
     """One decoder block on one layer's params. kv = (k_all, v_all, layer, index) writes this layer's
     keys/values into the stacked cache and attends over all its slots; prefix = (k, v, valid) of this layer's
-    shared prompt prefix (``attention.with_prefix``), attended before the cache."""
+    shared prompt prefix (``attention.with_prefix``), attended before the cache. mask: bool[B, S, T] for the
+    plain kernel and the cache paths, the keys' validity bool[B, S] for the O(S) no-cache kernels."""
     dt = x.dtype
     p = {name: w.astype(dt) for name, w in p.items()}
     h = _rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
@@ -326,7 +327,7 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
     if prefix is not None:
         attn = attention.with_prefix(q, k, v, mask, prefix[0].astype(dt), prefix[1].astype(dt), prefix[2],
                                      keys_t=True)
-    elif kv is None and no_cache_kernel(cfg) == "blocked":
+    elif kv is None and no_cache_kernel(cfg) == "blocked":  # mask: the keys' validity bool[B, S]
         attn = attention.blocked_causal(q, k, v, mask)
     elif kv is None and no_cache_kernel(cfg) == "cudnn":
         attn = attention.flash(q, k, v, mask, implementation="cudnn")
@@ -373,9 +374,10 @@ class Transformer(nnx.Module):
         x = constrain(x, ("batch", "length", "embed"))
         angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
         cos, sin = jnp.cos(angles), jnp.sin(angles)
-        if cache is None:
+        if cache is None:  # the O(S) kernels build their masks per tile from the keys' validity
             t = jnp.arange(S)
-            mask = (t[None, :] <= t[:, None])[None] & token_mask[:, None, :]
+            mask = ((t[None, :] <= t[:, None])[None] & token_mask[:, None, :] if no_cache_kernel(cfg) == "plain"
+                    else token_mask)
             valid = index = None
         else:
             index = cache.index.astype(jnp.int32)
