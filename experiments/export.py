@@ -23,7 +23,7 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest readabl
 def export_run(workdir: str, out: str, step: int | None = None) -> int:
     """Restore a run's params from its checkpoint and write them as an HF checkpoint; returns the step."""
     from passk_jax import parallel
-    from passk_jax.run import trainer
+    from passk_jax.run import state as run_state, trainer
     from passk_jax.run.checkpoint import Checkpointer
     from passk_jax.run.spec import RunSpec
 
@@ -35,7 +35,7 @@ def export_run(workdir: str, out: str, step: int | None = None) -> int:
     mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)
     graphdef, params, model_cfg, tokenizer = trainer.build_model(spec, mesh, workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    target = trainer.restore_target(spec, mesh, params)
+    target = run_state.restore_target(spec, mesh, params)
     try:
         if step is None:
             found = ckpt.restore_latest(target)

@@ -1,6 +1,7 @@
 """The training loop in three parts: ``setup`` (workdir, task, model, resume or warm start and the initial
-evaluation), ``Run.rl_step`` (rollouts, score, train step, metrics, evaluation, checkpoint) and ``finish``
-(final evaluation, export, report); ``train(spec, workdir)`` runs all three.
+evaluation), ``rl_step(resources, programs, loop) -> (loop, metrics)`` (rollouts, score, train step, metrics,
+evaluation, checkpoint; ``Run.rl_step`` threads the loop state) and ``finish`` (final evaluation, export,
+report); ``train(spec, workdir)`` runs all three. The run's parts are in ``passk_jax/run/state.py``.
 
 Starting in a workdir that has checkpoints resumes from the newest readable one; resuming is exact
 (bit-identical on CPU) because every random draw is derived from (seed, step) and the data order from
@@ -34,14 +35,13 @@ from passk_jax import parallel
 from passk_jax.models import hf
 from passk_jax.models.transformer import ModelConfig, init as init_model, split
 from passk_jax.rl import rollout
-from passk_jax.rl.packed_step import make_packed_train_step
-from passk_jax.rl.step import TrainState, abstract_state, make_train_step
 from passk_jax.run import evaluation, report, samples, sft, workdir as workdir_lib
 from passk_jax.run.checkpoint import Checkpointer, PreemptionGuard
 from passk_jax.run.data import DataStream, check_prompts, load_examples, make_task
 from passk_jax.run.metric_log import MetricWriter, console_line, repair_jsonl
 from passk_jax.run.monitor import VerifierMonitor
 from passk_jax.run.spec import RolloutSpec, RunSpec, field_defaults
+from passk_jax.run.state import LoopState, Programs, Resources, checkpoint_tree, state_from_tree
 from passk_jax.sampling import Sampler
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tokenizer import build_char_tokenizer, load_tokenizer
@@ -122,24 +122,6 @@ def wandb_sink(spec: RunSpec, workdir: str) -> Any:
     from passk_jax.run.metric_log import WandbSink
 
     return WandbSink(workdir, t.wandb_project, entity=t.wandb_entity, mode=t.wandb_mode, config=spec.config_json)
-
-
-def checkpoint_tree(state: TrainState) -> dict:
-    """The array tree a checkpoint stores for a ``TrainState`` (``ref_params`` only when there is one)."""
-    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "key": state.key}
-    if state.ref_params is not None:
-        tree["ref_params"] = state.ref_params
-    return tree
-
-
-def state_from_tree(tree: dict) -> TrainState:
-    return TrainState(tree["step"], tree["params"], tree["opt_state"], tree["key"], tree.get("ref_params"))
-
-
-def restore_target(spec: RunSpec, mesh: jax.sharding.Mesh, params: Any) -> dict:
-    """The abstract checkpoint tree of a run (shapes, dtypes, shardings on ``mesh``) to restore into;
-    nothing is compiled."""
-    return checkpoint_tree(abstract_state(spec.stages[0].step, mesh, params))
 
 
 def export(graphdef: Any, params: Any, model_cfg: ModelConfig, tokenizer: Any, out_dir: str, *,
@@ -249,169 +231,146 @@ def collect(r_cfg: RolloutSpec, env: rollout.Env, params, stream: DataStream, po
     return merged, position, {"rollout/refills": float(refills)}
 
 
-# --------------------------------------------------------------------------------------------- run
+# --------------------------------------------------------------------------------------------- the loop
+def evaluate(res: Resources, params: Any, step: int) -> dict[str, float]:
+    """Held-out evaluation of ``params`` (the same key every time); its per-prompt results go to
+    ``eval_details/step_<step>.json``."""
+    e = res.spec.eval
+    with res.timers.phase("eval"):
+        out, per_prompt = evaluation.evaluate(
+            res.env, params, res.test_examples, num_samples=e.num_samples,
+            max_new_tokens=res.spec.rollout.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+            greedy=e.greedy, batch_prompts=e.sample_prompts, key=res.keys.eval,
+            on_rollouts=lambda r: record_samples(res, r, "eval", step))
+        if res.is_main:
+            _save_eval_details(res.workdir, step, res.test_examples, per_prompt)
+    return out
+
+
+def record_samples(res: Resources, r: rollout.Rollouts, phase: str, step: int) -> None:
+    """A few prompts of ``r`` with their responses, rewards and extracted answers: ``samples/step_<step>
+    .jsonl``, TensorBoard text, and (after an evaluation) one example on the console. Process 0 writes."""
+    t = res.spec.train
+    if not res.is_main or t.samples_prompts == 0:
+        return
+    recs = samples.records(r, res.env.task, phase=phase, num_prompts=t.samples_prompts,
+                           per_prompt=t.samples_responses)
+    if not recs:
+        return
+    samples.write(res.workdir, step, recs)
+    if res.writer is not None:
+        res.writer.write_text(f"samples/{phase}", samples.markdown(recs), step, table=samples.table(recs))
+    if phase == "eval":
+        tqdm.write(samples.console(recs[0], step))
+
+
+def save(res: Resources, loop: LoopState) -> LoopState:
+    """Checkpoint the loop state (asynchronously; ``wait_for_checkpoints`` blocks until it is on disk)."""
+    with res.timers.phase("checkpoint"):
+        res.ckpt.save(loop.step, checkpoint_tree(loop.state), {
+            "data_position": loop.position, "stage": res.spec.stage_of(max(loop.step - 1, 0)),
+            "verifier": dict(res.monitor.totals)})
+    return dataclasses.replace(loop, saved=loop.step)
+
+
+def wait_for_checkpoints(res: Resources) -> None:
+    with res.timers.phase("checkpoint"):
+        res.ckpt.wait()
+
+
+def log_scalars(res: Resources, step: int, scalars: dict[str, float], **kwargs) -> dict[str, float]:
+    """``MetricWriter.write`` (process 0 writes; every process gets the scalars back)."""
+    with res.timers.phase("logging"):
+        return res.writer.write(step, scalars, **kwargs)
+
+
+def rl_step(res: Resources, programs: Programs, loop: LoopState) -> tuple[LoopState, dict[str, float]]:
+    """One RL step from ``loop``: sample and score rollouts, update, log the metrics (and evaluate, checkpoint
+    when due); returns the next loop state and the logged metrics."""
+    spec, sampler, step = res.spec, res.env.sampler, loop.step
+    stage, cfg, train_step = programs.for_step(step)
+    t0 = time.perf_counter()
+    weights = sampler.prepare(loop.state.params)  # the decode copy, once per policy update
+    r, position, extra = collect(spec.rollout, res.env, weights, res.stream, loop.position, res.keys.rollout(step),
+                                 res.timers)
+    del weights  # free it before the update
+    every = spec.train.samples_every
+    if every and (step + 1) % every == 0:
+        record_samples(res, r, "train", step + 1)
+    verifier = res.monitor.take(step + 1)  # stops here, before the update, when every response failed
+    with res.timers.phase("batch assembly"):
+        batch = rollout.to_batch(r)
+    t1 = time.perf_counter()
+    with res.timers.phase("update"):
+        state, step_metrics = res.timers.wait(train_step(loop.state, batch))
+    step_metrics = jax.device_get(step_metrics)
+    t2 = time.perf_counter()
+    step += 1
+    loop = dataclasses.replace(loop, state=state, step=step, position=position)
+    scalars = {f"step/{name}": v for name, v in step_metrics.items() if np.ndim(v) == 0}
+    scalars.update(rollout.rollout_metrics(r))
+    scalars.update(extra)
+    times = parallel.process_max({**r.timings, "time/update": t2 - t1, "time/step": t2 - t0})
+    scalars.update({name: times[name] for name in r.timings})
+    tokens = float(r.lengths.sum())
+    scalars.update({"time/update": times["time/update"], "time/step": times["time/step"],
+                    "perf/tokens_per_s": tokens / times["time/step"],
+                    "train/stage": float(stage), "train/k": float(cfg.k),
+                    "train/data_position": float(position)})
+    total = spec.total_steps
+    if spec.train.eval_every and step % spec.train.eval_every == 0 and step < total:
+        scalars.update(evaluate(res, state.params, step))
+        verifier = {**verifier, **{k: v for k, v in res.monitor.take(step).items() if "/eval/" in k}}
+    scalars.update(verifier)
+    scalars = log_scalars(res, step, scalars)
+    res.bar.update(1)
+    if res.is_main and step % spec.train.log_every == 0:
+        res.bar.write(console_line(step, total, scalars, CONSOLE_KEYS))
+    loop = dataclasses.replace(loop, stopping=res.preempted())
+    if step % spec.train.checkpoint_every == 0 or step == total or loop.stopping:
+        loop = save(res, loop)
+    return loop, scalars
+
+
 @dataclasses.dataclass(eq=False)
 class Run:
-    """A run between ``setup`` and ``finish``: the model, the rollout environment, the train state and
-    where the run stands (``step`` RL steps done, ``position`` prompts drawn). ``status`` is "running" until
-    setup or ``finish`` decides ("done", "preempted", "stopped"); ``close()`` releases every resource and the
-    workdir lock (``train`` and a ``with`` block call it). ``timers`` (``passk_jax.timing``) hears of every
-    phase: the warm start, the rollout's phases, batch assembly, update, eval, checkpoint, logging."""
+    """A run between ``setup`` and ``finish``: its ``Resources``, its ``Programs`` and its ``LoopState``
+    (``passk_jax/run/state.py``), with the calls a script drives it by (README, "Driving a custom loop").
+    ``status`` is "running" until setup or ``finish`` decides ("done", "preempted", "stopped"); ``close()``
+    releases every resource and the workdir lock (``train`` and a ``with`` block call it). ``res.timers``
+    (``passk_jax.timing``) hears of every phase: the warm start, the rollout's phases, batch assembly, update,
+    eval, checkpoint, logging."""
 
-    spec: RunSpec
-    workdir: str
-    mesh: jax.sharding.Mesh
-    graphdef: Any
-    model_cfg: ModelConfig
-    param_shapes: Any  # ShapeDtypeStructs (with shardings) of the parameters: what the train steps compile for
-    env: rollout.Env
-    test_examples: list
-    stream: DataStream
-    ckpt: Checkpointer
-    guard: PreemptionGuard
-    lock: workdir_lib.RunLock
-    timers: Timers = NO_TIMERS
-    state: TrainState | None = None
-    step: int = 0
-    position: int = 0
-    saved: int = 0
+    res: Resources
+    programs: Programs
+    loop: LoopState | None = None
     status: str = "running"
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
-    writer: MetricWriter | None = None
-    monitor: VerifierMonitor | None = None
-    bar: Any = None
-    stopping: bool = False
-    data_counts: dict[str, float] = dataclasses.field(default_factory=dict)  # prompts left out (step-0 record)
-    _fns: dict[tuple[int, int], tuple] = dataclasses.field(default_factory=dict)  # (stage, k) ->
 
-    @property
-    def is_main(self) -> bool:
-        return jax.process_index() == 0
-
-    @property
-    def root(self) -> jax.Array:
-        return jax.random.PRNGKey(self.spec.seed)
+    # the views a script reads
+    spec = property(lambda self: self.res.spec)
+    env = property(lambda self: self.res.env)
+    test_examples = property(lambda self: self.res.test_examples)
+    root = property(lambda self: self.res.keys.root)
+    state = property(lambda self: self.loop.state)
+    step = property(lambda self: self.loop.step)
 
     @property
     def running(self) -> bool:
         """Whether another ``rl_step`` is due: still running, not preempted, steps left."""
-        return self.status == "running" and not self.stopping and self.step < self.spec.total_steps
-
-    def step_fns(self, stage: int, k: int | None = None) -> tuple:
-        """(init_state, train_step) of a stage (at ``k`` when its step anneals k), built on first use."""
-        cfg = self.spec.stages[stage].step
-        if k is not None and cfg.k_schedule:
-            cfg = dataclasses.replace(cfg, k=k, k_schedule=())
-        if (stage, cfg.k) not in self._fns:
-            make = make_train_step if cfg.packing == "off" else make_packed_train_step
-            self._fns[stage, cfg.k] = make(self.graphdef, cfg, self.mesh, self.param_shapes)
-        return self._fns[stage, cfg.k]
-
-    def preempted(self) -> bool:
-        """A preemption signal on any process (the same answer on every process)."""
-        return parallel.process_any(self.guard.requested)
-
-    def evaluate(self) -> dict[str, float]:
-        """Held-out evaluation of the current policy (the same key every time); its per-prompt results go
-        to ``eval_details/step_<step>.json``."""
-        e = self.spec.eval
-        with self.timers.phase("eval"):
-            out, per_prompt = evaluation.evaluate(
-                self.env, self.state.params, self.test_examples, num_samples=e.num_samples,
-                max_new_tokens=self.spec.rollout.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-                greedy=e.greedy, batch_prompts=e.sample_prompts, key=jax.random.fold_in(self.root, 2),
-                on_rollouts=lambda r: self.record_samples(r, "eval", self.step))
-            if self.is_main:
-                _save_eval_details(self.workdir, self.step, self.test_examples, per_prompt)
-        return out
-
-    def record_samples(self, r: rollout.Rollouts, phase: str, step: int) -> None:
-        """A few prompts of ``r`` with their responses, rewards and extracted answers: ``samples/step_<step>
-        .jsonl``, TensorBoard text, and (after an evaluation) one example on the console. Process 0 writes."""
-        t = self.spec.train
-        if not self.is_main or t.samples_prompts == 0:
-            return
-        recs = samples.records(r, self.env.task, phase=phase, num_prompts=t.samples_prompts,
-                               per_prompt=t.samples_responses)
-        if not recs:
-            return
-        samples.write(self.workdir, step, recs)
-        if self.writer is not None:
-            self.writer.write_text(f"samples/{phase}", samples.markdown(recs), step, table=samples.table(recs))
-        if phase == "eval":
-            tqdm.write(samples.console(recs[0], step))
-
-    def save(self, stage: int) -> None:
-        with self.timers.phase("checkpoint"):
-            self.ckpt.save(self.step, checkpoint_tree(self.state), {
-                "data_position": self.position, "stage": stage, "verifier": dict(self.monitor.totals)})
-        self.saved = self.step
-
-    def wait_for_checkpoints(self) -> None:
-        """Block until the asynchronous checkpoint saves are on disk."""
-        with self.timers.phase("checkpoint"):
-            self.ckpt.wait()
-
-    def log(self, step: int, scalars: dict[str, float], **kwargs) -> dict[str, float]:
-        """``MetricWriter.write`` (process 0 writes; every process gets the scalars back)."""
-        with self.timers.phase("logging"):
-            return self.writer.write(step, scalars, **kwargs)
+        return self.status == "running" and not self.loop.stopping and self.loop.step < self.res.spec.total_steps
 
     def rl_step(self) -> dict[str, float]:
-        """One RL step: sample and score rollouts, update, log the metrics (and evaluate, checkpoint when
-        due); returns the logged metrics."""
-        spec, sampler, step = self.spec, self.env.sampler, self.step
-        stage, cfg = spec.step_at(step)
-        t0 = time.perf_counter()
-        rkey = jax.random.fold_in(jax.random.fold_in(self.root, 3), step)
-        weights = sampler.prepare(self.state.params)  # the decode copy, once per policy update
-        r, self.position, extra = collect(spec.rollout, self.env, weights, self.stream, self.position, rkey,
-                                          self.timers)
-        del weights  # free it before the update
-        every = spec.train.samples_every
-        if every and (step + 1) % every == 0:
-            self.record_samples(r, "train", step + 1)
-        verifier = self.monitor.take(step + 1)  # stops here, before the update, when every response failed
-        with self.timers.phase("batch assembly"):
-            batch = rollout.to_batch(r)
-        train_step = self.step_fns(stage, cfg.k)[1]
-        t1 = time.perf_counter()
-        with self.timers.phase("update"):
-            self.state, step_metrics = self.timers.wait(train_step(self.state, batch))
-        step_metrics = jax.device_get(step_metrics)
-        t2 = time.perf_counter()
-        self.step = step = step + 1
-        scalars = {f"step/{name}": v for name, v in step_metrics.items() if np.ndim(v) == 0}
-        scalars.update(rollout.rollout_metrics(r))
-        scalars.update(extra)
-        times = parallel.process_max({**r.timings, "time/update": t2 - t1, "time/step": t2 - t0})
-        scalars.update({name: times[name] for name in r.timings})
-        tokens = float(r.lengths.sum())
-        scalars.update({"time/update": times["time/update"], "time/step": times["time/step"],
-                        "perf/tokens_per_s": tokens / times["time/step"],
-                        "train/stage": float(stage), "train/k": float(cfg.k),
-                        "train/data_position": float(self.position)})
-        total = spec.total_steps
-        if spec.train.eval_every and step % spec.train.eval_every == 0 and step < total:
-            scalars.update(self.evaluate())
-            verifier = {**verifier, **{k: v for k, v in self.monitor.take(step).items() if "/eval/" in k}}
-        scalars.update(verifier)
-        scalars = self.log(step, scalars)
-        self.bar.update(1)
-        if self.is_main and step % spec.train.log_every == 0:
-            self.bar.write(console_line(step, total, scalars, CONSOLE_KEYS))
-        self.stopping = self.preempted()
-        if step % spec.train.checkpoint_every == 0 or step == total or self.stopping:
-            self.save(stage)
+        """``rl_step`` on this run's loop state (which it advances); returns the logged metrics."""
+        self.loop, scalars = rl_step(self.res, self.programs, self.loop)
         return scalars
 
+    def evaluate(self) -> dict[str, float]:
+        """Held-out evaluation of the current policy (``evaluate``)."""
+        return evaluate(self.res, self.loop.state.params, self.loop.step)
+
     def close(self) -> None:
-        self.guard.restore()
-        if self.writer is not None:
-            self.writer.close()
-        self.ckpt.close()
-        self.env.pool.close()
-        self.lock.release()
+        self.res.close()
 
     def __enter__(self) -> Run:
         return self
@@ -460,11 +419,11 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
         lock.release()
         raise
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-    run = Run(spec, workdir, mesh, graphdef, model_cfg, shapes, rollout.Env(sampler, task, tokenizer, pool, stops),
-              test_examples, stream, ckpt, PreemptionGuard(), lock, timers, summary={"workdir": workdir},
-              data_counts=data_counts if spec.task.long_prompts == "skip" else {})
+    res = Resources(spec, workdir, mesh, graphdef, model_cfg, shapes, rollout.Env(sampler, task, tokenizer, pool, stops),
+                    test_examples, stream, ckpt, PreemptionGuard(), lock, timers,
+                    data_counts=data_counts if spec.task.long_prompts == "skip" else {})
+    run = Run(res, Programs(spec, graphdef, mesh, shapes), summary={"workdir": workdir})
     try:
-        run.state = run.step_fns(0)[0](params, jax.random.fold_in(run.root, 1))
         _start(run, params, train_examples)
     except BaseException:
         run.close()
@@ -473,19 +432,21 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
 
 
 def _start(run: Run, params: Any, train_examples: list) -> None:
-    """Resume, or warm start and evaluate; then open the progress bar (``setup``'s second half)."""
-    spec, workdir, total = run.spec, run.workdir, run.spec.total_steps
-    restored = run.ckpt.restore_latest(checkpoint_tree(run.state))
+    """Resume (restoring into the abstract state: nothing is built only to be overwritten), or warm start and
+    evaluate; then open the progress bar (``setup``'s second half)."""
+    res = run.res
+    spec, workdir, total = res.spec, res.workdir, res.spec.total_steps
+    restored = res.ckpt.restore_latest(res.restore_target())
     start = 0 if restored is None else restored[0]
     if start > total:
         raise ValueError(f"workdir {workdir} has a checkpoint at step {start} but this config trains "
                          f"{total} steps; raise train.steps or use another workdir.")
-    if run.is_main:
+    if res.is_main:
         repaired = repair_jsonl(os.path.join(workdir, "metrics.jsonl"))
         if repaired:
             log.warning("%s", repaired)
     # process 0's view decides (it may just have repaired metrics.jsonl), so all processes agree
-    finished = bool(parallel.allgather(np.bool_(restored is not None and start == total and run.is_main
+    finished = bool(parallel.allgather(np.bool_(restored is not None and start == total and res.is_main
                                                 and _finished(workdir, spec)))[0])
     if finished:
         log.info("run in %s already finished at step %d; nothing to do (report: %s).", workdir, start,
@@ -495,36 +456,38 @@ def _start(run: Run, params: Any, train_examples: list) -> None:
         run.status = "done"
         return
     # files of later steps (a previous attempt's) stay until this run rewrites them: nothing is deleted here
-    run.writer = MetricWriter(workdir, purge_step=start + 1 if restored is not None else 0,
-                              wandb=wandb_sink(spec, workdir) if run.is_main else None)
-    run.writer.replace_after(start if restored is not None else -1)
-    run.monitor = VerifierMonitor(run.env.pool, spec.task.max_error_frac, spec.task.max_failed_steps,
-                                  None if restored is None else restored[2].get("verifier"),
-                                  say=tqdm.write if run.is_main else (lambda _: None))
+    writer = MetricWriter(workdir, purge_step=start + 1 if restored is not None else 0,
+                          wandb=wandb_sink(spec, workdir) if res.is_main else None)
+    writer.replace_after(start if restored is not None else -1)
+    monitor = VerifierMonitor(res.env.pool, spec.task.max_error_frac, spec.task.max_failed_steps,
+                              None if restored is None else restored[2].get("verifier"),
+                              say=tqdm.write if res.is_main else (lambda _: None))
+    run.res = res = res.with_outputs(writer, monitor)
     if restored is None:
         if spec.sft.steps > 0:
-            with run.timers.phase("warm start (SFT)"):
-                params, sft_metrics = warm_start(spec, run.graphdef, params, run.mesh, run.env, train_examples,
-                                                 run.model_cfg, run.guard)
-            if run.preempted():  # preempted during the warm start: nothing worth a checkpoint yet
-                run.summary.update(status="preempted", step=0, signal=run.guard.signal_name)
+            with res.timers.phase("warm start (SFT)"):
+                params, sft_metrics = warm_start(spec, res.graphdef, params, res.mesh, res.env, train_examples,
+                                                 res.model_cfg, res.guard)
+            if res.preempted():  # preempted during the warm start: nothing worth a checkpoint yet
+                run.summary.update(status="preempted", step=0, signal=res.guard.signal_name)
                 run.status = "preempted"
                 return
-            run.log(0, sft_metrics)
-            run.state = run.step_fns(0)[0](params, jax.random.fold_in(run.root, 1))
-        initial = run.evaluate()
-        initial.update(run.monitor.take(0))
-        initial.update(run.data_counts)
-        run.log(0, initial)
-        if run.is_main:
+            log_scalars(res, 0, sft_metrics)
+        loop = LoopState(run.programs.init_state(params, res.keys.train_state))
+        initial = evaluate(res, loop.state.params, 0)
+        initial.update(res.monitor.take(0))
+        initial.update(res.data_counts)
+        log_scalars(res, 0, initial)
+        if res.is_main:
             _dump(os.path.join(workdir, "eval_initial.json"), initial)
     else:
         _, tree, meta = restored
-        run.state, run.position = state_from_tree(tree), int(meta["data_position"])
-        log.info("resuming from checkpoint step %d of %d in %s", start, total, run.ckpt.directory)
-    run.bar = tqdm(total=total, initial=start, desc="RL", disable=not run.is_main, dynamic_ncols=True)
-    run.step = run.saved = start
-    run.stopping = run.preempted()
+        loop = LoopState(state_from_tree(tree), step=start, position=int(meta["data_position"]), saved=start)
+        log.info("resuming from checkpoint step %d of %d in %s", start, total, res.ckpt.directory)
+    del params
+    run.res = dataclasses.replace(res, bar=tqdm(total=total, initial=start, desc="RL", disable=not res.is_main,
+                                                dynamic_ncols=True))
+    run.loop = dataclasses.replace(loop, stopping=res.preempted())
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -532,30 +495,31 @@ def finish(run: Run) -> dict[str, Any]:
     evaluate, export and write the report. Returns the summary (``status``, ``step``, ``final``...)."""
     if run.status != "running":
         return run.summary
-    spec, workdir, step, total = run.spec, run.workdir, run.step, run.spec.total_steps
-    run.bar.close()
-    stopping = run.stopping or run.preempted()
+    res, loop = run.res, run.loop
+    spec, workdir, step, total = res.spec, res.workdir, loop.step, res.spec.total_steps
+    res.bar.close()
+    stopping = loop.stopping or res.preempted()
     if stopping or step < total:
-        if step > 0 and step != run.saved:
-            run.save(spec.stage_of(step - 1))
-        run.wait_for_checkpoints()
+        if step > 0 and step != loop.saved:
+            run.loop = loop = save(res, loop)
+        wait_for_checkpoints(res)
         run.status = "preempted" if stopping else "stopped"
-        run.summary.update(status=run.status, step=step, signal=run.guard.signal_name)
-        log.warning("%s: checkpoint saved at step %d", run.guard.signal_name or "stop_after", step)
+        run.summary.update(status=run.status, step=step, signal=res.guard.signal_name)
+        log.warning("%s: checkpoint saved at step %d", res.guard.signal_name or "stop_after", step)
         return run.summary
-    final = run.evaluate()
-    final.update(run.monitor.take(total))
-    run.wait_for_checkpoints()  # the final step's checkpoint is on disk before any final result is recorded
-    run.log(total, final, phase="final")
+    final = evaluate(res, loop.state.params, total)
+    final.update(res.monitor.take(total))
+    wait_for_checkpoints(res)  # the final step's checkpoint is on disk before any final result is recorded
+    log_scalars(res, total, final, phase="final")
     if spec.train.export_hf:  # every process joins the parameter gathers; process 0 writes
         partial = os.path.join(workdir, "hf_export.partial")
-        if run.is_main:
+        if res.is_main:
             shutil.rmtree(partial, ignore_errors=True)  # an interrupted earlier export
-        export(run.graphdef, run.state.params, run.model_cfg, run.env.tokenizer, partial,
+        export(res.graphdef, loop.state.params, res.model_cfg, res.env.tokenizer, partial,
                hf_path=spec.model.hf_path or None)
-        if run.is_main:
+        if res.is_main:
             _swap_in(partial, os.path.join(workdir, "hf_export"))
-    if run.is_main:
+    if res.is_main:
         _dump(os.path.join(workdir, "eval_final.json"), final)
         report.write(workdir, spec)
     run.status = "done"
