@@ -283,3 +283,14 @@ class EstimatorVariantsTest(chex.TestCase):
             chex.assert_shape(got, rewards.shape)
             chex.assert_type(got, jnp.float32)
             chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+
+    def test_every_estimator_compiles_once_across_reward_values(self):
+        """No estimator branches in Python on the rewards: new values of the same shape reuse the one trace."""
+        entropy, key = _entropy(72), jax.random.PRNGKey(3)
+        for name in adv.names():
+            chex.clear_trace_counter()  # chex counts traces per code object: one lambda per estimator
+            fn = jax.jit(chex.assert_max_traces(
+                lambda r, m, e, kk, name=name: adv.compute(name, r, m, k=2, key=kk, entropy=e), n=1))
+            rewards, mask = BATCHES["binary"]
+            for values in (rewards, 1.0 - rewards, jnp.zeros_like(rewards), jnp.ones_like(rewards)):
+                fn(values, mask, entropy, key)
