@@ -112,7 +112,8 @@ def _finite(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _is_int(v: Any) -> bool:
+def is_integer(v: Any) -> bool:
+    """An integer value that is not a bool (config checks: ``True`` is not a count)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
@@ -120,7 +121,7 @@ def _positive(doc: str) -> Option:
     return Option(lambda v: _finite(v) and v > 0, "must be a finite number > 0", doc)
 
 
-DDOF = Option(lambda v: _is_int(v) and v in (0, 1), "must be 0 or 1",
+DDOF = Option(lambda v: is_integer(v) and v in (0, 1), "must be 0 or 1",
               "0: population std (the paper's equations); 1: Bessel std (verl, the paper's Figure 2)")
 TOL = Option(lambda v: _finite(v) and v >= 0, "must be a finite number >= 0",
              "a group whose valid rewards span max - min <= tol counts as flat (advantage exactly 0)")
@@ -457,7 +458,7 @@ def bootstrap_groups(key: Array, valid: Array, k, num_groups: int) -> Array:
     return (rank < k) & valid[:, None, :]
 
 
-@_estimator({"num_groups": Option(lambda v: v is None or (_is_int(v) and v >= 1), "must be None or an integer >= 1",
+@_estimator({"num_groups": Option(lambda v: v is None or (is_integer(v) and v >= 1), "must be None or an integer >= 1",
                                   "groups drawn per prompt (None: n, as in the paper)"),
              "reduce": Option(lambda v: v in ("sum", "mean"), "must be 'sum' or 'mean'",
                               "'sum' over a response's groups (Eq. 6) or their 'mean'"),
@@ -640,11 +641,11 @@ def validate(name: str, n: int, k: int = 1, **options) -> None:
     advantages."""
     e = entry(name)
     _check_option_names(name, options)
-    if not _is_int(n) or n < 1:
+    if not is_integer(n) or n < 1:
         raise ValueError(f"{name}: the number of rollouts per prompt n must be an integer >= 1, got {n!r}.")
     if n > MAX_ROLLOUTS:
         raise ValueError(f"{name}: n={n} rollouts per prompt exceeds the supported maximum {MAX_ROLLOUTS}.")
-    if not _is_int(k) or k < 1:
+    if not is_integer(k) or k < 1:
         raise ValueError(f"{name}: k must be a (static) integer >= 1, got {k!r}.")
     if k > n:
         raise ValueError(f"{name}: k={k} exceeds the number of rollouts per prompt n={n}.")

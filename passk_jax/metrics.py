@@ -46,24 +46,32 @@ def _check_counts(name: str, n, c, k) -> None:
                 raise ValueError(f"{name}: {what}, got n={int(n[i])}, c={int(c[i])}, k={int(k[i])}.")
 
 
-@jax.jit
-def _pass_at_k(n: Array, c: Array, k: Array) -> Array:
-    certain = n - c < k
-    terms = jnp.where(certain, 0, jnp.minimum(k, c))
-    big = jnp.maximum(k, c).astype(jnp.float32)
-    nf = n.astype(jnp.float32)
-
+def _log_product(count: Array, log_factor) -> Array:
+    """``sum_{t < count} log_factor(t)`` elementwise (the log of the product forms below), summed with Kahan
+    compensation; ``log_factor(t)`` is only read where ``t < count``."""
     def body(t, carry):
         total, comp = carry
-        term = jnp.where(t < terms, jnp.log1p(-big / jnp.maximum(nf - t, 1.0)), 0.0)
-        y = term - comp
+        y = jnp.where(t < count, log_factor(t), 0.0) - comp
         new = total + y
         return new, (new - total) - y
 
-    zeros = jnp.zeros(n.shape, jnp.float32)
-    log_q, _ = lax.fori_loop(0, jnp.max(terms, initial=0), body, (zeros, zeros))
+    zeros = jnp.zeros(count.shape, jnp.float32)
+    return lax.fori_loop(0, jnp.max(count, initial=0), body, (zeros, zeros))[0]
+
+
+def _invalid(n: Array, c: Array, k: Array) -> Array:
+    return (k < 1) | (k > n) | (c < 0) | (c > n)
+
+
+@jax.jit
+def _pass_at_k(n: Array, c: Array, k: Array) -> Array:
+    certain = n - c < k
+    big = jnp.maximum(k, c).astype(jnp.float32)
+    nf = n.astype(jnp.float32)
+    log_q = _log_product(jnp.where(certain, 0, jnp.minimum(k, c)),
+                         lambda t: jnp.log1p(-big / jnp.maximum(nf - t, 1.0)))
     out = jnp.where(certain, 1.0, 0.0 - jnp.expm1(log_q))  # 0.0 - : no -0.0 for c = 0
-    return jnp.where((k < 1) | (k > n) | (c < 0) | (c > n), jnp.nan, out)
+    return jnp.where(_invalid(n, c, k), jnp.nan, out)
 
 
 def pass_hat_k(n, c, k) -> Array:
@@ -80,19 +88,10 @@ def pass_hat_k(n, c, k) -> Array:
 @jax.jit
 def _pass_hat_k(n: Array, c: Array, k: Array) -> Array:
     nf, cf = n.astype(jnp.float32), c.astype(jnp.float32)
-    terms = jnp.where((c < k) | (c == n), 0, k)
-
-    def body(t, carry):
-        total, comp = carry
-        term = jnp.where(t < terms, jnp.log((cf - t) / jnp.maximum(nf - t, 1.0)), 0.0)
-        y = term - comp
-        new = total + y
-        return new, (new - total) - y
-
-    zeros = jnp.zeros(n.shape, jnp.float32)
-    log_p, _ = lax.fori_loop(0, jnp.max(terms, initial=0), body, (zeros, zeros))
+    log_p = _log_product(jnp.where((c < k) | (c == n), 0, k),
+                         lambda t: jnp.log((cf - t) / jnp.maximum(nf - t, 1.0)))
     out = jnp.where(c < k, 0.0, jnp.where(c == n, 1.0, jnp.exp(log_p)))
-    return jnp.where((k < 1) | (k > n) | (c < 0) | (c > n), jnp.nan, out)
+    return jnp.where(_invalid(n, c, k), jnp.nan, out)
 
 
 def pass_at_k_curve(correct, ks: Sequence[int]) -> dict[str, np.ndarray]:

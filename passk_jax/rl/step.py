@@ -126,7 +126,7 @@ class StepConfig(OptimConfig):
         need(self.estimator in advantages.names(),
              f"estimator {self.estimator!r} is not registered; choose one of {advantages.names()}.")
         knots = self.k_schedule
-        need(all(isinstance(kn, tuple) and len(kn) == 2 and all(_is_int(x) for x in kn) for kn in knots),
+        need(all(isinstance(kn, tuple) and len(kn) == 2 and all(advantages.is_integer(x) for x in kn) for kn in knots),
              f"k_schedule must be a sequence of (step, k) integer pairs, got {knots!r}.")
         need(not knots or tuple(knots[0]) == (0, self.k),
              f"k_schedule must start at (0, k) with k={self.k} (step.k), but its first knot is {knots[0] if knots else ()}; "
@@ -183,10 +183,6 @@ def validate_batch(cfg: StepConfig, num_prompts: int, n: int, rows: int, mesh: M
                          f"divisible by the data-parallel size data*fsdp={dp}.")
     for k in cfg.ks:
         advantages.validate(cfg.estimator, n, k, **cfg.estimator_options)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: jax.Array,
@@ -465,23 +461,24 @@ def group_metrics(adv: jax.Array, rewards: jax.Array, valid: jax.Array, tok_per_
     }
 
 
+def _per_prompt(correct: jax.Array, valid: jax.Array, k: int, estimator, few) -> jax.Array:
+    """``estimator(m, c, k)`` per prompt over its m valid samples (c correct), or ``few(m, c)`` when m < k."""
+    m = jnp.sum(valid, axis=-1).astype(jnp.int32)
+    c = jnp.sum(correct & valid, axis=-1).astype(jnp.int32)
+    enough = m >= k
+    exact = estimator(jnp.where(enough, m, k), jnp.where(enough, c, 0), k)
+    return jnp.where(enough, exact, few(m, c).astype(jnp.float32))
+
+
 def group_pass_at_k(correct: jax.Array, valid: jax.Array, k: int) -> jax.Array:
     """Unbiased pass@k per prompt from its valid samples (``passk_jax.metrics.pass_at_k``, Chen et al. 2021).
 
     correct, valid bool[P, n] -> f32[P]; a prompt with fewer than k valid samples scores whether any is correct.
     """
-    m = jnp.sum(valid, axis=-1).astype(jnp.int32)
-    c = jnp.sum(correct & valid, axis=-1).astype(jnp.int32)
-    enough = m >= k
-    exact = pass_at_k(jnp.where(enough, m, k), jnp.where(enough, c, 0), k)
-    return jnp.where(enough, exact, (c > 0).astype(jnp.float32))
+    return _per_prompt(correct, valid, k, pass_at_k, lambda m, c: c > 0)
 
 
 def group_pass_hat_k(correct: jax.Array, valid: jax.Array, k: int) -> jax.Array:
     """Unbiased pass^k per prompt (all k samples correct; ``passk_jax.metrics.pass_hat_k``) from its valid
     samples, f32[P]; a prompt with fewer than k valid samples scores whether all of them are correct."""
-    m = jnp.sum(valid, axis=-1).astype(jnp.int32)
-    c = jnp.sum(correct & valid, axis=-1).astype(jnp.int32)
-    enough = m >= k
-    exact = pass_hat_k(jnp.where(enough, m, k), jnp.where(enough, c, 0), k)
-    return jnp.where(enough, exact, ((c == m) & (m > 0)).astype(jnp.float32))
+    return _per_prompt(correct, valid, k, pass_hat_k, lambda m, c: (c == m) & (m > 0))

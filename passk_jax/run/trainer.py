@@ -419,9 +419,9 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
         lock.release()
         raise
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-    res = Resources(spec, workdir, mesh, graphdef, model_cfg, shapes, rollout.Env(sampler, task, tokenizer, pool, stops),
-                    test_examples, stream, ckpt, PreemptionGuard(), lock, timers,
-                    data_counts=data_counts if spec.task.long_prompts == "skip" else {})
+    env = rollout.Env(sampler, task, tokenizer, pool, stops)
+    res = Resources(spec, workdir, mesh, graphdef, model_cfg, shapes, env, test_examples, stream, ckpt,
+                    PreemptionGuard(), lock, timers, data_counts=data_counts if spec.task.long_prompts == "skip" else {})
     run = Run(res, Programs(spec, graphdef, mesh, shapes), summary={"workdir": workdir})
     try:
         _start(run, params, train_examples)
