@@ -16,7 +16,7 @@ FLOORS = (
      "passk_jax.models.families", "passk_jax.__init__", "passk_jax.rl.__init__", "passk_jax.models.__init__"),
     ("passk_jax.advantages", "passk_jax.models.attention", "passk_jax.tasks."),
     ("passk_jax.models.transformer",),
-    ("passk_jax.models.hf", "passk_jax.sampling.", "passk_jax.rl.batch"),
+    ("passk_jax.models.hf", "passk_jax.models.lora", "passk_jax.sampling.", "passk_jax.rl.batch"),
     ("passk_jax.rl.step", "passk_jax.rl.rollout"),
     ("passk_jax.rl.packed_step",),
     ("passk_jax.run.",),

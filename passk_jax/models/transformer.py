@@ -289,19 +289,28 @@ def _dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
     return y.reshape(*lead, *w.shape[contract:])
 
 
+def _proj(x: jax.Array, p: dict[str, jax.Array], name: str, lora_scale: float, contract: int = 1) -> jax.Array:
+    """One projection, plus its LoRA term ``scale * (x A) B`` when ``p`` holds ``name.lora_a`` / ``.lora_b``."""
+    y = _dense(x, p[name], contract)
+    if name + ".lora_a" in p:
+        y = y + lora_scale * _dense(_dense(x, p[name + ".lora_a"], contract), p[name + ".lora_b"])
+    return y
+
+
 def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Array, sin: jax.Array,
            mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
-           prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+           prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None, lora_scale: float = 0.0):
     """One decoder block on one layer's params. kv = (k_all, v_all, layer, index) writes this layer's
     keys/values into the stacked cache and attends over all its slots; prefix = (k, v, valid) of this layer's
     shared prompt prefix (``attention.with_prefix``), attended before the cache. mask: bool[B, S, T] for the
-    plain kernel and the cache paths, the keys' validity bool[B, S] for the O(S) no-cache kernels."""
+    plain kernel and the cache paths, the keys' validity bool[B, S] for the O(S) no-cache kernels. LoRA
+    adapters, when present, are entries ``<proj>.lora_a`` / ``.lora_b`` of ``p`` (``_proj``)."""
     dt = x.dtype
     p = {name: w.astype(dt) for name, w in p.items()}
     h = _rms_norm(x, p["input_norm"], cfg.rms_norm_eps)
-    q = _dense(h, p["q_proj"])
-    k = _dense(h, p["k_proj"])
-    v = _dense(h, p["v_proj"])
+    q = _proj(h, p, "q_proj", lora_scale)
+    k = _proj(h, p, "k_proj", lora_scale)
+    v = _proj(h, p, "v_proj", lora_scale)
     if cfg.attention_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if cfg.qk_norm:
@@ -335,12 +344,12 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
         attn = attention.splash(q, k, v, mask)
     else:
         attn = attention.plain(q, k, v, mask, keys_t=kv is not None)
-    x = x + _dense(attn, p["o_proj"], contract=2)
+    x = x + _proj(attn, p, "o_proj", lora_scale, contract=2)
     x = constrain(x, ("batch", "length", "embed"))
     h = _rms_norm(x, p["post_attn_norm"], cfg.rms_norm_eps)
-    gate = constrain(_dense(h, p["gate_proj"]), ("batch", "length", "mlp"))
-    up = constrain(_dense(h, p["up_proj"]), ("batch", "length", "mlp"))
-    x = x + _dense(jax.nn.silu(gate) * up, p["down_proj"])
+    gate = constrain(_proj(h, p, "gate_proj", lora_scale), ("batch", "length", "mlp"))
+    up = constrain(_proj(h, p, "up_proj", lora_scale), ("batch", "length", "mlp"))
+    x = x + _proj(jax.nn.silu(gate) * up, p, "down_proj", lora_scale)
     return constrain(x, ("batch", "length", "embed")), kv
 
 
@@ -358,7 +367,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_mask: jax.Array,
                  cache: KVCache | None = None, prefix: KVCache | None = None, head: bool = True,
-                 prefix_rows: jax.Array | None = None, ring: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 prefix_rows: jax.Array | None = None, ring: bool = False,
+                 lora: tuple[dict[str, jax.Array], float] | None = None) -> tuple[jax.Array, KVCache | None]:
         cfg = self.cfg
         if prefix is not None and cache is None:
             raise ValueError("a shared prefix is attended from a KV cache: pass cache= with prefix=.")
@@ -400,10 +410,12 @@ class Transformer(nnx.Module):
                 return k, v, prefix.valid
             return k[prefix_rows], v[prefix_rows], prefix.valid[prefix_rows]  # row b attends prompt prefix_rows[b]
 
+        adapters, lora_scale = lora if lora is not None else ({}, 0.0)
+
         def body(carry, p):
             x, kv, layer = carry
             x, kv = _block(cfg, x, p, cos, sin, mask, None if kv is None else (*kv, layer, index),
-                           layer_prefix(layer))
+                           layer_prefix(layer), lora_scale)
             return (x, kv, layer + 1), None
 
         policy = REMAT_POLICIES[cfg.remat]
@@ -413,17 +425,18 @@ class Transformer(nnx.Module):
             if isinstance(self.layers.input_norm.get_value(), (tuple, list)):
                 raise ValueError("per-layer parameters (unstack_layers) need an unrolled stack (scan_layers=False).")
             kv0 = None if cache is None else (cache.k, cache.v)
-            (x, kv, _), _ = jax.lax.scan(body, (x, kv0, jnp.zeros((), jnp.int32)), self.layers.stacked())
+            (x, kv, _), _ = jax.lax.scan(body, (x, kv0, jnp.zeros((), jnp.int32)),
+                                         {**self.layers.stacked(), **adapters})
         else:  # unrolled: no stacked residual buffers to fill and slice (faster on CPU, slower to compile)
             if cache is not None and not isinstance(cache.k, (tuple, list)):
                 raise ValueError("an unrolled layer stack (scan_layers=False) needs a per-layer cache from "
                                  "init_cache of the same config.")
             def block(x, p, layer_kv, layer_pre):
-                return _block(cfg, x, p, cos, sin, mask, layer_kv, layer_pre)
+                return _block(cfg, x, p, cos, sin, mask, layer_kv, layer_pre, lora_scale)
 
             if cfg.remat != "none":
                 block = jax.checkpoint(block, policy=policy, prevent_cse=False)
-            stacked, ks, vs = self.layers.stacked(), [], []
+            stacked, ks, vs = {**self.layers.stacked(), **adapters}, [], []
             for i in range(cfg.num_layers):
                 layer_kv = None if cache is None else (cache.k[i], cache.v[i], None, index)
                 x, out = block(x, {name: w[i] for name, w in stacked.items()}, layer_kv, layer_prefix(i))
@@ -490,17 +503,24 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positi
     of slots written at ``index`` mod max_len and a row attends exactly its valid slots, in any order (keys
     carry their RoPE positions; a slot reused by a new row is invalidated by the caller).
 
+    ``params`` may be a ``lora.LoraParams`` (base parameters + adapters): the adapted model, unmerged.
+
     ``head=False`` returns the final-norm hidden states [B,S,hidden] (compute dtype) instead of the logits,
     for callers that apply ``head_weight`` themselves a chunk of positions at a time
     (``losses.chunked_shifted_logprobs_and_entropy``).
     """
+    lora = None
+    if hasattr(params, "adapters"):  # lora.LoraParams: the adapted model, unmerged; the adapters join the
+        adapters = {f"{name}.{part}": v[...]  # per-layer parameter dict as "<proj>.lora_a" / ".lora_b"
+                    for name, ab in params.adapters.items() for part, v in ab.items()}
+        params, lora = params.base, (adapters, params.scale)
     model = nnx.merge(graphdef, params)
-    if prefix is None and head and not ring:  # any module with the (tokens, positions, token_mask, cache) call
-        return model(tokens, positions, token_mask, cache)
+    if prefix is None and head and not ring and lora is None:  # any module with the (tokens, positions,
+        return model(tokens, positions, token_mask, cache)      # token_mask, cache) call
     return model(tokens, positions, token_mask, cache, prefix=prefix, head=head, prefix_rows=prefix_rows,
-                 ring=ring)
+                 ring=ring, lora=lora)
 
 
 def head_weight(graphdef: nnx.GraphDef, params: nnx.State) -> jax.Array:
-    """The model's LM head [hidden, vocab] (the transposed embedding when tied)."""
-    return nnx.merge(graphdef, params).head_weight()
+    """The model's LM head [hidden, vocab] (the transposed embedding when tied; LoRA leaves it as it is)."""
+    return nnx.merge(graphdef, getattr(params, "base", params)).head_weight()
