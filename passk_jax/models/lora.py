@@ -174,3 +174,22 @@ def save_peft(out_dir: str, adapters: Any, cfg: ModelConfig, lora: LoraConfig, b
               "modules_to_save": None, "layers_to_transform": None, "base_model_name_or_path": base_path or None}
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+
+def is_lora(params: Any) -> bool:
+    return isinstance(params, LoraParams)
+
+
+def trainable(params: Any) -> Any:
+    """What an optimiser updates: the adapters of ``LoraParams``, else the parameters themselves."""
+    return params.adapters if isinstance(params, LoraParams) else params
+
+
+def with_trainable(params: Any, new: Any) -> Any:
+    """``params`` with its trainable part replaced by ``new`` (the inverse of ``trainable``)."""
+    return params.replace(adapters=new) if isinstance(params, LoraParams) else new
+
+
+def frozen_policy(params: Any) -> Any:
+    """The model with the adapters switched off (the base; the parameters themselves without LoRA)."""
+    return params.base if isinstance(params, LoraParams) else params

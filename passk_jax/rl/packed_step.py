@@ -47,8 +47,9 @@ from passk_jax import advantages, parallel
 from passk_jax.optim import learning_rate_schedule, make_optimizer
 from passk_jax.rl import losses, packing
 from passk_jax.rl.batch import BATCH, Batch, batch_shardings
-from passk_jax.rl.step import (StepConfig, TrainState, make_micro_loss, make_train_step, step_metrics,
-                               policy_logprobs, validate_batch)
+from passk_jax.models import lora
+from passk_jax.rl.step import (StepConfig, TrainState, make_grad_fn, make_train_step, policy_logprobs,
+                               reference_policy, step_metrics, validate_batch)
 
 ROW_KEYS = ("tokens", "positions", "token_mask", "mask", "sampler_logp")
 
@@ -92,8 +93,8 @@ def make_packed_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: A
         if cfg.old_logprobs == "recompute" or progs.use_ref:
             for micros, offs in zip(plan, offsets):
                 for micro, c in zip(micros, offs):
-                    packed = progs.old(state.params, state.ref_params, packed, np.int32(c),
-                                       per=len(micro.rows) // dp, width=micro.width, start=start)
+                    packed = progs.old(state.params, reference_policy(state) if progs.use_ref else None, packed,
+                                       np.int32(c), per=len(micro.rows) // dp, width=micro.width, start=start)
         adv = pre["adv"]
         if entropy_first:
             adv = progs.late_advantages(state.step, state.key, batch.rewards, batch.valid, packed)
@@ -155,9 +156,9 @@ class _Programs:
         row_spec = parallel.logical_spec(BATCH, mesh)
         self.row_axes = row_spec[0] if len(row_spec) else None
         self.p_sh = parallel.param_shardings(params, mesh)
-        self.opt_sh = parallel.param_shardings(jax.eval_shape(self.tx.init, params), mesh)
-        self.grad_fn = functools.lru_cache(maxsize=None)(
-            lambda start: jax.value_and_grad(make_micro_loss(graphdef, cfg, start), has_aux=True))
+        self.t_sh = lora.trainable(self.p_sh)  # gradients and accumulators: the trainable part only
+        self.opt_sh = parallel.param_shardings(jax.eval_shape(self.tx.init, lora.trainable(params)), mesh)
+        self.grad_fn = functools.lru_cache(maxsize=None)(lambda start: make_grad_fn(graphdef, cfg, start))
         rep, rows = self.rep, self.rows_sh
         self.prelim = jax.jit(self._prelim, static_argnums=(3,), out_shardings=rep)
         self.layout = jax.jit(self._layout, out_shardings=rows)
@@ -165,9 +166,9 @@ class _Programs:
                            out_shardings=rows)
         self.late_advantages = jax.jit(self._late_advantages, out_shardings=rep)
         self.set_adv = jax.jit(self._set_adv, donate_argnums=(0,), out_shardings=rows)
-        self.zeros = jax.jit(self._zeros, out_shardings=(self.p_sh, rep))
+        self.zeros = jax.jit(self._zeros, out_shardings=(self.t_sh, rep))
         self.grad = jax.jit(self._grad, static_argnames=("per", "width", "start"), donate_argnums=(1, 2),
-                            out_shardings=(self.p_sh, rep))
+                            out_shardings=(self.t_sh, rep))
         self.apply = jax.jit(self._apply, donate_argnums=(0, 1), out_shardings=(self.p_sh, self.opt_sh, rep))
         self.finish = jax.jit(self._finish, out_shardings=rep)
 
@@ -276,7 +277,7 @@ class _Programs:
         sums = {name: jnp.zeros((), jnp.float32) for name in
                 ("loss", "pg", "kl", "entropy", "approx_kl", "clip_low", "clip_high", "clip_dual", "lp_diff_sum",
                  "lp_diff_max")}
-        return jax.tree.map(jnp.zeros_like, params), sums
+        return jax.tree.map(jnp.zeros_like, lora.trainable(params)), sums
 
     def _grad(self, params, acc, sums, packed, c, denom, *, per, width, start):
         keys = ROW_KEYS + (("old_logp",) if self.cfg.old_logprobs == "recompute" else ()) + (
@@ -285,18 +286,20 @@ class _Programs:
         micro["adv"] = self._local(packed["adv"], c, per, width)
         if self.cfg.old_logprobs != "recompute":
             micro["old_logp"] = micro["sampler_logp"]
-        (loss, s), g = self.grad_fn(start)(params, micro, jnp.maximum(denom, 1e-30))
+        (loss, s), g = self.grad_fn(start)(lora.trainable(params), params, micro, jnp.maximum(denom, 1e-30))
         s["loss"] = loss
-        g = jax.lax.with_sharding_constraint(g, self.p_sh)
+        g = jax.lax.with_sharding_constraint(g, self.t_sh)
         out = {k: (jnp.maximum(v, s[k]) if k == "lp_diff_max" else v + s[k]) for k, v in sums.items()}
         return jax.tree.map(jnp.add, acc, g), out
 
     def _apply(self, params, opt_state, grads, sums, denom):
-        updates, new_opt = self.tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        own = lora.trainable(params)
+        updates, new_opt = self.tx.update(grads, opt_state, own)
+        new_own = optax.apply_updates(own, updates)
         keep = denom > 0  # a mini-batch without tokens must not move the parameters
         pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(keep, x, y), a, b)  # noqa: E731
-        return pick(new_params, params), pick(new_opt, opt_state), {**sums, "grad_norm": optax.global_norm(grads)}
+        return (lora.with_trainable(params, pick(new_own, own)), pick(new_opt, opt_state),
+                {**sums, "grad_norm": optax.global_norm(grads)})
 
     def _finish(self, step, pre, adv, batch, packed, mb_loss, mb_sums, computed):
         cfg = self.cfg

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from passk_jax import advantages, parallel
 from passk_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from passk_jax.metrics import PASS_THRESHOLD, is_pass, pass_at_k, pass_hat_k
+from passk_jax.models import lora
 from passk_jax.models.transformer import forward, head_weight
 from passk_jax.rl import losses
 from passk_jax.rl.batch import BATCH, Batch, batch_shardings
@@ -158,10 +159,10 @@ class StepConfig(OptimConfig):
 
 class TrainState(NamedTuple):
     step: jax.Array        # i32[] train steps taken
-    params: Any
-    opt_state: Any
+    params: Any            # the model's parameters, or a lora.LoraParams (frozen base + the adapters)
+    opt_state: Any         # of the trainable part only (lora.trainable(params))
     key: jax.Array         # u32[2] base key; step t uses fold_in(key, t) (bootstrap advantages)
-    ref_params: Any = None  # frozen reference policy, only when kl_coef != 0
+    ref_params: Any = None  # frozen reference policy, only when kl_coef != 0 (LoRA: None, the base is it)
 
 
 def validate_batch(cfg: StepConfig, num_prompts: int, n: int, rows: int, mesh: Mesh | None = None) -> None:
@@ -195,7 +196,7 @@ def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: ja
     positions ``start - 1 .. S - 2`` only, never on the prompt); the earlier positions get 0."""
     if start > 1:
         t = tokens[:, start - 1:]
-        if not hasattr(nnx.merge(graphdef, params), "head_weight"):  # a module without head=False: slice
+        if not hasattr(nnx.merge(graphdef, lora.frozen_policy(params)), "head_weight"):  # no head=False: slice
             logits, _ = forward(graphdef, params, tokens, positions, token_mask)
             lp, ent = losses.shifted_logprobs_and_entropy(logits[:, start - 1:], t, temperature)
         else:
@@ -242,6 +243,15 @@ def make_micro_loss(graphdef: Any, cfg: StepConfig, start: int = 0) -> Callable[
     return micro_loss
 
 
+def make_grad_fn(graphdef: Any, cfg: StepConfig, start: int = 0) -> Callable[..., Any]:
+    """``grad_fn(trainable, params, micro, denom) -> ((loss, sums), grads)``: ``make_micro_loss`` differentiated
+    with respect to ``trainable`` only (the adapters under LoRA, whose base then gets no weight gradient;
+    the parameters otherwise), ``params`` supplying the rest."""
+    micro_loss = make_micro_loss(graphdef, cfg, start)
+    return jax.value_and_grad(lambda t, params, micro, denom: micro_loss(lora.with_trainable(params, t), micro,
+                                                                         denom), has_aux=True)
+
+
 def make_loss_and_grads(graphdef: Any, cfg: StepConfig) -> Callable[..., tuple[jax.Array, Any, dict]]:
     """``loss_and_grads(params, mb) -> (loss, grads, sums)`` for one mini-batch ``mb`` split as [K, rows, S].
 
@@ -249,8 +259,7 @@ def make_loss_and_grads(graphdef: Any, cfg: StepConfig) -> Callable[..., tuple[j
     with KL, ref_logp. Gradients are accumulated over the K micro-batches (``lax.scan``), each micro-batch
     loss divided by the whole mini-batch's denominator. ``sums`` are token sums of the diagnostics.
     """
-    micro_loss = make_micro_loss(graphdef, cfg)
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    grad_fn = make_grad_fn(graphdef, cfg)
 
     def loss_and_grads(params, mb):
         flat_mask = mb["mask"].reshape(-1, mb["mask"].shape[-1])
@@ -258,10 +267,10 @@ def make_loss_and_grads(graphdef: Any, cfg: StepConfig) -> Callable[..., tuple[j
         safe = jnp.maximum(denom, 1e-30)
 
         def body(acc, micro):
-            (loss, sums), g = grad_fn(params, micro, safe)
+            (loss, sums), g = grad_fn(lora.trainable(params), params, micro, safe)
             return jax.tree.map(jnp.add, acc, g), (loss, sums)
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(jnp.zeros_like, lora.trainable(params))
         grads, (loss, sums) = jax.lax.scan(body, zeros, mb)
         sums = {k: (jnp.max(v) if k == "lp_diff_max" else jnp.sum(v)) for k, v in sums.items()}
         sums["denom"] = denom
@@ -274,8 +283,18 @@ def state_shardings(cfg: StepConfig, mesh: Mesh, params: Any) -> TrainState:
     """The shardings of the ``TrainState`` that ``make_train_step``'s ``init_state`` makes for ``params``."""
     p_sh = parallel.param_shardings(params, mesh)
     rep = NamedSharding(mesh, PartitionSpec())
-    opt = parallel.param_shardings(jax.eval_shape(make_optimizer(cfg).init, params), mesh)
-    return TrainState(rep, p_sh, opt, rep, p_sh if cfg.kl_coef != 0.0 else None)
+    opt = parallel.param_shardings(jax.eval_shape(make_optimizer(cfg).init, lora.trainable(params)), mesh)
+    return TrainState(rep, p_sh, opt, rep, p_sh if uses_ref_copy(cfg, params) else None)
+
+
+def uses_ref_copy(cfg: StepConfig, params: Any) -> bool:
+    """Whether the state keeps a frozen copy of the initial parameters as the KL reference (with LoRA the
+    reference is the base model, the adapters switched off: no copy)."""
+    return cfg.kl_coef != 0.0 and not lora.is_lora(params)
+
+
+def reference_policy(state: TrainState) -> Any:
+    return state.ref_params if state.ref_params is not None else lora.frozen_policy(state.params)
 
 
 def abstract_state(cfg: StepConfig, mesh: Mesh, params: Any) -> TrainState:
@@ -284,8 +303,8 @@ def abstract_state(cfg: StepConfig, mesh: Mesh, params: Any) -> TrainState:
     tx = make_optimizer(cfg)
 
     def build(p):
-        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.PRNGKey(0),
-                          p if cfg.kl_coef != 0.0 else None)
+        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(lora.trainable(p)), jax.random.PRNGKey(0),
+                          p if uses_ref_copy(cfg, p) else None)
 
     return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                         jax.eval_shape(build, params), state_shardings(cfg, mesh, params))
@@ -304,6 +323,7 @@ def make_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
     cfg.validate()
     tx = make_optimizer(cfg)
     use_ref = cfg.kl_coef != 0.0
+    ref_copy = uses_ref_copy(cfg, params)
     state_sh = state_shardings(cfg, mesh, params)
     p_sh, rep = state_sh.params, state_sh.step
     row_spec = parallel.logical_spec(BATCH, mesh)
@@ -314,8 +334,8 @@ def make_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
 
     def _init(params, key):
         own = jax.tree.map(jnp.copy, params)
-        ref = jax.tree.map(jnp.copy, params) if use_ref else None
-        return TrainState(jnp.zeros((), jnp.int32), own, tx.init(own), key, ref)
+        ref = jax.tree.map(jnp.copy, params) if ref_copy else None
+        return TrainState(jnp.zeros((), jnp.int32), own, tx.init(lora.trainable(own)), key, ref)
 
     init_jit = jax.jit(_init, out_shardings=state_sh)
 
@@ -341,7 +361,7 @@ def make_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
         if cfg.old_logprobs == "recompute":
             models["old"] = jax.lax.stop_gradient(state.params)
         if use_ref:
-            models["ref"] = state.ref_params
+            models["ref"] = reference_policy(state)
         if not models:
             return {}
 
@@ -357,13 +377,14 @@ def make_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: Any
     def minibatch_update(carry, mb):
         params, opt_state = carry
         loss, grads, sums = loss_and_grads(params, mb)
-        grads = jax.lax.with_sharding_constraint(grads, p_sh)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        grads = jax.lax.with_sharding_constraint(grads, lora.trainable(p_sh))
+        own = lora.trainable(params)
+        updates, new_opt = tx.update(grads, opt_state, own)
+        new_own = optax.apply_updates(own, updates)
         keep = sums["denom"] > 0  # a mini-batch without tokens must not move the parameters
         pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(keep, x, y), a, b)  # noqa: E731
         sums["grad_norm"] = optax.global_norm(grads)
-        return (pick(new_params, params), pick(new_opt, opt_state)), (loss, sums)
+        return (lora.with_trainable(params, pick(new_own, own)), pick(new_opt, opt_state)), (loss, sums)
 
     def _step(state: TrainState, batch: Batch):
         num_prompts, n = batch.rewards.shape
