@@ -3,7 +3,8 @@
     python -m experiments.export --workdir=runs/passk_k4 --out=/path/to/hf_dir [--step=N]
 
 Writes config.json, model.safetensors and the tokenizer, loadable by
-transformers.AutoModelForCausalLM.from_pretrained (and by vLLM).
+transformers.AutoModelForCausalLM.from_pretrained (and by vLLM). A LoRA run (model.lora_rank > 0) is written
+merged, plus its adapters as a PEFT directory <out>/peft_adapter for peft.PeftModel.from_pretrained.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def export_run(workdir: str, out: str, step: int | None = None) -> int:
         spec = RunSpec.from_json(json.load(f))
     mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)
     graphdef, params, model_cfg, tokenizer = trainer.build_model(spec, mesh, workdir)
+    params = trainer.with_adapters(spec, model_cfg, params, mesh)  # LoRA: the base + adapters to restore into
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     target = run_state.restore_target(spec, mesh, params)
     try:
@@ -41,14 +43,17 @@ def export_run(workdir: str, out: str, step: int | None = None) -> int:
             found = ckpt.restore_latest(target)
             if found is None:
                 raise FileNotFoundError(f"no readable checkpoint in {ckpt.directory}.")
-            step, tree, _ = found
+            step, tree, meta = found
         else:
             if step not in ckpt.steps():
                 raise FileNotFoundError(f"checkpoint step {step} not in {ckpt.directory} (have {ckpt.steps()}).")
-            tree, _ = ckpt.restore(step, target)
+            tree, meta = ckpt.restore(step, target)
     finally:
         ckpt.close()
-    trainer.export(graphdef, tree["params"], model_cfg, tokenizer, out, hf_path=spec.model.hf_path or None)
+    if spec.model.lora is not None and meta.get("lora_base") != trainer.base_identity(spec, model_cfg):
+        raise ValueError(trainer.base_mismatch(workdir, meta.get("lora_base"), trainer.base_identity(spec, model_cfg)))
+    trainer.export(graphdef, run_state.state_from_tree(tree, params).params, model_cfg, tokenizer, out,
+                   hf_path=spec.model.hf_path or None, lora_cfg=spec.model.lora)
     return step
 
 

@@ -104,13 +104,13 @@ class LoraParams:
 
 def init_adapters(cfg: ModelConfig, lora: LoraConfig, key: jax.Array,
                   mesh: jax.sharding.Mesh | None = None) -> nnx.State:
-    """Fresh adapters (A uniform in +-1/sqrt(in), B zero) in ``cfg.param_dtype``; sharded on ``mesh``."""
-    from passk_jax.models.transformer import DTYPES
+    """Fresh adapters (A uniform in +-1/sqrt(in), B zero) in float32 whatever the base's ``param_dtype`` (a
+    bf16 base trains f32 adapters and optimiser state); sharded on ``mesh``."""
     from passk_jax.parallel import param_shardings
 
     lora.check(cfg)
     shapes = lora.shapes(cfg)
-    dtype = DTYPES[cfg.param_dtype]
+    dtype = jnp.float32
 
     def build():
         out = {}

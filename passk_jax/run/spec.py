@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from passk_jax.models.lora import TARGETS as LORA_TARGETS, LoraConfig
 from passk_jax.models.transformer import ATTENTION_KERNELS
 from passk_jax.rl.step import StepConfig, validate_batch
 from passk_jax.sampling import DECODE_LAYOUTS
@@ -72,12 +73,26 @@ class ModelSpec:
     scan_layers: bool = False  # True: lax.scan over layers (fast compile); False: unrolled (fast steps)
     attention: str = "auto"  # no-cache attention kernel: "auto" (splash on TPU, cuDNN on GPU, else blocked)
     max_len: int = 256  # context length of a fresh model (prompt + completion)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on lora_targets, the base frozen (0: every weight)
+    lora_alpha: float = 32.0  # the adapters' scale is lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = tuple(LORA_TARGETS)  # of q, k, v, o, gate, up, down
 
     def __post_init__(self):
         _need(self.attention in ATTENTION_KERNELS,
               f"model.attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}.")
         _need(bool(self.hf_path) or self.preset in ("tiny", "small", "hf"),
               f"model.preset must be 'tiny' or 'small' (or set model.hf_path), got {self.preset!r}.")
+        _need(not isinstance(self.lora_rank, bool) and isinstance(self.lora_rank, int) and self.lora_rank >= 0,
+              f"model.lora_rank must be an integer >= 0 (0: no LoRA), got {self.lora_rank!r}.")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        self.lora  # noqa: B018 - validates alpha and targets when LoRA is on
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        """The LoRA configuration (None: full fine-tuning)."""
+        if self.lora_rank == 0:
+            return None
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +278,9 @@ class RunSpec:
                       "")  # first: NaN fails every range check below with a rule it does not break
         r = self.rollout
         _need(sum(s.steps for s in self.stages) >= 0, "train.steps must be >= 0.")
+        _need(self.model.lora_rank == 0 or self.sft.steps == 0,
+              f"sft.steps={self.sft.steps} with model.lora_rank={self.model.lora_rank}: the warm start trains every "
+              "weight of the base, which LoRA keeps frozen; set sft.steps=0 (or warm-start a checkpoint first).")
         for i, stage in enumerate(self.stages):
             where = "step" if not self.train.stages else f"train.stages[{i}].step"
             cfg = stage.step

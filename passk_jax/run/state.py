@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from passk_jax import parallel
+from passk_jax.models import lora
 from passk_jax.models.transformer import ModelConfig
 from passk_jax.rl import rollout
 from passk_jax.rl.packed_step import make_packed_train_step
@@ -55,6 +56,11 @@ class RunKeys:
     def rollout(self, step: int) -> jax.Array:
         return jax.random.fold_in(jax.random.fold_in(self.root, 3), step)
 
+    @property
+    def adapters(self) -> jax.Array:
+        """Fresh LoRA adapters' initialisation (``model.lora_rank`` > 0)."""
+        return jax.random.fold_in(self.root, 4)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Resources:
@@ -76,6 +82,7 @@ class Resources:
     lock: workdir_lib.RunLock
     timers: Timers = NO_TIMERS
     data_counts: dict[str, float] = dataclasses.field(default_factory=dict)
+    base_id: dict[str, str] | None = None  # LoRA: the frozen base's path and content hash (checkpoint meta)
     writer: MetricWriter | None = None
     monitor: VerifierMonitor | None = None
     bar: Any = None
@@ -149,18 +156,24 @@ class LoopState:
     position: int = 0
     saved: int = 0
     stopping: bool = False
+    # LoRA: checksums (adapters, decode copy) when the last decode copy was made (not checkpointed)
+    decode_sums: tuple[float, float] | None = None
 
 
 def checkpoint_tree(state: TrainState) -> dict:
-    """The array tree a checkpoint stores for a ``TrainState`` (``ref_params`` only when there is one)."""
-    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "key": state.key}
+    """The array tree a checkpoint stores for a ``TrainState`` (``ref_params`` only when there is one; with
+    LoRA the adapters only: the base is the run's model, named in the checkpoint's metadata)."""
+    tree = {"step": state.step, "params": lora.trainable(state.params), "opt_state": state.opt_state,
+            "key": state.key}
     if state.ref_params is not None:
         tree["ref_params"] = state.ref_params
     return tree
 
 
-def state_from_tree(tree: dict) -> TrainState:
-    return TrainState(tree["step"], tree["params"], tree["opt_state"], tree["key"], tree.get("ref_params"))
+def state_from_tree(tree: dict, params: Any) -> TrainState:
+    """The ``TrainState`` of a restored tree; ``params``: the run's parameters (LoRA: supplies the base)."""
+    return TrainState(tree["step"], lora.with_trainable(params, tree["params"]), tree["opt_state"], tree["key"],
+                      tree.get("ref_params"))
 
 
 def restore_target(spec: RunSpec, mesh: jax.sharding.Mesh, params: Any) -> dict:

@@ -20,6 +20,7 @@ export are written by all processes together (Orbax / ``hf.save_pretrained`` coo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -28,11 +29,12 @@ import time
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from passk_jax import parallel
-from passk_jax.models import hf
+from passk_jax.models import hf, lora
 from passk_jax.models.transformer import ModelConfig, init as init_model, split
 from passk_jax.rl import rollout
 from passk_jax.run import evaluation, report, samples, sft, workdir as workdir_lib
@@ -41,7 +43,7 @@ from passk_jax.run.data import DataStream, check_prompts, load_examples, make_ta
 from passk_jax.run.metric_log import MetricWriter, console_line, repair_jsonl
 from passk_jax.run.monitor import VerifierMonitor
 from passk_jax.run.spec import RolloutSpec, RunSpec, field_defaults
-from passk_jax.run.state import LoopState, Programs, Resources, checkpoint_tree, state_from_tree
+from passk_jax.run.state import LoopState, Programs, Resources, RunKeys, checkpoint_tree, state_from_tree
 from passk_jax.sampling import Sampler
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tokenizer import build_char_tokenizer, load_tokenizer
@@ -79,6 +81,46 @@ def run_tokenizer(spec: RunSpec, workdir: str):
     return build_char_tokenizer()
 
 
+def model_config(spec: RunSpec, tokenizer: Any) -> ModelConfig:
+    """The run's architecture without loading weights: the checkpoint's config.json, or the preset sized to
+    the tokenizer."""
+    m = spec.model
+    if m.hf_path:
+        with open(os.path.join(m.hf_path, "config.json")) as f:
+            return hf.config_from_hf(json.load(f), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                                     scan_layers=m.scan_layers, attention=m.attention)
+    return getattr(ModelConfig, m.preset)(vocab_size=len(tokenizer), max_position_embeddings=m.max_len,
+                                          dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                                          scan_layers=m.scan_layers, attention=m.attention)
+
+
+def base_identity(spec: RunSpec, model_cfg: ModelConfig) -> dict[str, str]:
+    """What a LoRA checkpoint's adapters belong to: the base's path and a content hash (blake2b of the
+    checkpoint's safetensors files; for a fresh preset model, of its architecture and seed, which determine
+    its weights)."""
+    m = spec.model
+    h = hashlib.blake2b(digest_size=16)
+    if m.hf_path:
+        for name in sorted(os.listdir(m.hf_path)):
+            if name.endswith(".safetensors"):
+                h.update(name.encode())
+                with open(os.path.join(m.hf_path, name), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
+        return {"path": os.path.abspath(m.hf_path), "hash": h.hexdigest()}
+    h.update(json.dumps({"model": dataclasses.asdict(model_cfg), "seed": spec.seed}, sort_keys=True,
+                        default=str).encode())
+    return {"path": f"preset:{m.preset}", "hash": h.hexdigest()}
+
+
+def with_adapters(spec: RunSpec, model_cfg: ModelConfig, params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``params``, or with ``model.lora_rank`` > 0 the frozen base with fresh adapters (``lora.LoraParams``)."""
+    cfg = spec.model.lora
+    if cfg is None:
+        return params
+    return lora.LoraParams(params, lora.init_adapters(model_cfg, cfg, RunKeys(spec.seed).adapters, mesh), cfg.scale)
+
+
 def build_model(spec: RunSpec, mesh: jax.sharding.Mesh, workdir: str, tokenizer: Any = None):
     """(graphdef, params, ModelConfig, tokenizer): a local HF checkpoint, or a fresh char-level model.
     ``tokenizer``: the run's tokenizer when the caller has loaded it already (``run_tokenizer``)."""
@@ -96,9 +138,7 @@ def build_model(spec: RunSpec, mesh: jax.sharding.Mesh, workdir: str, tokenizer:
         tokenizer = build_char_tokenizer()
         if jax.process_index() == 0:
             tokenizer.save_pretrained(tok_dir)
-    preset = getattr(ModelConfig, m.preset)
-    cfg = preset(vocab_size=len(tokenizer), max_position_embeddings=m.max_len, dtype=m.dtype,
-                 param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.attention)
+    cfg = model_config(spec, tokenizer)
     graphdef, params = init_model(cfg, seed=spec.seed, mesh=mesh)
     return graphdef, params, cfg, tokenizer
 
@@ -124,20 +164,31 @@ def wandb_sink(spec: RunSpec, workdir: str) -> Any:
     return WandbSink(workdir, t.wandb_project, entity=t.wandb_entity, mode=t.wandb_mode, config=spec.config_json)
 
 
+PEFT_DIR = "peft_adapter"
+
+
 def export(graphdef: Any, params: Any, model_cfg: ModelConfig, tokenizer: Any, out_dir: str, *,
-           hf_path: str | None = None) -> None:
+           hf_path: str | None = None, lora_cfg: lora.LoraConfig | None = None) -> None:
     """Write a Hugging Face checkpoint (config.json, model.safetensors, tokenizer) of ``params`` that loads
     through ``AutoModelForCausalLM`` / ``AutoTokenizer`` with the trained model's logits and the training
     tokenizer's ids. ``hf_path``: the checkpoint the run started from; its tokenizer files are copied
     verbatim and its config.json's other fields (bos / eos ids, ...) are kept.
+
+    A LoRA policy (``lora.LoraParams``) is written merged (``W + (alpha / r) A B``), and its adapters also as a
+    PEFT directory ``<out_dir>/peft_adapter`` (``peft.PeftModel.from_pretrained(base, that directory)``).
 
     Every process must call it (the parameters are gathered); process 0 writes."""
     extra = None
     if hf_path:
         with open(os.path.join(hf_path, "config.json")) as f:
             extra = json.load(f)
-    hf.save_pretrained((graphdef, params), model_cfg, out_dir, tokenizer=tokenizer, tokenizer_source=hf_path or None,
+    merged = jax.jit(lora.merged)(params) if lora.is_lora(params) else params
+    hf.save_pretrained((graphdef, merged), model_cfg, out_dir, tokenizer=tokenizer, tokenizer_source=hf_path or None,
                        extra_config=extra)
+    if lora_cfg is not None and lora.is_lora(params):
+        adapters = jax.tree.map(parallel.to_host, params.adapters)
+        if jax.process_index() == 0:
+            lora.save_peft(os.path.join(out_dir, PEFT_DIR), adapters, model_cfg, lora_cfg, base_path=hf_path or "")
 
 
 # --------------------------------------------------------------------------------------------- phases
@@ -266,10 +317,12 @@ def record_samples(res: Resources, r: rollout.Rollouts, phase: str, step: int) -
 
 def save(res: Resources, loop: LoopState) -> LoopState:
     """Checkpoint the loop state (asynchronously; ``wait_for_checkpoints`` blocks until it is on disk)."""
+    meta = {"data_position": loop.position, "stage": res.spec.stage_of(max(loop.step - 1, 0)),
+            "verifier": dict(res.monitor.totals)}
+    if res.base_id is not None:
+        meta["lora_base"] = res.base_id
     with res.timers.phase("checkpoint"):
-        res.ckpt.save(loop.step, checkpoint_tree(loop.state), {
-            "data_position": loop.position, "stage": res.spec.stage_of(max(loop.step - 1, 0)),
-            "verifier": dict(res.monitor.totals)})
+        res.ckpt.save(loop.step, checkpoint_tree(loop.state), meta)
     return dataclasses.replace(loop, saved=loop.step)
 
 
@@ -291,6 +344,8 @@ def rl_step(res: Resources, programs: Programs, loop: LoopState) -> tuple[LoopSt
     stage, cfg, train_step = programs.for_step(step)
     t0 = time.perf_counter()
     weights = sampler.prepare(loop.state.params)  # the decode copy, once per policy update
+    if lora.is_lora(loop.state.params):
+        loop = dataclasses.replace(loop, decode_sums=_check_decode_copy(loop, weights))
     r, position, extra = collect(spec.rollout, res.env, weights, res.stream, loop.position, res.keys.rollout(step),
                                  res.timers)
     del weights  # free it before the update
@@ -330,6 +385,35 @@ def rl_step(res: Resources, programs: Programs, loop: LoopState) -> tuple[LoopSt
     if step % spec.train.checkpoint_every == 0 or step == total or loop.stopping:
         loop = save(res, loop)
     return loop, scalars
+
+
+def base_mismatch(workdir: str, saved: dict | None, now: dict | None) -> str:
+    if saved is None:
+        return (f"workdir {workdir} holds a full fine-tuning checkpoint, but this run trains LoRA adapters "
+                "(model.lora_rank > 0); use another workdir.")
+    if now is None:
+        return (f"workdir {workdir} holds LoRA adapters of base {saved['path']}, but this run fine-tunes every weight "
+                "(model.lora_rank=0); use another workdir.")
+    return (f"workdir {workdir} holds LoRA adapters trained on base {saved['path']} (content hash {saved['hash']}), "
+            f"but this run's base {now['path']} has hash {now['hash']}; resume with the same base or use another "
+            "workdir.")
+
+
+@jax.jit
+def _checksum(tree: Any) -> jax.Array:
+    return sum(jnp.sum(x.astype(jnp.float32)) + jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+def _check_decode_copy(loop: LoopState, weights: Any) -> tuple[float, float]:
+    """LoRA: the sampler's decode copy must change whenever the adapters have (else rollouts would sample a
+    policy the update no longer has: the adapters never reached the sampler). Returns the checksums
+    (adapters, decode copy) to compare at the next step."""
+    sums = tuple(float(x) for x in jax.device_get((_checksum(loop.state.params.adapters), _checksum(weights.params))))
+    if loop.decode_sums is not None and sums[0] != loop.decode_sums[0] and sums[1] == loop.decode_sums[1]:
+        raise RuntimeError(f"step {loop.step + 1}: the sampler's decode copy is the same as before the last update, "
+                           "but the LoRA adapters changed: rollouts would sample a stale policy (the adapters are "
+                           "not reaching the sampler); stopping.")
+    return sums
 
 
 @dataclasses.dataclass(eq=False)
@@ -396,6 +480,8 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
         raise ValueError(f"task {spec.task.name!r} has no demonstrations() for the warm start; set sft.steps=0.")
     context, source = model_context(spec)
     tokenizer = run_tokenizer(spec, workdir)
+    if spec.model.lora is not None:  # the rank against the matrices, before the workdir is claimed
+        spec.model.lora.check(model_config(spec, tokenizer))
     splits, data_counts = check_prompts(spec, task, tokenizer, context, source,
                                         {"train": train_examples, "test": test_examples})
     train_examples, test_examples = splits["train"], splits["test"]
@@ -410,6 +496,8 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
         mesh = parallel.make_mesh(data=spec.mesh.data, fsdp=spec.mesh.fsdp, tensor=spec.mesh.tensor)
         graphdef, params, model_cfg, tokenizer = build_model(spec, mesh, workdir,
                                                              tokenizer if spec.model.hf_path else None)
+        params = with_adapters(spec, model_cfg, params, mesh)
+        base_id = base_identity(spec, model_cfg) if lora.is_lora(params) else None
         stream = DataStream(train_examples, spec.seed)
         sampler = Sampler(graphdef, model_cfg, mesh=mesh, pad_id=tokenizer.pad_token_id,
                           decode_layout=spec.rollout.decode_layout)
@@ -421,7 +509,8 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
     env = rollout.Env(sampler, task, tokenizer, pool, stops)
     res = Resources(spec, workdir, mesh, graphdef, model_cfg, shapes, env, test_examples, stream, ckpt,
-                    PreemptionGuard(), lock, timers, data_counts=data_counts if spec.task.long_prompts == "skip" else {})
+                    PreemptionGuard(), lock, timers, base_id=base_id,
+                    data_counts=data_counts if spec.task.long_prompts == "skip" else {})
     run = Run(res, Programs(spec, graphdef, mesh, shapes), summary={"workdir": workdir})
     try:
         _start(run, params, train_examples)
@@ -482,7 +571,10 @@ def _start(run: Run, params: Any, train_examples: list) -> None:
             _dump(os.path.join(workdir, "eval_initial.json"), initial)
     else:
         _, tree, meta = restored
-        loop = LoopState(state_from_tree(tree), step=start, position=int(meta["data_position"]), saved=start)
+        if meta.get("lora_base") != res.base_id:
+            raise ValueError(base_mismatch(workdir, meta.get("lora_base"), res.base_id))
+        loop = LoopState(state_from_tree(tree, params), step=start, position=int(meta["data_position"]),
+                         saved=start)
         log.info("resuming from checkpoint step %d of %d in %s", start, total, res.ckpt.directory)
     del params
     run.res = dataclasses.replace(res, bar=tqdm(total=total, initial=start, desc="RL", disable=not res.is_main,
@@ -516,7 +608,7 @@ def finish(run: Run) -> dict[str, Any]:
         if res.is_main:
             shutil.rmtree(partial, ignore_errors=True)  # an interrupted earlier export
         export(res.graphdef, loop.state.params, res.model_cfg, res.env.tokenizer, partial,
-               hf_path=spec.model.hf_path or None)
+               hf_path=spec.model.hf_path or None, lora_cfg=spec.model.lora)
         if res.is_main:
             _swap_in(partial, os.path.join(workdir, "hf_export"))
     if res.is_main:

@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from passk_jax import parallel
+from passk_jax.models import lora
 from passk_jax.models.transformer import DTYPES, ModelConfig
 
 DECODE_LAYOUTS = ("auto", "replicated", "training")
@@ -18,7 +19,8 @@ REPLICATED_MAX_FRACTION = 0.25  # "auto": replicate the decode weights while the
 
 
 class DecodeWeights(NamedTuple):
-    """The sampler's copy of the policy weights: compute dtype, decode layout (`DecodeLayout.prepare`)."""
+    """The sampler's copy of the policy weights: compute dtype, decode layout (`DecodeLayout.prepare`); for a
+    LoRA policy the merged weights ``W + (alpha / r) A B``."""
 
     params: Any
 
@@ -78,7 +80,7 @@ class DecodeLayout:
     def layout_for(self, params: Any) -> str:
         """The decode layout these parameters get ("replicated" or "training"); an explicit "replicated"
         that cannot fit a device is one error naming the field."""
-        need = self.weight_bytes_per_device(params)
+        need = self.weight_bytes_per_device(lora.frozen_policy(params))
         layout = choose_decode_layout(self.decode_layout, need, self.device_memory)
         if layout == "replicated" and self.device_memory is not None and need > self.device_memory:
             raise ValueError(f"rollout.decode_layout='replicated' needs {need / 2**30:.1f} GiB of weights per device "
@@ -91,12 +93,14 @@ class DecodeLayout:
         layout (one jitted cast + reshard), or the parameters as they are for the "training" layout."""
         if isinstance(params, DecodeWeights):
             return params
-        if self.layout_for(params) == "training":
-            return DecodeWeights(params)
+        if self.layout_for(params) == "training":  # LoRA: merged in the parameters' own layout and dtype
+            return DecodeWeights(_merge_jit(params) if lora.is_lora(params) else params)
         if self._prepare_fn is None:
             dtype = DTYPES[self.cfg.dtype]
-            self._prepare_fn = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p),
-                                       out_shardings=self.decode_shardings(params))
+            # LoRA: W + (alpha / r) A B computed in f32 and cast in the same program (no f32 copy of the model)
+            self._prepare_fn = jax.jit(lambda p: jax.tree.map(
+                lambda x: x.astype(dtype), lora.merged(p, dtype) if lora.is_lora(p) else p),
+                out_shardings=self.decode_shardings(lora.frozen_policy(params)))
         return DecodeWeights(self._prepare_fn(params))
 
     def abstract_weights(self, params: Any) -> DecodeWeights:
@@ -104,6 +108,7 @@ class DecodeLayout:
         only, for plans."""
         if isinstance(params, DecodeWeights):
             return params
+        params = lora.frozen_policy(params)  # the merged weights have the base's shapes
         if self.layout_for(params) == "training":
             return DecodeWeights(params)
         dtype = DTYPES[self.cfg.dtype]
@@ -112,3 +117,8 @@ class DecodeLayout:
             return DecodeWeights(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params))
         return DecodeWeights(jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype, sharding=sh),
                                           params, shardings))
+
+
+@jax.jit
+def _merge_jit(params: Any) -> Any:
+    return lora.merged(params)
