@@ -112,6 +112,7 @@ from flax import nnx  # noqa: E402
 
 from experiments import cli, configs  # noqa: E402
 from passk_jax import hlo, parallel  # noqa: E402
+from passk_jax.models import lora  # noqa: E402
 from passk_jax.models.families import CHECKPOINTS  # noqa: E402
 from passk_jax.models.transformer import ModelConfig, Transformer, split  # noqa: E402
 from passk_jax.rl import step as rl_step  # noqa: E402
@@ -427,10 +428,17 @@ def run() -> None:
     M, K = step_cfg.num_minibatches, step_cfg.num_microbatches
 
     graphdef, params = split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    lora_cfg = spec.model.lora
+    if lora_cfg is not None:  # the frozen base + float32 adapters: the state holds the adapters' optimiser only
+        adapters = jax.eval_shape(lambda: lora.init_adapters(cfg, lora_cfg.check(cfg), jax.random.PRNGKey(0)))
+        params = lora.LoraParams(params, adapters, lora_cfg.scale)
     state = rl_step.abstract_state(step_cfg, mesh, params)
+    trained = ("every weight" if lora_cfg is None else
+               f"LoRA rank {lora_cfg.rank} on {','.join(lora_cfg.targets)} "
+               f"({_count(sum(math.prod(x.shape) for x in jax.tree.leaves(params.adapters)))} float32 adapters)")
     print(f"plan: config={configs.selected_name()} model={source} ({_count(cfg.num_params())} params, "
-          f"params {cfg.param_dtype}, compute {cfg.dtype}, remat {cfg.remat}); training attention: "
-          f"{plan_attention(spec.model.attention, topo)[1]}")
+          f"params {cfg.param_dtype}, compute {cfg.dtype}, remat {cfg.remat}); trains {trained}; training "
+          f"attention: {plan_attention(spec.model.attention, topo)[1]}")
     print(f"target: {topo.name} = {topo.devices} x {topo.chip}"
           + (f", {topo.hbm_bytes / GiB:.1f} GiB HBM each" if topo.hbm_bytes else "")
           + f"; mesh data={sizes['data']} fsdp={sizes['fsdp']} tensor={sizes['tensor']} "

@@ -83,3 +83,15 @@ def test_sampler_programs_and_decode_step_report():
     line = next(x for x in out.stdout.splitlines() if "collectives per step, per device" in x)
     assert line.split()[5] == "0.000" and "all-gather" not in line, line
     assert "HBM read per step (weights + KV slots)" in out.stdout
+
+
+def test_lora_plan_holds_the_adapters_optimiser_state_only():
+    """A LoRA plan (lowered only: fast): the optimiser state covers the adapters only (Adam's two moments of
+    the rank-4 adapters; full fine-tuning's would be twice the parameters)."""
+    out = _plan(*TINY, "--config.sft.steps=0", "--config.model.lora_rank=4", "--topology=cpu-8", "--mesh=1,4,2",
+                "--only=train", "--lower_only")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "trains LoRA rank 4 on q,k,v,o,gate,up,down" in out.stdout
+    params, opt = (float(x) for x in re.search(r"total per device: params ([\d.]+) \w+, optimizer state ([\d.]+)",
+                                               out.stdout).groups())
+    assert 0 < opt < 0.5 * params
