@@ -117,7 +117,7 @@ from passk_jax.models.families import CHECKPOINTS  # noqa: E402
 from passk_jax.models.transformer import ModelConfig, Transformer, split  # noqa: E402
 from passk_jax.rl import step as rl_step  # noqa: E402
 from passk_jax.rl.batch import Batch, batch_shardings  # noqa: E402
-from passk_jax.sampling import Sampler, default_buckets  # noqa: E402
+from passk_jax.sampling import Sampler, choose_decode_mesh, default_buckets  # noqa: E402
 from passk_jax.run.spec import MeshSpec, ModelSpec, RunSpec  # noqa: E402
 
 ARCHITECTURES = CHECKPOINTS  # named architectures (passk_jax/models/families.py): no checkpoint needed
@@ -470,7 +470,13 @@ def run() -> None:
     decode_info = None
     if FLAGS.only in ("all", "sample"):
         # the layer stack Sampler(layers="auto") and the decode layout the target gets
-        sampler = Sampler(graphdef, cfg, mesh=mesh, buckets=(prompt_len,),
+        # the decode mesh the target gets (rollout.decode_mesh: "auto" splits over a node's GPUs when needed)
+        weight_bytes = float(sum(math.prod(x.shape) for x in jax.tree.leaves(lora.frozen_policy(params))))
+        weight_bytes *= jnp.dtype(cfg.dtype).itemsize
+        node = 8 if topo.chip.startswith("NVIDIA") else topo.devices
+        decode_mesh = choose_decode_mesh(r.decode_mesh, mesh, cfg, weight_bytes, topo.hbm_bytes, node,
+                                         own_rows if slots else sp * n)
+        sampler = Sampler(graphdef, cfg, mesh=decode_mesh, buckets=(prompt_len,),
                           layers="auto" if topo.hbm_bytes is None else "model",
                           decode_layout=r.decode_layout, device_memory=topo.hbm_bytes)
         layout = sampler.layout_for(state.params)
@@ -487,6 +493,10 @@ def run() -> None:
                        {tuple(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(weights.params)
                         if x.dtype == jnp.bfloat16})
         unit, scale = _unit(max(decode_info[1], resident))
+        print(f"decode mesh: data={decode_mesh.shape['data']} fsdp={decode_mesh.shape['fsdp']} "
+              f"tensor={decode_mesh.shape['tensor']} ({r.decode_mesh!r} requested"
+              + ("; the training mesh" if decode_mesh is mesh else "; the same devices, factored for decoding")
+              + ")")
         print(f"decode layout: {layout!r} ({r.decode_layout!r} requested): decode weights "
               f"{decode_info[1] / scale:.2f} {unit} per device; the training parameters and optimizer state "
               f"({resident / scale:.2f} {unit} per device) stay resident while sampling")

@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -140,6 +141,7 @@ class RolloutSpec:
     ignore_eos: bool = False  # True: every response decodes max_new_tokens (fixed-length workloads)
     decode_slots: int = 64  # continuous-batching slots per sampler call (0 = lockstep rows)
     decode_layout: str = "auto"  # decode weights: "replicated", "training" or "auto" (DECODE_LAYOUTS)
+    decode_mesh: str = "auto"  # the sampler's factoring of the devices: "auto", "training" or "DATA,FSDP,TENSOR"
     dynamic_sampling: bool = False  # drop prompts whose N rewards are all equal, draw more to fill P
     max_refills: int = 4  # extra prompt batches per step under dynamic sampling
 
@@ -157,6 +159,8 @@ class RolloutSpec:
               f"call, rollout.sample_prompts x rollout.num_samples), got {r.decode_slots}.")
         _need(r.decode_layout in DECODE_LAYOUTS,
               f"rollout.decode_layout must be one of {DECODE_LAYOUTS}, got {r.decode_layout!r}.")
+        _need(r.decode_mesh in ("auto", "training") or re.fullmatch(r"-?\d+,-?\d+,-?\d+", str(r.decode_mesh)),
+              f"rollout.decode_mesh must be 'auto', 'training' or 'DATA,FSDP,TENSOR' sizes, got {r.decode_mesh!r}.")
 
     @property
     def call_rows(self) -> int:
@@ -335,11 +339,10 @@ class RunSpec:
 
         from passk_jax import parallel
 
+        from passk_jax.sampling import decode_mesh_sizes
+
         r = self.rollout
         data, fsdp, _ = parallel.mesh_sizes(self.mesh.data, self.mesh.fsdp, self.mesh.tensor, jax.device_count())
-        _need(r.decode_slots % (data * fsdp) == 0,
-              f"rollout.decode_slots={r.decode_slots} is not divisible by the data-parallel size "
-              f"data*fsdp={data * fsdp}.")
         for kernel, backend in (("cudnn", "gpu"), ("splash", "tpu")):
             _need(self.model.attention != kernel or jax.default_backend() == backend,
                   f"model.attention={kernel!r} runs only on a {backend.upper()} (this backend is "
@@ -348,6 +351,15 @@ class RunSpec:
               "this config loads a Hugging Face checkpoint: set --config.model.hf_path=/path/to/model_dir.")
         _need(not self.model.hf_path or os.path.isdir(self.model.hf_path),
               f"model.hf_path {self.model.hf_path!r} is not a directory.")
+        own = decode_mesh_sizes(r.decode_mesh, jax.device_count())
+        if own is None:
+            _need(r.decode_slots % (data * fsdp) == 0,
+                  f"rollout.decode_slots={r.decode_slots} is not divisible by the data-parallel size "
+                  f"data*fsdp={data * fsdp}.")
+        else:
+            _need(r.decode_slots % (own[0] * own[1]) == 0,
+                  f"rollout.decode_mesh={r.decode_mesh!r}: rollout.decode_slots={r.decode_slots} is not divisible "
+                  f"by its data x fsdp = {own[0] * own[1]}.")
         return self
 
     @classmethod

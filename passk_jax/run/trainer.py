@@ -44,7 +44,7 @@ from passk_jax.run.metric_log import MetricWriter, console_line, repair_jsonl
 from passk_jax.run.monitor import VerifierMonitor
 from passk_jax.run.spec import RolloutSpec, RunSpec, field_defaults
 from passk_jax.run.state import LoopState, Programs, Resources, RunKeys, checkpoint_tree, state_from_tree
-from passk_jax.sampling import Sampler
+from passk_jax.sampling import Sampler, choose_decode_mesh, device_memory_bytes
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tokenizer import build_char_tokenizer, load_tokenizer
 from passk_jax.timing import NO_TIMERS, Timers
@@ -119,6 +119,16 @@ def with_adapters(spec: RunSpec, model_cfg: ModelConfig, params: Any, mesh: jax.
     if cfg is None:
         return params
     return lora.LoraParams(params, lora.init_adapters(model_cfg, cfg, RunKeys(spec.seed).adapters, mesh), cfg.scale)
+
+
+def decode_mesh(spec: RunSpec, mesh: jax.sharding.Mesh, model_cfg: ModelConfig, params: Any) -> jax.sharding.Mesh:
+    """The sampler's mesh (``rollout.decode_mesh``; ``sampling.choose_decode_mesh``): the training mesh, or the
+    same devices factored for decoding, e.g. tensor-parallel over a node's GPUs when the replicated decode
+    copy would not fit."""
+    itemsize = jnp.dtype(model_cfg.dtype).itemsize
+    weight_bytes = float(sum(x.size for x in jax.tree.leaves(lora.frozen_policy(params)))) * itemsize
+    return choose_decode_mesh(spec.rollout.decode_mesh, mesh, model_cfg, weight_bytes, device_memory_bytes(),
+                              jax.local_device_count(), spec.rollout.decode_slots)
 
 
 def build_model(spec: RunSpec, mesh: jax.sharding.Mesh, workdir: str, tokenizer: Any = None):
@@ -499,8 +509,8 @@ def setup(spec: RunSpec, workdir: str, *, new_run: bool = False, timers: Timers 
         params = with_adapters(spec, model_cfg, params, mesh)
         base_id = base_identity(spec, model_cfg) if lora.is_lora(params) else None
         stream = DataStream(train_examples, spec.seed)
-        sampler = Sampler(graphdef, model_cfg, mesh=mesh, pad_id=tokenizer.pad_token_id,
-                          decode_layout=spec.rollout.decode_layout)
+        sampler = Sampler(graphdef, model_cfg, mesh=decode_mesh(spec, mesh, model_cfg, params),
+                          pad_id=tokenizer.pad_token_id, decode_layout=spec.rollout.decode_layout)
         pool = VerifierPool(num_workers=spec.task.verifier_workers, timeout_s=spec.task.verifier_timeout_s)
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=spec.train.keep_checkpoints)
     except BaseException:

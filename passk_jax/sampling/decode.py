@@ -191,10 +191,16 @@ def decode_slots(ctx: DecodeContext, params, prompt_cache, logits, next_pos, eos
     if not ctx.cfg.scan_layers:
         params = unstack_layers(params)
     R = logits.shape[0] * n
-    if ctx.mesh is not None:  # any slot may read any prompt: the P-row prefix (n x smaller) on every device
-        rep = NamedSharding(ctx.mesh, PartitionSpec())
-        prompt_cache, logits, next_pos = jax.tree.map(lambda x: lax.with_sharding_constraint(x, rep),
-                                                      (prompt_cache, logits, next_pos))
+    if ctx.mesh is not None:  # any slot may read any prompt: the P-row prefix (n x smaller) on every device,
+        rep = NamedSharding(ctx.mesh, PartitionSpec())  # its kv heads split over 'tensor' like the attention's
+        logits, next_pos = jax.tree.map(lambda x: lax.with_sharding_constraint(x, rep), (logits, next_pos))
+
+        def prefix(x, axes):
+            axes = tuple(None if a == "batch" else a for a in axes)
+            spec = parallel.logical_spec(axes, ctx.mesh, x.shape, parallel.DECODE_RULES)
+            return lax.with_sharding_constraint(x, NamedSharding(ctx.mesh, spec))
+
+        prompt_cache = map_cache(prefix, prompt_cache)
     buf = lambda fill, dtype: jnp.full((R + 1, T), fill, dtype)  # noqa: E731 - row R absorbs idle slots
     state = SlotState(row=constrain_rows(jnp.arange(S, dtype=jnp.int32)), t=constrain_rows(jnp.zeros((S,), jnp.int32)),
                       tok=constrain_rows(jnp.full((S,), ctx.pad_id, jnp.int32)), next_row=jnp.int32(S),

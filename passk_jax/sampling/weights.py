@@ -50,6 +50,63 @@ def device_memory_bytes() -> float | None:
     return stats.get("bytes_limit")
 
 
+def decode_mesh_sizes(spec: str, num_devices: int) -> tuple[int, int, int] | None:
+    """``rollout.decode_mesh`` as sizes: None for "auto" / "training", else "DATA,FSDP,TENSOR" (one may be -1)
+    resolved over ``num_devices``; anything else is one sentence naming the field."""
+    if spec in ("auto", "training"):
+        return None
+    try:
+        sizes = tuple(int(s) for s in spec.split(","))
+        if len(sizes) != 3:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"rollout.decode_mesh must be 'auto', 'training' or 'DATA,FSDP,TENSOR' sizes, got "
+                         f"{spec!r}.") from None
+    try:
+        return parallel.mesh_sizes(*sizes, num_devices)
+    except ValueError as err:
+        raise ValueError(f"rollout.decode_mesh={spec!r}: {err}") from None
+
+
+def check_decode_mesh(sizes: tuple[int, int, int], cfg: ModelConfig, slots: int, field: str) -> None:
+    """A decode mesh must split the attention heads and the KV cache's heads over 'tensor' and the decode
+    slots over 'data' x 'fsdp': one sentence naming ``field`` otherwise."""
+    data, fsdp, tensor = sizes
+    for name, heads in (("num_kv_heads", cfg.num_kv_heads), ("num_heads", cfg.num_heads)):
+        if heads % tensor:
+            raise ValueError(f"{field}: tensor={tensor} does not divide the model's {name}={heads}.")
+    if slots % (data * fsdp):
+        raise ValueError(f"{field}: rollout.decode_slots={slots} is not divisible by its data x fsdp = "
+                         f"{data * fsdp}.")
+
+
+def choose_decode_mesh(spec: str, train_mesh: Mesh, cfg: ModelConfig, weight_bytes: float,
+                       device_memory: float | None, max_tensor: int, slots: int = 0) -> Mesh:
+    """The mesh the sampler lays its weights and KV cache over: the same devices, in the same order, as the
+    training mesh, factored its own way. "training": the training mesh. "DATA,FSDP,TENSOR": those sizes.
+    "auto": the training mesh while the decode copy (``weight_bytes`` in the compute dtype, split over its
+    'tensor' axis) takes at most REPLICATED_MAX_FRACTION of a device; otherwise the smallest tensor-parallel
+    split (dividing the devices, at most ``max_tensor`` wide -- the GPUs of one node -- and dividing the
+    heads and the slots' data-parallel share) under which it does, rows over the rest ('data'); if none, the
+    training mesh (and the "training" decode layout)."""
+    n = train_mesh.devices.size
+    sizes = decode_mesh_sizes(spec, n)
+    if sizes is None and spec == "auto" and device_memory is not None:
+        limit = REPLICATED_MAX_FRACTION * device_memory
+        if weight_bytes / train_mesh.shape["tensor"] > limit:
+            for t in range(train_mesh.shape["tensor"] + 1, min(n, max_tensor) + 1):
+                if (n % t == 0 and cfg.num_kv_heads % t == 0 and cfg.num_heads % t == 0
+                        and slots % (n // t) == 0 and weight_bytes / t <= limit):
+                    sizes = (n // t, 1, t)
+                    break
+    if sizes is None:
+        return train_mesh
+    check_decode_mesh(sizes, cfg, slots, f"rollout.decode_mesh={spec!r}" if spec != "auto" else
+                      f"rollout.decode_mesh='auto' chose data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}")
+    devices = np.asarray(train_mesh.devices).reshape(sizes)
+    return Mesh(devices, parallel.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
 class DecodeLayout:
     """The decode-weight layout of one model on one mesh: ``decode_layout`` ("auto", "replicated",
     "training"; see `choose_decode_layout`) and the device memory the "auto" rule compares against."""
@@ -94,7 +151,11 @@ class DecodeLayout:
         if isinstance(params, DecodeWeights):
             return params
         if self.layout_for(params) == "training":  # LoRA: merged in the parameters' own layout and dtype
-            return DecodeWeights(_merge_jit(params) if lora.is_lora(params) else params)
+            params = _merge_jit(params) if lora.is_lora(params) else params
+            if self.mesh is None:
+                return DecodeWeights(params)
+            # the training rules on the sampler's mesh: no copy when it is the training mesh itself
+            return DecodeWeights(jax.device_put(params, parallel.param_shardings(params, self.mesh)))
         if self._prepare_fn is None:
             dtype = DTYPES[self.cfg.dtype]
             # LoRA: W + (alpha / r) A B computed in f32 and cast in the same program (no f32 copy of the model)
@@ -110,7 +171,10 @@ class DecodeLayout:
             return params
         params = lora.frozen_policy(params)  # the merged weights have the base's shapes
         if self.layout_for(params) == "training":
-            return DecodeWeights(params)
+            if self.mesh is None:
+                return DecodeWeights(params)
+            return DecodeWeights(jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                              params, parallel.param_shardings(params, self.mesh)))
         dtype = DTYPES[self.cfg.dtype]
         shardings = self.decode_shardings(params)
         if shardings is None:
