@@ -1,11 +1,10 @@
-"""LoRA in the train step: the base stays bitwise frozen, only the adapters have optimiser state, the first
-step's loss is the base model's, the packed update equals the padded one, and sharded equals one device."""
+"""LoRA in the train step: the base stays bitwise frozen, only the adapters have optimiser state and move, the
+packed update equals the padded one, and sharded equals one device."""
 import dataclasses
 
 import chex
 import jax
 import numpy as np
-import pytest
 
 from passk_jax import parallel
 from passk_jax.models import lora as L
@@ -44,10 +43,7 @@ def test_base_frozen_adapters_trained_optimizer_on_adapters_only(make=st.make_tr
     adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
     assert adam and all(jax.tree.structure(s.mu) == jax.tree.structure(lp.adapters) for s in adam)
     assert state.ref_params is None
-    # at B = 0 the adapted model is the base: a first update's loss equals full fine-tuning's
-    one = dataclasses.replace(BASE, num_minibatches=1)
-    (_, lora_m), (_, full_m) = (_run(make, one, mesh, graphdef, p, steps=1) for p in (_lora_params(params), params))
-    np.testing.assert_allclose(lora_m[0]["loss"], full_m[0]["loss"], rtol=1e-6, atol=1e-7)
+    # (at B = 0 the adapted model is the base exactly: tests/models/test_lora.py)
     assert np.isfinite(metrics[1]["loss"]) and metrics[1]["grad_norm"] > 0
 
 
@@ -66,8 +62,7 @@ def test_packed_lora_update_equals_padded_with_kl_against_the_base():
     assert pm[1]["kl"] > 0
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (2, 4, 1)])
-def test_sharded_lora_step_equals_one_device(shape):
+def test_sharded_lora_step_equals_one_device(shape=(2, 2, 2)):  # (2, 4, 1): the forward, tests/models/test_lora.py
     graphdef, params = tiny_model()
     one, _ = _run(st.make_train_step, BASE, parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]), graphdef,
                   _lora_params(params))
