@@ -50,8 +50,9 @@ def export_run(workdir: str, out: str, step: int | None = None) -> int:
             tree, meta = ckpt.restore(step, target)
     finally:
         ckpt.close()
-    if spec.model.lora is not None and meta.get("lora_base") != trainer.base_identity(spec, model_cfg):
-        raise ValueError(trainer.base_mismatch(workdir, meta.get("lora_base"), trainer.base_identity(spec, model_cfg)))
+    base = trainer.base_identity(spec, model_cfg) if spec.model.lora is not None else None
+    if not trainer.same_base(meta.get("lora_base"), base):
+        raise ValueError(trainer.base_mismatch(workdir, meta.get("lora_base"), base))
     trainer.export(graphdef, run_state.state_from_tree(tree, params).params, model_cfg, tokenizer, out,
                    hf_path=spec.model.hf_path or None, lora_cfg=spec.model.lora)
     return step

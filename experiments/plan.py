@@ -475,7 +475,7 @@ def run() -> None:
         weight_bytes *= jnp.dtype(cfg.dtype).itemsize
         node = 8 if topo.chip.startswith("NVIDIA") else topo.devices
         decode_mesh = choose_decode_mesh(r.decode_mesh, mesh, cfg, weight_bytes, topo.hbm_bytes, node,
-                                         own_rows if slots else sp * n)
+                                         own_rows if slots else sp * n, r.decode_layout)
         sampler = Sampler(graphdef, cfg, mesh=decode_mesh, buckets=(prompt_len,),
                           layers="auto" if topo.hbm_bytes is None else "model",
                           decode_layout=r.decode_layout, device_memory=topo.hbm_bytes)

@@ -25,6 +25,7 @@ def test_auto_keeps_the_training_mesh_while_the_copy_fits_and_splits_when_not():
     assert pick(50 * GiB, 80 * GiB, slots=64) is train          # needs tensor 4 > the 2 kv heads: fall back
     assert pick(30 * GiB, 80 * GiB, slots=64, max_tensor=1) is train  # no wider split inside one node
     assert pick(30 * GiB, 80 * GiB, slots=6) is train           # 6 slots do not split over data=4
+    assert pick(30 * GiB, 80 * GiB, slots=64, decode_layout="training") is train  # decode from the parameters
 
 
 @pytest.mark.parametrize("spec,match", [("1,1,8", "tensor=8 does not divide the model's num_kv_heads=2"),

@@ -156,8 +156,6 @@ class LoopState:
     position: int = 0
     saved: int = 0
     stopping: bool = False
-    # LoRA: checksums (adapters, decode copy) when the last decode copy was made (not checkpointed)
-    decode_sums: tuple[float, float] | None = None
 
 
 def checkpoint_tree(state: TrainState) -> dict:

@@ -128,7 +128,7 @@ def decode_mesh(spec: RunSpec, mesh: jax.sharding.Mesh, model_cfg: ModelConfig, 
     itemsize = jnp.dtype(model_cfg.dtype).itemsize
     weight_bytes = float(sum(x.size for x in jax.tree.leaves(lora.frozen_policy(params)))) * itemsize
     return choose_decode_mesh(spec.rollout.decode_mesh, mesh, model_cfg, weight_bytes, device_memory_bytes(),
-                              jax.local_device_count(), spec.rollout.decode_slots)
+                              jax.local_device_count(), spec.rollout.decode_slots, spec.rollout.decode_layout)
 
 
 def build_model(spec: RunSpec, mesh: jax.sharding.Mesh, workdir: str, tokenizer: Any = None):
@@ -354,8 +354,10 @@ def rl_step(res: Resources, programs: Programs, loop: LoopState) -> tuple[LoopSt
     stage, cfg, train_step = programs.for_step(step)
     t0 = time.perf_counter()
     weights = sampler.prepare(loop.state.params)  # the decode copy, once per policy update
-    if lora.is_lora(loop.state.params):
-        loop = dataclasses.replace(loop, decode_sums=_check_decode_copy(loop, weights))
+    if lora.is_lora(loop.state.params) and weights.source is not loop.state.params.adapters:
+        raise RuntimeError(f"step {step + 1}: the sampler's decode copy was not merged from the current LoRA "
+                           "adapters: rollouts would sample a stale policy (the adapters are not reaching the "
+                           "sampler); stopping.")
     r, position, extra = collect(spec.rollout, res.env, weights, res.stream, loop.position, res.keys.rollout(step),
                                  res.timers)
     del weights  # free it before the update
@@ -397,6 +399,12 @@ def rl_step(res: Resources, programs: Programs, loop: LoopState) -> tuple[LoopSt
     return loop, scalars
 
 
+def same_base(saved: dict | None, now: dict | None) -> bool:
+    """Whether a checkpoint's base (its ``lora_base`` metadata) is this run's: the same content hash (the path
+    may differ: a relative ``model.hf_path`` from another directory, a copied checkpoint); None = no LoRA."""
+    return (saved or {}).get("hash") == (now or {}).get("hash")
+
+
 def base_mismatch(workdir: str, saved: dict | None, now: dict | None) -> str:
     if saved is None:
         return (f"workdir {workdir} holds a full fine-tuning checkpoint, but this run trains LoRA adapters "
@@ -407,23 +415,6 @@ def base_mismatch(workdir: str, saved: dict | None, now: dict | None) -> str:
     return (f"workdir {workdir} holds LoRA adapters trained on base {saved['path']} (content hash {saved['hash']}), "
             f"but this run's base {now['path']} has hash {now['hash']}; resume with the same base or use another "
             "workdir.")
-
-
-@jax.jit
-def _checksum(tree: Any) -> jax.Array:
-    return sum(jnp.sum(x.astype(jnp.float32)) + jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
-
-
-def _check_decode_copy(loop: LoopState, weights: Any) -> tuple[float, float]:
-    """LoRA: the sampler's decode copy must change whenever the adapters have (else rollouts would sample a
-    policy the update no longer has: the adapters never reached the sampler). Returns the checksums
-    (adapters, decode copy) to compare at the next step."""
-    sums = tuple(float(x) for x in jax.device_get((_checksum(loop.state.params.adapters), _checksum(weights.params))))
-    if loop.decode_sums is not None and sums[0] != loop.decode_sums[0] and sums[1] == loop.decode_sums[1]:
-        raise RuntimeError(f"step {loop.step + 1}: the sampler's decode copy is the same as before the last update, "
-                           "but the LoRA adapters changed: rollouts would sample a stale policy (the adapters are "
-                           "not reaching the sampler); stopping.")
-    return sums
 
 
 @dataclasses.dataclass(eq=False)
@@ -536,6 +527,9 @@ def _start(run: Run, params: Any, train_examples: list) -> None:
     res = run.res
     spec, workdir, total = res.spec, res.workdir, res.spec.total_steps
     restored = res.ckpt.restore_latest(res.restore_target())
+    # LoRA: the adapters belong to one base (before anything of the run's outputs is touched)
+    if restored is not None and parallel.process_any(not same_base(restored[2].get("lora_base"), res.base_id)):
+        raise ValueError(base_mismatch(workdir, restored[2].get("lora_base"), res.base_id))
     start = 0 if restored is None else restored[0]
     if start > total:
         raise ValueError(f"workdir {workdir} has a checkpoint at step {start} but this config trains "
@@ -581,8 +575,6 @@ def _start(run: Run, params: Any, train_examples: list) -> None:
             _dump(os.path.join(workdir, "eval_initial.json"), initial)
     else:
         _, tree, meta = restored
-        if meta.get("lora_base") != res.base_id:
-            raise ValueError(base_mismatch(workdir, meta.get("lora_base"), res.base_id))
         loop = LoopState(state_from_tree(tree, params), step=start, position=int(meta["data_position"]),
                          saved=start)
         log.info("resuming from checkpoint step %d of %d in %s", start, total, res.ckpt.directory)

@@ -20,9 +20,11 @@ REPLICATED_MAX_FRACTION = 0.25  # "auto": replicate the decode weights while the
 
 class DecodeWeights(NamedTuple):
     """The sampler's copy of the policy weights: compute dtype, decode layout (`DecodeLayout.prepare`); for a
-    LoRA policy the merged weights ``W + (alpha / r) A B``."""
+    LoRA policy the merged weights ``W + (alpha / r) A B``, and ``source`` the adapters they were merged from
+    (the trainer checks that they are the current ones before every rollout)."""
 
     params: Any
+    source: Any = None
 
 
 def choose_decode_layout(layout: str, weight_bytes_per_device: float, device_bytes: float | None) -> str:
@@ -81,17 +83,19 @@ def check_decode_mesh(sizes: tuple[int, int, int], cfg: ModelConfig, slots: int,
 
 
 def choose_decode_mesh(spec: str, train_mesh: Mesh, cfg: ModelConfig, weight_bytes: float,
-                       device_memory: float | None, max_tensor: int, slots: int = 0) -> Mesh:
+                       device_memory: float | None, max_tensor: int, slots: int = 0,
+                       decode_layout: str = "auto") -> Mesh:
     """The mesh the sampler lays its weights and KV cache over: the same devices, in the same order, as the
     training mesh, factored its own way. "training": the training mesh. "DATA,FSDP,TENSOR": those sizes.
     "auto": the training mesh while the decode copy (``weight_bytes`` in the compute dtype, split over its
     'tensor' axis) takes at most REPLICATED_MAX_FRACTION of a device; otherwise the smallest tensor-parallel
     split (dividing the devices, at most ``max_tensor`` wide -- the GPUs of one node -- and dividing the
-    heads and the slots' data-parallel share) under which it does, rows over the rest ('data'); if none, the
-    training mesh (and the "training" decode layout)."""
+    heads and the slots' data-parallel share) under which it does, rows over the rest ('data'); if none, or
+    when ``decode_layout`` is "training" (decode from the training parameters as they are), the training
+    mesh."""
     n = train_mesh.devices.size
     sizes = decode_mesh_sizes(spec, n)
-    if sizes is None and spec == "auto" and device_memory is not None:
+    if sizes is None and spec == "auto" and device_memory is not None and decode_layout != "training":
         limit = REPLICATED_MAX_FRACTION * device_memory
         if weight_bytes / train_mesh.shape["tensor"] > limit:
             for t in range(train_mesh.shape["tensor"] + 1, min(n, max_tensor) + 1):
@@ -150,19 +154,20 @@ class DecodeLayout:
         layout (one jitted cast + reshard), or the parameters as they are for the "training" layout."""
         if isinstance(params, DecodeWeights):
             return params
+        source = params.adapters if lora.is_lora(params) else None
         if self.layout_for(params) == "training":  # LoRA: merged in the parameters' own layout and dtype
             params = _merge_jit(params) if lora.is_lora(params) else params
             if self.mesh is None:
-                return DecodeWeights(params)
+                return DecodeWeights(params, source)
             # the training rules on the sampler's mesh: no copy when it is the training mesh itself
-            return DecodeWeights(jax.device_put(params, parallel.param_shardings(params, self.mesh)))
+            return DecodeWeights(jax.device_put(params, parallel.param_shardings(params, self.mesh)), source)
         if self._prepare_fn is None:
             dtype = DTYPES[self.cfg.dtype]
             # LoRA: W + (alpha / r) A B computed in f32 and cast in the same program (no f32 copy of the model)
             self._prepare_fn = jax.jit(lambda p: jax.tree.map(
                 lambda x: x.astype(dtype), lora.merged(p, dtype) if lora.is_lora(p) else p),
                 out_shardings=self.decode_shardings(lora.frozen_policy(params)))
-        return DecodeWeights(self._prepare_fn(params))
+        return DecodeWeights(self._prepare_fn(params), source)
 
     def abstract_weights(self, params: Any) -> DecodeWeights:
         """`prepare` on abstract parameters (ShapeDtypeStructs with shardings): shapes, dtypes and shardings
