@@ -32,8 +32,8 @@ def _loss(kernel, mask, seen, weights):
 @pytest.mark.parametrize("shape,key_block", [((1, 1, 2, 1, 4), None), ((3, 5, 2, 1, 4), None),
                                              ((6, 37, 6, 2, 8), None), ((32, 152, 4, 2, 32), None),
                                              ((7, 100, 4, 4, 16), None), ((1, 300, 2, 1, 8), None),
-                                             ((3, 5, 2, 1, 4), 4), ((6, 37, 6, 2, 8), 8), ((2, 100, 4, 2, 16), 16),
-                                             ((1, 64, 2, 1, 8), 64), ((1, A.LONG_FROM + 5, 2, 1, 8), None)])
+                                             ((3, 5, 2, 1, 4), 4), ((2, 100, 4, 2, 16), 16),
+                                             ((1, A.LONG_FROM + 5, 2, 1, 8), None)])
 def test_blocked_matches_plain(shape, key_block):
     """Outputs where a query sees a key, and all three input gradients, equal the plain kernel's to float32
     rounding (relative 1e-5: the blocked kernel sums the same terms in another order), for the query-chunked

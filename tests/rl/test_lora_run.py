@@ -1,6 +1,6 @@
 """LoRA runs end to end on a tiny Hugging Face base: a resumed run equals an uninterrupted one bitwise, the
 checkpoints hold the adapters only, both exports (merged and PEFT) give the same logits in transformers,
-a decode copy that misses the adapters stops the run, and a checkpoint refuses another base."""
+a checkpoint refuses another base, and a decode copy that misses the adapters stops the run."""
 import json
 import os
 import shutil
@@ -43,14 +43,20 @@ def _saved(workdir, step):
 
 
 def test_lora_run_resumes_bitwise_and_both_exports_agree(tmp_path, base):
+    """A LoRA run resumed after step 1 equals the uninterrupted one bitwise; its checkpoints hold the adapters
+    only; the merged export and the PEFT adapter on the base agree in transformers; and once the base's
+    weights change under the same path, the finished run's checkpoint refuses it (checked on restore)."""
     import torch
     import transformers
     from peft import PeftModel
+    from safetensors.numpy import load_file, save_file
 
+    mine = str(tmp_path / "base")  # a copy: its weights change at the end
+    shutil.copytree(base, mine)
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
-    assert trainer.train(_spec(tmp_path, base), full)["status"] == "done"
-    assert trainer.train(_spec(tmp_path, base), split, stop_after=1)["status"] == "stopped"
-    assert trainer.train(_spec(tmp_path, base), split)["status"] == "done"
+    assert trainer.train(_spec(tmp_path, mine), full)["status"] == "done"
+    assert trainer.train(_spec(tmp_path, mine), split, stop_after=1)["status"] == "stopped"
+    assert trainer.train(_spec(tmp_path, mine), split)["status"] == "done"
     a, b = _saved(full, 2), _saved(split, 2)
     chex.assert_trees_all_equal(a, b)  # adapters, optimiser state, key: bitwise across the resume
     assert sorted(a["params"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -63,7 +69,7 @@ def test_lora_run_resumes_bitwise_and_both_exports_agree(tmp_path, base):
     # the merged export and the PEFT adapter on the base give the same logits in transformers
     tokens = torch.tensor(np.random.default_rng(0).integers(4, 60, (2, 9)))
     merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(full, "hf_export"), dtype=torch.float32)
-    base_model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(mine, dtype=torch.float32)
     with torch.no_grad():
         plain = base_model(input_ids=tokens).logits.numpy()
         tuned = PeftModel.from_pretrained(base_model, os.path.join(full, "hf_export", trainer.PEFT_DIR)).eval()
@@ -71,6 +77,12 @@ def test_lora_run_resumes_bitwise_and_both_exports_agree(tmp_path, base):
         via_merged = merged(input_ids=tokens).logits.numpy()
     assert float(np.abs(via_merged - plain).max()) > 1e-4
     np.testing.assert_allclose(via_merged, via_peft, atol=1e-4)
+    tensors = load_file(os.path.join(mine, "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, os.path.join(mine, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="holds LoRA adapters trained on base .* but this run's base"):
+        trainer.train(_spec(tmp_path, mine), split)
 
 
 def test_a_decode_copy_without_the_adapters_stops_the_run(tmp_path, base, monkeypatch):
@@ -87,22 +99,3 @@ def test_a_decode_copy_without_the_adapters_stops_the_run(tmp_path, base, monkey
     monkeypatch.setattr(Sampler, "prepare", stale)
     with pytest.raises(RuntimeError, match="not merged from the current LoRA adapters: rollouts would sample a stale"):
         trainer.train(_spec(tmp_path, base, **{"train.export_hf": False}), str(tmp_path / "run"))
-
-
-def test_tiny_updates_pass_the_stale_check_and_another_base_is_refused(tmp_path, base):
-    """A learning rate so small that the decode copy barely moves still passes the stale-policy check (it checks
-    which adapters the copy was merged from, not whether it changed); then, with the base's weights changed
-    under the same path, the finished run's checkpoint refuses it."""
-    from safetensors.numpy import load_file, save_file
-
-    mine = str(tmp_path / "base")
-    shutil.copytree(base, mine)
-    spec = _spec(tmp_path, mine, **{"train.export_hf": False, "train.steps": 2, "step.learning_rate": 1e-12})
-    assert trainer.train(spec, str(tmp_path / "run"))["status"] == "done"
-    path = os.path.join(mine, "model.safetensors")
-    tensors = load_file(path)
-    name = sorted(tensors)[0]
-    tensors[name] = tensors[name] + 1.0  # same path, same config, other weights
-    save_file(tensors, path, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="holds LoRA adapters trained on base .* but this run's base"):
-        trainer.train(spec, str(tmp_path / "run"))
