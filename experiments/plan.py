@@ -117,7 +117,7 @@ from passk_jax.models.families import CHECKPOINTS  # noqa: E402
 from passk_jax.models.transformer import ModelConfig, Transformer, split  # noqa: E402
 from passk_jax.rl import step as rl_step  # noqa: E402
 from passk_jax.rl.batch import Batch, batch_shardings  # noqa: E402
-from passk_jax.sampling import Sampler, choose_decode_mesh, default_buckets  # noqa: E402
+from passk_jax.sampling import Sampler, choose_decode_mesh, decode_copy_bytes, default_buckets  # noqa: E402
 from passk_jax.run.spec import MeshSpec, ModelSpec, RunSpec  # noqa: E402
 
 ARCHITECTURES = CHECKPOINTS  # named architectures (passk_jax/models/families.py): no checkpoint needed
@@ -469,12 +469,10 @@ def run() -> None:
                                 lower_only=FLAGS.lower_only))
     decode_info = None
     if FLAGS.only in ("all", "sample"):
-        # the layer stack Sampler(layers="auto") and the decode layout the target gets
-        # the decode mesh the target gets (rollout.decode_mesh: "auto" splits over a node's GPUs when needed)
-        weight_bytes = float(sum(math.prod(x.shape) for x in jax.tree.leaves(lora.frozen_policy(params))))
-        weight_bytes *= jnp.dtype(cfg.dtype).itemsize
+        # the decode mesh (rollout.decode_mesh: "auto" splits over a node's GPUs when needed), the layer stack
+        # Sampler(layers="auto") and the decode layout the target gets
         node = 8 if topo.chip.startswith("NVIDIA") else topo.devices
-        decode_mesh = choose_decode_mesh(r.decode_mesh, mesh, cfg, weight_bytes, topo.hbm_bytes, node,
+        decode_mesh = choose_decode_mesh(r.decode_mesh, mesh, cfg, decode_copy_bytes(cfg, params), topo.hbm_bytes, node,
                                          own_rows if slots else sp * n, r.decode_layout)
         sampler = Sampler(graphdef, cfg, mesh=decode_mesh, buckets=(prompt_len,),
                           layers="auto" if topo.hbm_bytes is None else "model",

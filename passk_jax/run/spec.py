@@ -86,7 +86,7 @@ class ModelSpec:
         _need(not isinstance(self.lora_rank, bool) and isinstance(self.lora_rank, int) and self.lora_rank >= 0,
               f"model.lora_rank must be an integer >= 0 (0: no LoRA), got {self.lora_rank!r}.")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        self.lora  # noqa: B018 - validates alpha and targets when LoRA is on
+        LoraConfig(rank=max(self.lora_rank, 1), alpha=self.lora_alpha, targets=self.lora_targets)  # alpha, targets
 
     @property
     def lora(self) -> LoraConfig | None:

@@ -29,7 +29,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -44,7 +43,7 @@ from passk_jax.run.metric_log import MetricWriter, console_line, repair_jsonl
 from passk_jax.run.monitor import VerifierMonitor
 from passk_jax.run.spec import RolloutSpec, RunSpec, field_defaults
 from passk_jax.run.state import LoopState, Programs, Resources, RunKeys, checkpoint_tree, state_from_tree
-from passk_jax.sampling import Sampler, choose_decode_mesh, device_memory_bytes
+from passk_jax.sampling import Sampler, choose_decode_mesh, decode_copy_bytes, device_memory_bytes
 from passk_jax.tasks.pool import VerifierPool
 from passk_jax.tokenizer import build_char_tokenizer, load_tokenizer
 from passk_jax.timing import NO_TIMERS, Timers
@@ -125,9 +124,8 @@ def decode_mesh(spec: RunSpec, mesh: jax.sharding.Mesh, model_cfg: ModelConfig, 
     """The sampler's mesh (``rollout.decode_mesh``; ``sampling.choose_decode_mesh``): the training mesh, or the
     same devices factored for decoding, e.g. tensor-parallel over a node's GPUs when the replicated decode
     copy would not fit."""
-    itemsize = jnp.dtype(model_cfg.dtype).itemsize
-    weight_bytes = float(sum(x.size for x in jax.tree.leaves(lora.frozen_policy(params)))) * itemsize
-    return choose_decode_mesh(spec.rollout.decode_mesh, mesh, model_cfg, weight_bytes, device_memory_bytes(),
+    return choose_decode_mesh(spec.rollout.decode_mesh, mesh, model_cfg, decode_copy_bytes(model_cfg, params),
+                              device_memory_bytes(),
                               jax.local_device_count(), spec.rollout.decode_slots, spec.rollout.decode_layout)
 
 

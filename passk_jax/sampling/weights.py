@@ -52,6 +52,12 @@ def device_memory_bytes() -> float | None:
     return stats.get("bytes_limit")
 
 
+def decode_copy_bytes(cfg: ModelConfig, params: Any) -> float:
+    """Bytes of the whole decode copy of ``params`` (a LoRA policy: its merged base) in the compute dtype."""
+    leaves = jax.tree.leaves(lora.frozen_policy(params))
+    return float(sum(int(np.prod(x.shape)) for x in leaves)) * jnp.dtype(cfg.dtype).itemsize
+
+
 def decode_mesh_sizes(spec: str, num_devices: int) -> tuple[int, int, int] | None:
     """``rollout.decode_mesh`` as sizes: None for "auto" / "training", else "DATA,FSDP,TENSOR" (one may be -1)
     resolved over ``num_devices``; anything else is one sentence naming the field."""
