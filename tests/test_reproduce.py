@@ -94,6 +94,37 @@ def test_t_interval_known_values_and_coverage():
     assert 0.94 < np.mean(hits) < 0.96
 
 
+def test_exploratory_tests_against_scipy_and_by_hand():
+    """The exploratory p-values: the t-test equals scipy's, the sign-flip p-value is exact enumeration (and
+    scipy's permutation test), Holm by hand; five seeds cannot give a sign-flip p below 2/32 two-sided."""
+    from scipy import stats as sp
+
+    d = [0.3, -0.1, 0.5, 0.2, 0.4]
+    assert stats.t_test_p(d) == pytest.approx(sp.ttest_1samp(d, 0.0).pvalue, rel=1e-12)
+    assert stats.t_test_p(d, null=-0.01) == pytest.approx(sp.ttest_1samp(d, -0.01).pvalue, rel=1e-12)
+    assert stats.sign_flip_p([1, 2, 3, 4, 5]) == 0.0625
+    assert stats.sign_flip_p([1, 2, 3, 4, 5], alternative="greater") == 0.03125
+    assert stats.sign_flip_p([1, -2, 3, 4, 5]) == 0.1875
+    ref = sp.permutation_test((np.array([1.0, -2, 3, 4, 5]),), np.mean, permutation_type="samples",
+                              n_resamples=np.inf).pvalue
+    assert stats.sign_flip_p([1, -2, 3, 4, 5]) == pytest.approx(ref)
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert np.isnan(stats.holm([0.01, float("nan")])[1]) and stats.holm([0.01, float("nan")])[0] == 0.01
+    with pytest.raises(ValueError, match="2\\^S sign vectors"):
+        stats.sign_flip_p(np.ones(17))
+
+
+def test_wrong_share_is_the_distinct_share_of_wrong_responses():
+    """The paper's diversity metric: distinct wrong responses / wrong responses; a maze with no wrong
+    response has none (NaN) and is left out of the mean."""
+    r = _record("pass1", 0, np.array([8, 6, 0]), 0.5)
+    r["evals"]["4"]["distinct_wrong"] = [0, 1, 4]
+    m = claims.Metric("wrong_share")
+    values = m.per_maze(r, 4, ["maze_5x5"] * 3)
+    assert np.isnan(values[0]) and values[1:].tolist() == [0.5, 0.5]
+    assert m.value(r, 4, ["maze_5x5"] * 3) == 0.5
+
+
 def test_maze_bootstrap_matches_normal_theory():
     rng = np.random.default_rng(1)
     a = rng.normal(0.1, 1.0, (1, 4000))
@@ -201,6 +232,7 @@ def test_analyses_outputs_and_quick_study(analysed, tmp_path):
         assert f"| {label}" in text, label
     assert "The paper's claims" in text and "Pass@k training reaches a higher pass@16" in text
     assert "complete seeds: 2 of 2" in text and "verified (step-0 evaluations identical)" in text
+    assert "Exploratory results (not pre-registered)" in text and "| sign-flip p |" in text
     partial = tmp_path / "partial"  # seed 1 lacks a method: the tables stay paired on seed 0
     shutil.copytree(records_dir, partial / "study")
     os.remove(study.record_path(spec, "passk_analytic", 1, str(partial / "study")))

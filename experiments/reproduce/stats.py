@@ -135,3 +135,48 @@ def pass_at_k_per_maze(counts: np.ndarray, n: int, k: int) -> np.ndarray:
         raise ValueError(f"pass@{k} needs at least {k} samples per maze, have {n}.")
     c = np.asarray(counts, np.int64)
     return np.asarray(metrics.pass_at_k(np.full_like(c, n), c, k), np.float64)
+
+
+# ------------------------------------------------------------------ exploratory tests (not the verdict rule)
+def t_test_p(diffs: Sequence[float], null: float = 0.0) -> float:
+    """Two-sided p-value of the one-sample t-test of mean(``diffs``) = ``null`` (S - 1 degrees of freedom);
+    p < 1 - level exactly when ``t_interval(diffs, level)`` excludes ``null``. NaN for one value or sd 0."""
+    d = np.asarray(diffs, np.float64) - null
+    if len(d) < 2 or d.std(ddof=1) == 0:
+        return float("nan")
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    return float(2 * scipy_stats.t.sf(abs(t), len(d) - 1))
+
+
+def sign_flip_p(diffs: Sequence[float], null: float = 0.0, alternative: str = "two-sided") -> float:
+    """Exact paired sign-flip (randomisation) p-value of mean(``diffs``) = ``null``: the share of the 2^S
+    sign vectors s for which mean(s * (d - null)) is at least as extreme as the observed mean (``"two-sided"``:
+    in absolute value; ``"greater"``: at least as large). Its floor is 1/2^S one-sided and 2/2^S two-sided
+    (1/32 and 1/16 at 5 seeds), whatever the data."""
+    d = np.asarray(diffs, np.float64) - null
+    if d.ndim != 1 or not 1 <= len(d) <= 16:
+        raise ValueError(f"sign_flip_p enumerates 2^S sign vectors; needs 1 <= S <= 16 values, got {d.shape}.")
+    signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+    means = (signs * d).mean(1)
+    obs, tol = d.mean(), 1e-12 * max(1.0, float(np.abs(d).max()))
+    if alternative == "two-sided":
+        return float(np.mean(np.abs(means) >= abs(obs) - tol))
+    if alternative == "greater":
+        return float(np.mean(means >= obs - tol))
+    raise ValueError(f"unknown alternative {alternative!r}; use 'two-sided' or 'greater'.")
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order: the j-th smallest of m p-values becomes
+    max over i <= j of min(1, (m - i + 1) p_(i)); rejecting every adjusted p < alpha keeps the family-wise
+    error rate at alpha. NaN p-values are left out of the family and stay NaN."""
+    p = np.asarray(pvalues, np.float64)
+    out = np.full(len(p), np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments.reproduce import claims as claims_lib
-from experiments.reproduce import figures, stats, study
+from experiments.reproduce import exploratory, figures, stats, study
 from experiments.reproduce.claims import Metric
 
 # The paper's Table 7 (maze, Qwen2.5-7B-Instruct, average over sizes 7-21): (Pass@1, Pass@k) in percent.
@@ -97,6 +97,7 @@ def section(design: str, records_dir: str, out_dir: str, number: str = "2") -> l
                              os.path.join(out_dir, f"study_{tag}_pass_at_k.png"))
     out += [f"![learning curves](study_{tag}_curves.png)", "", f"![pass@k](study_{tag}_pass_at_k.png)", ""]
     out += _claims(records, sources, spec, number)
+    out += exploratory.section(shown, judged(records, sources, spec), methods, sources, spec, number)
     return out
 
 
@@ -205,7 +206,8 @@ def _claims(records, sources, spec, number: str) -> list[str]:
         counts[j["verdict"]] = counts.get(j["verdict"], 0) + 1
     out += ["", f"Verdicts over {len(results)} claims on {len(results[0]['seeds'])} seed(s): "
             + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ". Each claim is tested at 95% "
-            "on its own (no multiplicity correction); the rates are in points of %.", ""]
+            "on its own (no multiplicity correction; Holm-adjusted and exact sign-flip p-values are among the "
+            "exploratory results below); the rates are in points of %.", ""]
     out += _to_decide(results, spec)
     out += _over_time(records, sources, spec, number)
     return out
