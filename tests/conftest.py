@@ -20,3 +20,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# The slowest files first (cold compilation cache, 2-core box): pytest-xdist's --dist loadfile hands files to
+# the workers in collection order, so long files started last would leave the other worker idle at the end.
+SLOW_FIRST = ("test_multiprocess.py", "test_bench_gpu.py", "test_long_responses.py", "test_trainer.py",
+              "test_import_model.py", "test_decode_layout.py", "test_attention.py", "test_reproduce.py",
+              "test_packed_step.py", "test_decode_slots.py", "test_sampling.py", "test_lora_run.py",
+              "test_lora_step.py", "test_transformer.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept

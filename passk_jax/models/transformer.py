@@ -140,6 +140,27 @@ CACHE_LOGICAL_AXES = KVCache(k=("layers", "batch", "kv_heads", "head_dim", "leng
                              valid=("batch", "length"), index=())
 
 
+class Prefix(NamedTuple):
+    """The keys and values of P prompts for the no-cache (training) forward, made by ``forward(...,
+    kv_out=True)`` and differentiable: k, v [layers, P, kv_heads, W, head_dim] (RoPE applied), valid bool[P, W].
+    ``forward(..., prefix=Prefix, prefix_rows=...)`` then runs only the continuations of those prompts."""
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+
+def gather_prefix_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """``x[rows]`` for ``rows`` i32[B]; for ``rows`` i32[G, B/G] (G groups, e.g. the data-parallel shards), row
+    (g, i) reads ``x.reshape(G, P/G, ...)[g, rows[g, i]]``: a batched gather that stays on the group's shard."""
+    x = jnp.asarray(x)
+    if rows.ndim == 1:
+        return x[rows]
+    G, per = rows.shape
+    y = x.reshape((G, x.shape[0] // G) + x.shape[1:])
+    idx = rows.reshape((G, per) + (1,) * (x.ndim - 1))
+    return jnp.take_along_axis(y, idx, axis=1).reshape((G * per,) + x.shape[1:])
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
     """Empty cache (valid all False, index 0); `dtype` defaults to the compute dtype (e.g. "bfloat16").
     Stacked k/v for `scan_layers`, else one array per layer (see `KVCache`)."""
@@ -301,8 +322,10 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
            mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None,
            prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None, lora_scale: float = 0.0):
     """One decoder block on one layer's params. kv = (k_all, v_all, layer, index) writes this layer's
-    keys/values into the stacked cache and attends over all its slots; prefix = (k, v, valid) of this layer's
-    shared prompt prefix (``attention.with_prefix``), attended before the cache. mask: bool[B, S, T] for the
+    keys/values into the stacked cache and attends over all its slots (returned: the updated cache; without a
+    cache: this layer's own keys/values); prefix = (k, v, valid) of this layer's shared prompt prefix
+    (``attention.with_prefix``, in the cache's layout or, without a cache, in [P,KV,W,hd]), attended before the
+    row's own keys. mask: bool[B, S, T] for the
     plain kernel and the cache paths, the keys' validity bool[B, S] for the O(S) no-cache kernels. LoRA
     adapters, when present, are entries ``<proj>.lora_a`` / ``.lora_b`` of ``p`` (``_proj``)."""
     dt = x.dtype
@@ -333,9 +356,11 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
             k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
         kv = (k_all, v_all)
+    else:
+        own = (k, v)  # no cache: this layer's keys/values [B,KV,S,hd], for forward(kv_out=True)
     if prefix is not None:
         attn = attention.with_prefix(q, k, v, mask, prefix[0].astype(dt), prefix[1].astype(dt), prefix[2],
-                                     keys_t=True)
+                                     keys_t=kv is not None)
     elif kv is None and no_cache_kernel(cfg) == "blocked":  # mask: the keys' validity bool[B, S]
         attn = attention.blocked_causal(q, k, v, mask)
     elif kv is None and no_cache_kernel(cfg) == "cudnn":
@@ -350,7 +375,7 @@ def _block(cfg: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Arr
     gate = constrain(_proj(h, p, "gate_proj", lora_scale), ("batch", "length", "mlp"))
     up = constrain(_proj(h, p, "up_proj", lora_scale), ("batch", "length", "mlp"))
     x = x + _proj(jax.nn.silu(gate) * up, p, "down_proj", lora_scale)
-    return constrain(x, ("batch", "length", "embed")), kv
+    return constrain(x, ("batch", "length", "embed")), (kv if kv is not None else own)
 
 
 class Transformer(nnx.Module):
@@ -368,10 +393,16 @@ class Transformer(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_mask: jax.Array,
                  cache: KVCache | None = None, prefix: KVCache | None = None, head: bool = True,
                  prefix_rows: jax.Array | None = None, ring: bool = False,
-                 lora: tuple[dict[str, jax.Array], float] | None = None) -> tuple[jax.Array, KVCache | None]:
+                 lora: tuple[dict[str, jax.Array], float] | None = None,
+                 kv_out: bool = False) -> tuple[jax.Array, KVCache | Prefix | None]:
         cfg = self.cfg
-        if prefix is not None and cache is None:
+        trained = isinstance(prefix, Prefix)  # the no-cache forward of prompt continuations (training)
+        if trained and (cache is not None or prefix_rows is None):
+            raise ValueError("a Prefix (from forward(kv_out=True)) is attended without a cache, with prefix_rows.")
+        if prefix is not None and cache is None and not trained:
             raise ValueError("a shared prefix is attended from a KV cache: pass cache= with prefix=.")
+        if kv_out and cache is not None:
+            raise ValueError("kv_out returns the keys/values of a no-cache forward; a cache holds them already.")
         if ring and (cache is None or tokens.shape[1] != 1):
             raise ValueError("a ring cache takes one token per row per call (decode).")
         dt = DTYPES[cfg.dtype]
@@ -386,8 +417,8 @@ class Transformer(nnx.Module):
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         if cache is None:  # the O(S) kernels build their masks per tile from the keys' validity
             t = jnp.arange(S)
-            mask = ((t[None, :] <= t[:, None])[None] & token_mask[:, None, :] if no_cache_kernel(cfg) == "plain"
-                    else token_mask)
+            mask = ((t[None, :] <= t[:, None])[None] & token_mask[:, None, :]
+                    if no_cache_kernel(cfg) == "plain" or trained else token_mask)
             valid = index = None
         else:
             index = cache.index.astype(jnp.int32)
@@ -398,7 +429,10 @@ class Transformer(nnx.Module):
                 slot = index + jnp.arange(S)
                 mask = (jnp.arange(cache.valid.shape[1])[None, :] <= slot[:, None])[None] & valid[:, None, :]
 
-        def layer_prefix(layer):
+        def layer_prefix(layer, own=None):
+            if trained:  # own: this layer's (k, v) [P,KV,W,hd], scanned with the parameters
+                return (gather_prefix_rows(own[0], prefix_rows), gather_prefix_rows(own[1], prefix_rows),
+                        gather_prefix_rows(prefix.valid, prefix_rows))
             if prefix is None:
                 return None
             if isinstance(prefix.k, (tuple, list)):
@@ -412,11 +446,12 @@ class Transformer(nnx.Module):
 
         adapters, lora_scale = lora if lora is not None else ({}, 0.0)
 
-        def body(carry, p):
+        def body(carry, xs):
             x, kv, layer = carry
-            x, kv = _block(cfg, x, p, cos, sin, mask, None if kv is None else (*kv, layer, index),
-                           layer_prefix(layer), lora_scale)
-            return (x, kv, layer + 1), None
+            p, own = xs
+            x, out = _block(cfg, x, p, cos, sin, mask, None if kv is None else (*kv, layer, index),
+                            layer_prefix(layer, own), lora_scale)
+            return (x, out if kv is not None else None, layer + 1), (out if kv_out else None)
 
         policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
@@ -425,8 +460,9 @@ class Transformer(nnx.Module):
             if isinstance(self.layers.input_norm.get_value(), (tuple, list)):
                 raise ValueError("per-layer parameters (unstack_layers) need an unrolled stack (scan_layers=False).")
             kv0 = None if cache is None else (cache.k, cache.v)
-            (x, kv, _), _ = jax.lax.scan(body, (x, kv0, jnp.zeros((), jnp.int32)),
-                                         {**self.layers.stacked(), **adapters})
+            (x, kv, _), kvs = jax.lax.scan(body, (x, kv0, jnp.zeros((), jnp.int32)),
+                                           ({**self.layers.stacked(), **adapters},
+                                            (prefix.k, prefix.v) if trained else None))
         else:  # unrolled: no stacked residual buffers to fill and slice (faster on CPU, slower to compile)
             if cache is not None and not isinstance(cache.k, (tuple, list)):
                 raise ValueError("an unrolled layer stack (scan_layers=False) needs a per-layer cache from "
@@ -439,15 +475,18 @@ class Transformer(nnx.Module):
             stacked, ks, vs = {**self.layers.stacked(), **adapters}, [], []
             for i in range(cfg.num_layers):
                 layer_kv = None if cache is None else (cache.k[i], cache.v[i], None, index)
-                x, out = block(x, {name: w[i] for name, w in stacked.items()}, layer_kv, layer_prefix(i))
-                if out is not None:
-                    ks.append(out[0])
-                    vs.append(out[1])
+                pre = layer_prefix(i, (prefix.k[i], prefix.v[i]) if trained else None)
+                x, out = block(x, {name: w[i] for name, w in stacked.items()}, layer_kv, pre)
+                ks.append(out[0])
+                vs.append(out[1])
             kv = None if cache is None else (tuple(ks), tuple(vs))
+            kvs = (jnp.stack(ks), jnp.stack(vs)) if kv_out else None
         x = _rms_norm(x, self.norm[...], cfg.rms_norm_eps)
         if cache is not None:
             next_index = (index + S) % cache.valid.shape[1] if ring else index + S
         new_cache = None if cache is None else KVCache(k=kv[0], v=kv[1], valid=valid, index=next_index)
+        if kv_out:
+            new_cache = Prefix(k=kvs[0], v=kvs[1], valid=token_mask)
         if not head:
             return x, new_cache
         logits = jnp.einsum("bsd,dv->bsv", x, self.head_weight().astype(dt), preferred_element_type=jnp.float32)
@@ -484,9 +523,9 @@ def init(cfg: ModelConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None)
 
 
 def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-            token_mask: jax.Array, cache: KVCache | None = None, prefix: KVCache | None = None,
+            token_mask: jax.Array, cache: KVCache | None = None, prefix: KVCache | Prefix | None = None,
             head: bool = True, *, prefix_rows: jax.Array | None = None,
-            ring: bool = False) -> tuple[jax.Array, KVCache | None]:
+            ring: bool = False, kv_out: bool = False) -> tuple[jax.Array, KVCache | Prefix | None]:
     """Pure forward: tokens/positions i32[B,S], token_mask bool[B,S] -> (logits f32[B,S,V], cache).
 
     Without a cache query s attends key t iff t <= s and token_mask[b, t]. With a cache the S tokens are
@@ -503,6 +542,12 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positi
     of slots written at ``index`` mod max_len and a row attends exactly its valid slots, in any order (keys
     carry their RoPE positions; a slot reused by a new row is invalidated by the caller).
 
+    Training over shared prompts (no cache): ``kv_out=True`` returns the ``Prefix`` (every layer's keys and
+    values) of P prompts as the second output; ``forward(continuations, prefix=that, prefix_rows=...)`` runs
+    rows that continue them (row b after prompt ``prefix_rows[b]``, see ``gather_prefix_rows`` for the
+    per-shard form) and equals the forward of the concatenated rows at the continuation's positions, gradients
+    flowing into the prompts' pass (the attention is ``attention.with_prefix``'s, whatever ``cfg.attention``).
+
     ``params`` may be a ``lora.LoraParams`` (base parameters + adapters): the adapted model, unmerged.
 
     ``head=False`` returns the final-norm hidden states [B,S,hidden] (compute dtype) instead of the logits,
@@ -515,10 +560,10 @@ def forward(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positi
                     for name, ab in params.adapters.items() for part, v in ab.items()}
         params, lora = params.base, (adapters, params.scale)
     model = nnx.merge(graphdef, params)
-    if prefix is None and head and not ring and lora is None:  # any module with the (tokens, positions,
-        return model(tokens, positions, token_mask, cache)      # token_mask, cache) call
+    if prefix is None and head and not ring and lora is None and not kv_out:  # any module with the (tokens,
+        return model(tokens, positions, token_mask, cache)                    # positions, token_mask, cache) call
     return model(tokens, positions, token_mask, cache, prefix=prefix, head=head, prefix_rows=prefix_rows,
-                 ring=ring, lora=lora)
+                 ring=ring, lora=lora, kv_out=kv_out)
 
 
 def head_weight(graphdef: nnx.GraphDef, params: nnx.State) -> jax.Array:

@@ -16,6 +16,12 @@ the same update, up to float32 summation order, with less work:
    micro-batch needs more memory than the padded update's).
 3. **The LM head only where it is needed**: log-probs and entropies at the positions that predict a completion
    token (``policy_logprobs(start=...)``), never over the prompt.
+4. **Each prompt once** (``share_prompts``, transformer models, rows of at most ``attention.LONG_FROM``
+   columns): the n rows of a group repeat its prompt, so a micro-batch runs each group's prompt (all columns
+   before the last one) once per data shard, and its rows only their continuation, attending to the prompt's
+   keys and values (``transformer.forward(kv_out=True)`` / ``prefix=``): the same scores and gradients (the
+   prompt's gradient is the sum over its rows). The step checks on the device that every row of a group holds
+   its group's prompt, and runs the rows whole otherwise.
 
 The step is a short host loop over a few compiled programs, each per shape: ``prelim`` (advantages,
 denominators, widths), ``layout`` (the rows in micro-batch order, data-parallel shard-major, one permutation
@@ -41,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from passk_jax import advantages, parallel
@@ -48,6 +55,8 @@ from passk_jax.optim import learning_rate_schedule, make_optimizer
 from passk_jax.rl import losses, packing
 from passk_jax.rl.batch import BATCH, Batch, batch_shardings
 from passk_jax.models import lora
+from passk_jax.models import attention
+from passk_jax.models.transformer import Transformer, gather_prefix_rows
 from passk_jax.rl.step import (StepConfig, TrainState, make_grad_fn, make_train_step, policy_logprobs,
                                reference_policy, step_metrics, validate_batch)
 
@@ -79,8 +88,11 @@ def make_packed_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: A
                              f"size {dp}; raise it to at least {width * dp}.")
         batch = jax.device_put(batch, batch_shardings(mesh))
         pre = progs.prelim(state.step, state.key, batch, entropy_first)
-        host = jax.device_get({k: pre[k] for k in ("widths", "counts", "first", "adv")})
+        host = jax.device_get({k: pre[k] for k in ("widths", "counts", "first", "adv", "prompts_shared")})
         start = int(host["first"])
+        # the shared prompt: every column before the first scored position's input (start - 1)
+        lo = start - 1 if progs.can_share and width <= attention.LONG_FROM and bool(host["prompts_shared"]) \
+            and 2 <= start < width else 0
         counts = host["counts"]
         need = counts > 0
         if cfg.skips_zero_advantage and not entropy_first:
@@ -89,12 +101,16 @@ def make_packed_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: A
         lad = packing.ladder(min(start, width), width, cfg.length_buckets)
         plan = packing.plan(host["widths"].astype(np.int64), need, minibatch, M, lad, budget, dp)
         order, offsets, slots = _order(plan, dp)
-        packed = progs.layout(batch, pre["adv"], parallel.put_global(order, progs.rep))
+        groups = _groups_per_minibatch(rows, M, n) if lo else 0
+        prow, prep = _prompt_slots(plan, offsets, slots, dp, n, groups)
+        packed = progs.layout(batch, pre["adv"], *(parallel.put_global(a, progs.rep) for a in (order, prow, prep)))
+        shared = lambda micro: min(len(micro.rows) // dp, groups)  # noqa: E731  prompt slots per shard
         if cfg.old_logprobs == "recompute" or progs.use_ref:
             for micros, offs in zip(plan, offsets):
                 for micro, c in zip(micros, offs):
                     packed = progs.old(state.params, reference_policy(state) if progs.use_ref else None, packed,
-                                       np.int32(c), per=len(micro.rows) // dp, width=micro.width, start=start)
+                                       np.int32(c), per=len(micro.rows) // dp, width=micro.width, start=start,
+                                       lo=lo, prompts=shared(micro))
         adv = pre["adv"]
         if entropy_first:
             adv = progs.late_advantages(state.step, state.key, batch.rewards, batch.valid, packed)
@@ -105,13 +121,15 @@ def make_packed_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: A
             acc, sums = progs.zeros(params)
             for micro, c in zip(micros, offs):
                 acc, sums = progs.grad(params, acc, sums, packed, np.int32(c), pre["denoms"][m],
-                                       per=len(micro.rows) // dp, width=micro.width, start=start)
+                                       per=len(micro.rows) // dp, width=micro.width, start=start, lo=lo,
+                                       prompts=shared(micro))
             params, opt_state, sums = progs.apply(params, opt_state, acc, sums, pre["denoms"][m])
             mb_loss.append(sums.pop("loss"))
             mb_sums.append(sums)
         computed = {"rows": float(need.sum()), "tokens": float(counts[need].sum()),
                     "all_tokens": float(counts.sum()),
-                    "positions": float(sum(len(x.rows) * x.width for micros in plan for x in micros)),
+                    "positions": float(sum(len(x.rows) * (x.width - lo) + dp * shared(x) * lo
+                                           for micros in plan for x in micros)),
                     "microbatches": float(sum(len(micros) for micros in plan))}
         computed["tokens_mb0"] = float(counts[need & (minibatch == 0)].sum())
         computed = {k: np.float32(v) for k, v in computed.items()}
@@ -121,6 +139,42 @@ def make_packed_train_step(graphdef: Any, cfg: StepConfig, mesh: Mesh, params: A
 
     train_step.programs = progs  # for tests and benchmarks: the compiled programs and their caches
     return init_state, train_step
+
+
+def _groups_per_minibatch(rows: int, num_minibatches: int, n: int) -> int:
+    """The most groups (prompts, rows p * n .. p * n + n - 1) whose rows one mini-batch holds: the prompt slots a
+    micro-batch shard needs at most (a static number, so sharing adds no compiled shape)."""
+    per = rows // num_minibatches
+    return max((m * per + per - 1) // n - (m * per) // n + 1 for m in range(num_minibatches))
+
+
+def _prompt_slots(plan: list[list[packing.Micro]], offsets: list[list[int]], q: int, dp: int, n: int,
+                  groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """For the laid-out [dp, Q] slots: ``prow``, the prompt slot each row reads within its micro-batch shard,
+    and ``prep``, whose first min(per, groups) columns of each micro-batch shard name the local row whose
+    prompt fills each prompt slot (its group's first row there; unused slots repeat slot 0). Zeros when
+    ``groups`` is 0 (no sharing)."""
+    prow, prep = np.zeros((dp, q), np.int32), np.zeros((dp, q), np.int32)
+    if not groups:
+        return prow.reshape(-1), prep.reshape(-1)
+    for micros, offs in zip(plan, offsets):
+        for micro, c in zip(micros, offs):
+            per = len(micro.rows) // dp
+            for d, local in enumerate(micro.rows.reshape(dp, per)):
+                slot: dict[int, int] = {}  # group -> its prompt slot, in order of first appearance
+                reps: list[int] = []
+                for i, r in enumerate(local):
+                    if r >= 0:
+                        g = int(r) // n
+                        if g not in slot:
+                            slot[g] = len(reps)
+                            reps.append(i)
+                        prow[d, c + i] = slot[g]
+                slots = min(per, groups)
+                if len(reps) > slots:
+                    raise AssertionError(f"{len(reps)} prompts in a micro-batch shard of {slots} prompt slots")
+                prep[d, c:c + slots] = (reps + [reps[0] if reps else 0] * slots)[:slots]
+    return prow.reshape(-1), prep.reshape(-1)
 
 
 def _order(plan: list[list[packing.Micro]], dp: int) -> tuple[np.ndarray, list[list[int]], int]:
@@ -159,15 +213,17 @@ class _Programs:
         self.t_sh = lora.trainable(self.p_sh)  # gradients and accumulators: the trainable part only
         self.opt_sh = parallel.param_shardings(jax.eval_shape(self.tx.init, lora.trainable(params)), mesh)
         self.grad_fn = functools.lru_cache(maxsize=None)(lambda start: make_grad_fn(graphdef, cfg, start))
+        self.can_share = cfg.share_prompts and isinstance(nnx.merge(graphdef, lora.frozen_policy(params)),
+                                                          Transformer)
         rep, rows = self.rep, self.rows_sh
         self.prelim = jax.jit(self._prelim, static_argnums=(3,), out_shardings=rep)
         self.layout = jax.jit(self._layout, out_shardings=rows)
-        self.old = jax.jit(self._old, static_argnames=("per", "width", "start"), donate_argnums=(2,),
-                           out_shardings=rows)
+        static = ("per", "width", "start", "lo", "prompts")
+        self.old = jax.jit(self._old, static_argnames=static, donate_argnums=(2,), out_shardings=rows)
         self.late_advantages = jax.jit(self._late_advantages, out_shardings=rep)
         self.set_adv = jax.jit(self._set_adv, donate_argnums=(0,), out_shardings=rows)
         self.zeros = jax.jit(self._zeros, out_shardings=(self.t_sh, rep))
-        self.grad = jax.jit(self._grad, static_argnames=("per", "width", "start"), donate_argnums=(1, 2),
+        self.grad = jax.jit(self._grad, static_argnames=static, donate_argnums=(1, 2),
                             out_shardings=(self.t_sh, rep))
         self.apply = jax.jit(self._apply, donate_argnums=(0, 1), out_shardings=(self.p_sh, self.opt_sh, rep))
         self.finish = jax.jit(self._finish, out_shardings=rep)
@@ -185,11 +241,12 @@ class _Programs:
         return jax.lax.with_sharding_constraint(y.reshape((dp * per,) + y.shape[2:]),
                                                 NamedSharding(self.mesh, PartitionSpec(self.row_axes, *spec)))
 
-    def _put_local(self, x: jax.Array, value: jax.Array, c: jax.Array, per: int) -> jax.Array:
-        """``x`` [dp Q, S] with rows [c, c + per) of every shard's first columns set to ``value`` [dp per, W]."""
+    def _put_local(self, x: jax.Array, value: jax.Array, c: jax.Array, per: int, lo: int = 0) -> jax.Array:
+        """``x`` [dp Q, S] with rows [c, c + per) of every shard's columns from ``lo`` set to ``value``
+        [dp per, W] (the columns before ``lo`` to 0)."""
         dp, S = self.dp, x.shape[1]
         y = x.reshape(dp, x.shape[0] // dp, S)
-        v = jnp.pad(value.reshape(dp, per, value.shape[1]), ((0, 0), (0, 0), (0, S - value.shape[1])))
+        v = jnp.pad(value.reshape(dp, per, value.shape[1]), ((0, 0), (0, 0), (lo, S - lo - value.shape[1])))
         y = jax.lax.dynamic_update_slice(y, v.astype(x.dtype), (0, c, 0))
         return y.reshape(x.shape)
 
@@ -209,9 +266,13 @@ class _Programs:
         cols = jnp.arange(S, dtype=jnp.int32)
         counts = jnp.sum(m, -1)
         tok_per_row = counts.reshape(num_prompts, n)
+        first = jnp.min(jnp.where(mask, cols, S))
+        group_first = (jnp.arange(rows) // n) * n  # every row's prompt columns must equal its group's first row's
+        prompt = cols[None, :] < first - 1
+        same = lambda x: jnp.all(jnp.where(prompt, x == x[group_first], True))  # noqa: E731
         out = {"counts": counts, "tok_per_row": tok_per_row,
-               "widths": jnp.max(jnp.where(batch.token_mask, cols + 1, 0), -1),
-               "first": jnp.min(jnp.where(mask, cols, S)),
+               "widths": jnp.max(jnp.where(batch.token_mask, cols + 1, 0), -1), "first": first,
+               "prompts_shared": same(batch.tokens) & same(batch.positions) & same(batch.token_mask),
                "denoms": jax.vmap(lambda x: losses.loss_denominator(x, cfg.aggregation, cfg.norm_length))(
                    mask.reshape(cfg.num_minibatches, rows // cfg.num_minibatches, S))}
         # S, not the trimmed width, is the padded width of Dr.GRPO's default norm_length: loss_denominator above
@@ -223,7 +284,7 @@ class _Programs:
                       self._advantages(step, key, batch.rewards, batch.valid, out.get("prompt_entropy")))
         return out
 
-    def _layout(self, batch: Batch, adv: jax.Array, order: jax.Array) -> dict:
+    def _layout(self, batch: Batch, adv: jax.Array, order: jax.Array, prow: jax.Array, prep: jax.Array) -> dict:
         cfg = self.cfg
         rows = batch.tokens.shape[0]
         real = order >= 0
@@ -231,7 +292,7 @@ class _Programs:
         mask = (batch.loss_mask & batch.token_mask & batch.valid.reshape(rows)[:, None])[idx] & real[:, None]
         out = {"tokens": batch.tokens[idx], "positions": batch.positions[idx], "token_mask": batch.token_mask[idx],
                "mask": mask, "sampler_logp": jnp.where(mask, batch.sampler_logprobs[idx], 0.0),
-               "adv": jnp.where(real, adv.reshape(rows)[idx], 0.0), "row": order}
+               "adv": jnp.where(real, adv.reshape(rows)[idx], 0.0), "row": order, "prow": prow, "prep": prep}
         zeros = jnp.zeros(out["tokens"].shape, jnp.float32)
         if cfg.old_logprobs == "recompute":
             out["old_logp"], out["ent"] = zeros, zeros
@@ -239,9 +300,23 @@ class _Programs:
             out["ref_logp"] = zeros
         return out
 
-    def _old(self, params, ref_params, packed, c, *, per, width, start):
+    def _rows(self, packed, keys, c, per, width, lo, prompts) -> dict:
+        """A micro-batch's arrays ``keys`` [dp per, width - lo] (its columns from ``lo``) and, when ``lo`` > 0,
+        its shared prompts (``policy_logprobs``' ``prefix``: ``prompts`` per shard, columns [0, lo))."""
+        x = {k: self._local(packed[k], c, per, width) for k in keys}
+        if not lo:
+            return x
+        dp = self.dp
+        prep = self._local(packed["prep"], c, prompts, width).reshape(dp, prompts)
+        prefix = {k: gather_prefix_rows(x[k][:, :lo], prep) for k in ("tokens", "positions", "token_mask")}
+        prefix["rows"] = self._local(packed["prow"], c, per, width).reshape(dp, per)
+        x = {k: (v[:, lo:] if v.ndim == 2 else v) for k, v in x.items()}
+        x["prefix"] = prefix
+        return x
+
+    def _old(self, params, ref_params, packed, c, *, per, width, start, lo, prompts):
         cfg = self.cfg
-        x = {k: self._local(packed[k], c, per, width) for k in ("tokens", "positions", "token_mask")}
+        x = self._rows(packed, ("tokens", "positions", "token_mask"), c, per, width, lo, prompts)
         models = {}
         if cfg.old_logprobs == "recompute":
             models["old_logp"] = jax.lax.stop_gradient(params)
@@ -250,10 +325,10 @@ class _Programs:
         packed = dict(packed)
         for name, p in models.items():
             lp, ent = policy_logprobs(self.graphdef, p, x["tokens"], x["positions"], x["token_mask"],
-                                      cfg.temperature, cfg.logprob_chunk, start)
-            packed[name] = self._put_local(packed[name], lp, c, per)
+                                      cfg.temperature, cfg.logprob_chunk, start - lo, x.get("prefix"))
+            packed[name] = self._put_local(packed[name], lp, c, per, lo)
             if name == "old_logp":
-                packed["ent"] = self._put_local(packed["ent"], ent, c, per)
+                packed["ent"] = self._put_local(packed["ent"], ent, c, per, lo)
         return packed
 
     @staticmethod
@@ -279,14 +354,13 @@ class _Programs:
                  "lp_diff_max")}
         return jax.tree.map(jnp.zeros_like, lora.trainable(params)), sums
 
-    def _grad(self, params, acc, sums, packed, c, denom, *, per, width, start):
+    def _grad(self, params, acc, sums, packed, c, denom, *, per, width, start, lo, prompts):
         keys = ROW_KEYS + (("old_logp",) if self.cfg.old_logprobs == "recompute" else ()) + (
-            ("ref_logp",) if self.use_ref else ())
-        micro = {k: self._local(packed[k], c, per, width) for k in keys}
-        micro["adv"] = self._local(packed["adv"], c, per, width)
+            ("ref_logp",) if self.use_ref else ()) + ("adv",)
+        micro = self._rows(packed, keys, c, per, width, lo, prompts)
         if self.cfg.old_logprobs != "recompute":
             micro["old_logp"] = micro["sampler_logp"]
-        (loss, s), g = self.grad_fn(start)(lora.trainable(params), params, micro, jnp.maximum(denom, 1e-30))
+        (loss, s), g = self.grad_fn(start - lo)(lora.trainable(params), params, micro, jnp.maximum(denom, 1e-30))
         s["loss"] = loss
         g = jax.lax.with_sharding_constraint(g, self.t_sh)
         out = {k: (jnp.maximum(v, s[k]) if k == "lp_diff_max" else v + s[k]) for k, v in sums.items()}

@@ -77,6 +77,8 @@ class StepConfig(OptimConfig):
     #                           "off": every row at the full padded width, in one compiled program
     max_tokens_per_microbatch: int = 0  # rows x width of a packed micro-batch; 0 = the padded micro-batch's
     length_buckets: int = 4  # widths a packed micro-batch may take (prompt + j/length_buckets of the completion)
+    share_prompts: bool = True  # packed: a group's prompt runs once per micro-batch and data shard, its rows
+    #                             attend to its keys/values (transformer models, rows of <= attention.LONG_FROM)
 
     def __post_init__(self):  # JSON and ConfigDict give lists: knots are compared and hashed as tuples
         try:
@@ -188,12 +190,29 @@ def validate_batch(cfg: StepConfig, num_prompts: int, n: int, rows: int, mesh: M
 
 def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: jax.Array,
                     token_mask: jax.Array, temperature: float = 1.0, chunk: int = 0,
-                    start: int = 0) -> tuple[jax.Array, jax.Array]:
+                    start: int = 0, prefix: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """Forward + next-token log-probs and entropies aligned with ``tokens`` (f32[B, S] each); ``chunk`` > 0
     applies the LM head ``chunk`` positions at a time (no [B, S, V] logits in the forward or backward).
 
     ``start`` > 0: only tokens at positions >= ``start`` are scored (the LM head runs on the hidden states of
-    positions ``start - 1 .. S - 2`` only, never on the prompt); the earlier positions get 0."""
+    positions ``start - 1 .. S - 2`` only, never on the prompt); the earlier positions get 0.
+
+    ``prefix`` (a transformer): the rows continue shared prompts, run once: ``tokens`` / ``positions`` /
+    ``token_mask`` i32[P, W] and ``rows`` (row b continues prompt ``rows[b]``, i32[B] or per shard i32[G, B/G],
+    see ``transformer.gather_prefix_rows``); the scores equal those of the concatenated rows."""
+    if prefix is not None:
+        _, pre = forward(graphdef, params, prefix["tokens"], prefix["positions"], prefix["token_mask"],
+                         head=False, kv_out=True)
+        hidden, _ = forward(graphdef, params, tokens, positions, token_mask, prefix=pre,
+                            prefix_rows=prefix["rows"], head=False)
+        head, h, t = head_weight(graphdef, params), hidden[:, max(start - 1, 0):], tokens[:, max(start - 1, 0):]
+        if chunk:
+            lp, ent = losses.chunked_shifted_logprobs_and_entropy(h, head, t, temperature, chunk)
+        else:
+            z = jnp.einsum("bsd,dv->bsv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+            lp, ent = losses.shifted_logprobs_and_entropy(z, t, temperature)
+        pad = jnp.zeros((tokens.shape[0], max(start - 1, 0)), jnp.float32)
+        return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)
     if start > 1:
         t = tokens[:, start - 1:]
         if not hasattr(nnx.merge(graphdef, lora.frozen_policy(params)), "head_weight"):  # no head=False: slice
@@ -220,11 +239,12 @@ def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: ja
 def make_micro_loss(graphdef: Any, cfg: StepConfig, start: int = 0) -> Callable[..., tuple[jax.Array, dict]]:
     """``micro_loss(params, micro, denom) -> (loss, sums)``: one micro-batch's share ``sum / denom`` of its
     mini-batch's loss, and token sums of the diagnostics; ``micro`` holds tokens, positions, token_mask, mask,
-    old_logp, adv (per row), sampler_logp and, with KL, ref_logp, all [rows, S] but adv. ``start``: see
-    ``policy_logprobs`` (no loss position may lie before it)."""
+    old_logp, adv (per row), sampler_logp and, with KL, ref_logp, all [rows, S] but adv, and optionally the
+    shared ``prefix`` of ``policy_logprobs``. ``start``: see ``policy_logprobs`` (no loss position may lie
+    before it)."""
     def micro_loss(params, micro, denom):
         lp, ent = policy_logprobs(graphdef, params, micro["tokens"], micro["positions"], micro["token_mask"],
-                                  cfg.temperature, cfg.logprob_chunk, start)
+                                  cfg.temperature, cfg.logprob_chunk, start, micro.get("prefix"))
         mask = micro["mask"]
         total, stats = losses.per_token_objective(
             lp, micro["old_logp"], micro["adv"][:, None], mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,

@@ -1,6 +1,7 @@
 """The NNX decoder on its own: cached decoding == full forward, sharded == single device, remat, presets."""
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,3 +216,44 @@ def test_shared_prefix_decoding_matches_full_forward(scan_layers):
     assert int(cache.index) == N and max(errs) <= 1e-5, errs
     with pytest.raises(ValueError, match="prefix"):
         T.forward(graphdef, params, cont[:, :1], positions[:, P:P + 1], mask[:, P:P + 1], prefix=prefix)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_prompts_once_training_forward_matches_full_forward_and_gradients(scan_layers):
+    """Training over shared prompts: the prompts' keys/values (``kv_out=True``) then the rows' continuations
+    (``prefix=``, rows in any order, flat or per-shard ``prefix_rows``) give the full forward's logits at the
+    continuation's positions, and the same parameter gradients (the prompt's is the sum over its rows)."""
+    cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
+    graphdef, params = T.init(cfg, seed=3)
+    rng = np.random.default_rng(6)
+    prompts, prompt_pos, prompt_mask = _left_padded(4, P, P, lengths=[6, 2, 4, 5], seed=7)
+    rows = np.array([2, 0, 2, 0, 3, 3, 1, 3])  # row b continues prompt rows[b]
+    cont = jnp.asarray(rng.integers(0, CFG.vocab_size, (len(rows), N)))
+    cont_mask = jnp.asarray(np.arange(N)[None] < rng.integers(1, N + 1, (len(rows), 1)))  # right padding
+    cont_pos = jnp.asarray(prompt_pos[rows, -1:] + 1 + np.arange(N))
+    tokens, mask = jnp.concatenate([prompts[rows], cont], 1), jnp.concatenate([prompt_mask[rows], cont_mask], 1)
+    positions = jnp.concatenate([prompt_pos[rows], cont_pos], 1)
+    weight = jnp.asarray(rng.standard_normal((len(rows), N, CFG.vocab_size)), jnp.float32) * cont_mask[..., None]
+
+    def full(p):
+        return T.forward(graphdef, p, tokens, positions, mask)[0][:, P:]
+
+    def shared(p, prefix_rows, order=slice(None)):
+        _, pre = T.forward(graphdef, p, prompts[order], prompt_pos[order], prompt_mask[order], head=False,
+                           kv_out=True)
+        chex.assert_shape(pre.k, (cfg.num_layers, 4, cfg.num_kv_heads, P, cfg.head_dim))
+        return T.forward(graphdef, p, cont, cont_pos, cont_mask, prefix=pre, prefix_rows=prefix_rows)[0]
+
+    # per shard (2 groups of 4 rows, each reading its own 2 prompts): prompts reordered so each shard's are local
+    order = np.array([2, 0, 3, 1])
+    local = np.array([[0, 1, 0, 1], [0, 0, 1, 0]])  # shard 0 rows -> prompts (2, 0) | shard 1 -> (3, 1)
+    assert (order.reshape(2, 2)[np.arange(2)[:, None], local].ravel() == rows).all()
+    loss = lambda f: lambda p: jnp.sum(jnp.tanh(f(p)) * weight)  # noqa: E731
+    want, want_g = jax.jit(jax.value_and_grad(loss(full)))(params)
+    forms = ((jnp.asarray(rows), {}), (jnp.asarray(local), {"order": order}))
+    for prefix_rows, kw in forms[:2 if scan_layers else 1]:  # the loss weighs every valid logit at random
+        got_l, got_g = jax.jit(jax.value_and_grad(loss(lambda p: shared(p, prefix_rows, **kw))))(params)
+        np.testing.assert_allclose(got_l, want, rtol=1e-5)
+        chex.assert_trees_all_close(got_g, want_g, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="without a cache, with prefix_rows"):
+        T.forward(graphdef, params, cont, cont_pos, cont_mask, prefix=T.Prefix(jnp.zeros(1), jnp.zeros(1), mask))

@@ -24,11 +24,14 @@ def tiny_model(seed: int = 0, cfg: T.ModelConfig = CFG):
 
 
 def make_batch(P: int = 8, n: int = 4, prompt_len: int = 5, completion_len: int = 7, seed: int = 0,
-               vocab: int = CFG.vocab_size) -> Batch:
-    """Left-padded prompts + right-padded completions, a few invalid rollouts, mixed reward groups."""
+               vocab: int = CFG.vocab_size, shared_prompts: bool = False) -> Batch:
+    """Left-padded prompts + right-padded completions, a few invalid rollouts, mixed reward groups; the rows
+    of a group hold different prompt tokens unless ``shared_prompts`` (as a rollout's do)."""
     rng = np.random.default_rng(seed)
     R, S = P * n, prompt_len + completion_len
     tokens = rng.integers(0, vocab, (R, S)).astype(np.int32)
+    if shared_prompts:
+        tokens[:, :prompt_len] = tokens[(np.arange(R) // n) * n, :prompt_len]
     token_mask = np.ones((R, S), bool)
     loss_mask = np.zeros((R, S), bool)
     for r in range(R):

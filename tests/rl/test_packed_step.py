@@ -141,6 +141,61 @@ def test_packed_update_equals_padded_update(case):
         packing.ladder(5, 18, cfg.length_buckets), cfg.max_tokens_per_microbatch or 18 * 32 // 4, 1)
 
 
+@pytest.mark.parametrize("case", ["recompute", "sampler_kl"])
+def test_each_prompt_once_equals_the_padded_update(case):
+    """The decoder with group-shared prompts: each prompt runs once per micro-batch shard (fewer positions than
+    the packed update without sharing), same update and metrics as the padded one, also with KL (every row
+    computed) and on a data x fsdp mesh; a batch whose groups do not share their prompt runs rows whole."""
+    cfg = dataclasses.replace(BASE, **({} if case == "recompute" else
+                                       dict(old_logprobs="sampler", kl_coef=0.1, num_minibatches=1)))
+    model = tiny_model()
+    batches = [make_batch(P=6, n=8, seed=s, prompt_len=8, completion_len=6, shared_prompts=True) for s in (0, 1)]
+    want, wm, _ = _run(st.make_train_step, dataclasses.replace(cfg, packing="off"), model, _mesh1(), batches)
+    got, gm, fn = _run(make_packed_train_step, cfg, model, _mesh1(), batches)
+    assert _update_diff(model[1], want, got) < 2e-5
+    for a, b in zip(wm, gm):
+        for name in SAME:
+            np.testing.assert_allclose(b[name], a[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    assert fn.programs.can_share
+    if case == "recompute":
+        got_mesh, _, _ = _run(make_packed_train_step, cfg, model, parallel.make_mesh(2, 2, 1, devices=jax.devices()[:4]),
+                              batches)
+        assert _update_diff(model[1], want, got_mesh) < 2e-5
+    else:  # the rows' 7 prompt columns (of 14) count once per group and micro-batch: 0.625 of the positions
+        _, um, _ = _run(make_packed_train_step, dataclasses.replace(cfg, share_prompts=False), model, _mesh1(),
+                        batches[:1])
+        assert um[0]["positions_frac"] == 1.0 and gm[0]["positions_frac"] == pytest.approx(0.625)
+        # rows of a group with different prompts: nothing is shared, the update is still the padded one's
+        mixed = [make_batch(P=6, n=8, seed=0, prompt_len=8, completion_len=6)]
+        want, _, _ = _run(st.make_train_step, dataclasses.replace(cfg, packing="off"), model, _mesh1(), mixed)
+        got, mm, _ = _run(make_packed_train_step, cfg, model, _mesh1(), mixed)
+        assert _update_diff(model[1], want, got) < 2e-5 and mm[0]["positions_frac"] == 1.0
+
+
+def test_prompt_slots_name_a_row_of_the_same_group_on_the_same_shard():
+    from passk_jax.rl.packed_step import _groups_per_minibatch, _order, _prompt_slots
+
+    rng = np.random.default_rng(0)
+    R, n, M, dp = 48, 4, 2, 2
+    widths = 10 + rng.integers(1, 9, R)
+    need = rng.uniform(size=R) < 0.7
+    plan = packing.plan(widths, need, np.arange(R) // (R // M), M, packing.ladder(10, 18, 3), 18 * 8, dp)
+    order, offsets, q = _order(plan, dp)
+    groups = _groups_per_minibatch(R, M, n)
+    assert groups == 6 and _groups_per_minibatch(10, 2, 4) == 2 and _groups_per_minibatch(12, 2, 4) == 2
+    prow, prep = (a.reshape(dp, q) for a in _prompt_slots(plan, offsets, q, dp, n, groups))
+    order = order.reshape(dp, q)
+    for micros, offs in zip(plan, offsets):
+        for micro, c in zip(micros, offs):
+            per = len(micro.rows) // dp
+            for d in range(dp):
+                rows = order[d, c:c + per]
+                reps = prep[d, c:c + min(per, groups)]
+                for i, r in enumerate(rows):
+                    if r >= 0:  # the prompt slot's row is on this shard, in this micro-batch, of the same group
+                        assert rows[reps[prow[d, c + i]]] // n == r // n
+
+
 def test_all_zero_advantages_compute_nothing_and_still_apply_the_optimiser():
     batch = make_batch(seed=0)
     batch = batch._replace(rewards=np.ones_like(batch.rewards))  # every group all-correct: advantages 0
@@ -170,7 +225,7 @@ def test_sharded_packed_update_equals_single_device_padded_update():
     cfg = dataclasses.replace(BASE, num_microbatches=1, max_tokens_per_microbatch=8 * 12)
     batches = [make_batch(seed=s) for s in (0, 1)]
     want, _, _ = _run(st.make_train_step, dataclasses.replace(cfg, packing="off"), model, _mesh1(), batches)
-    for shape in [(2, 4, 1), (1, 4, 2)]:
+    for shape in [(1, 4, 2)]:  # data x fsdp: test_each_prompt_once_equals_the_padded_update (the decoder)
         got, _, fn = _run(make_packed_train_step, cfg, model, parallel.make_mesh(*shape), batches)
         assert _update_diff(model[1], want, got) < 2e-5, shape
 
