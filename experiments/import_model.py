@@ -14,6 +14,8 @@ and renamed when complete. Needs ``pip install torch gguf accelerate`` (the test
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -89,11 +91,40 @@ def check(path: str, meta: dict[str, Any]) -> None:
                          "sampler needs one to end a response.")
 
 
+@contextlib.contextmanager
+def _parse_gguf_once():
+    """transformers parses the GGUF file once for the config, once for the tokenizer and once for the weights
+    (``gguf.GGUFReader``, ~5 s each for SmolLM2's 49k-token vocabulary) and rebuilds gguf's tensor-name map
+    for every module (~400 times): within this block each file is parsed once and each map built once (the
+    reader only memory-maps the file, read-only)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def cached_reader(path, mode="r"):
+        key = (os.path.abspath(str(path)), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = cached_reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def convert(path: str, out: str, dtype: str = "float32") -> dict[str, Any]:
     """Write the Hugging Face directory ``out`` for the GGUF file ``path``; returns a summary (architecture,
     tensor types, eos ids, whether a chat template came with it)."""
     if os.path.exists(out) and os.listdir(out):
         raise ValueError(f"--out {out} exists and is not empty; choose another directory or remove it.")
+    with _parse_gguf_once():
+        return _convert(path, out, dtype)
+
+
+def _convert(path: str, out: str, dtype: str) -> dict[str, Any]:
     meta = read_metadata(path)
     check(path, meta)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
