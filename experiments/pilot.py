@@ -4,7 +4,8 @@
 
 Samples ``eval.num_samples`` responses for each of ``eval.num_prompts`` held-out prompts with the
 evaluation settings, and prints one markdown row: pass@1, pass@k (k = the largest power of two up to
-n_eval) with their standard errors, the share of prompts solved at least once, the share of responses
+n_eval) with their standard errors, the share of prompts solved at least once and the share solved by some
+but not all responses (where a group-relative advantage is non-zero), the share of responses
 with no extractable answer, the mean length and the share cut at ``rollout.max_new_tokens``, and the
 wall time. It is how a task and a model are matched before a run: Pass@k training has something to do
 where pass@1 is low but pass@k is clearly higher (bench/RESULTS.md and experiments/PILOT_SMOLLM2.md).
@@ -79,6 +80,8 @@ def pilot(spec, *, show: int = 1) -> tuple[dict, list]:
     row = {"prompts": len(test), "n": n, "pass@1": out["eval/pass@1"], "pass@1_se": out["eval/pass@1_stderr"],
            f"pass@{k}": out[f"eval/pass@{k}"], f"pass@{k}_se": out[f"eval/pass@{k}_stderr"],
            "solved_any": float((per_prompt["correct"] > 0).mean()),
+           # where a group-relative advantage is non-zero: some but not all of the n responses correct
+           "solved_some": float(((per_prompt["correct"] > 0) & (per_prompt["correct"] < n)).mean()),
            "no_answer": counts.get("eval", {}).get("no_answer", 0) / max(scored, 1),
            "length_mean": float(r.lengths.mean()), "truncated": float(np.mean(r.truncated)),
            "load_s": t1 - t0, "eval_s": time.perf_counter() - t1}
@@ -104,7 +107,8 @@ def main(argv: list[str]) -> None:
     k = next((key for key in row if key.startswith("pass@") and key != "pass@1" and not key.endswith("_se")),
              "pass@1")
     print(f"| {label} | {row['prompts']} x {row['n']} | {row['pass@1']:.3f} ± {row['pass@1_se']:.3f} | "
-          f"{row[k]:.3f} ± {row[k + '_se']:.3f} | {row['solved_any']:.2f} | {row['no_answer']:.2f} | "
+          f"{row[k]:.3f} ± {row[k + '_se']:.3f} | {row['solved_any']:.2f} | {row['solved_some']:.2f} | "
+          f"{row['no_answer']:.2f} | "
           f"{row['length_mean']:.1f} | {row['truncated']:.2f} | {row['eval_s']:.0f} s |")
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
