@@ -118,19 +118,26 @@ CASES = {
 }
 
 
+def _packed_equals_padded(cfg, model, batches):
+    """Runs the padded and the packed update on ``batches`` (one device) and checks they agree: two steps, each
+    of several AdamW updates (eps 1e-4 keeps them smooth in the gradient), so the parameter change differs
+    only by float32 summation order, ~1e-7 relative (a row or denominator mistake is >= 1e-2), and the
+    whole-batch metrics agree. Returns (padded parameters, packed metrics, packed train_step)."""
+    want, wm, _ = _run(st.make_train_step, dataclasses.replace(cfg, packing="off"), model, _mesh1(), batches)
+    got, gm, fn = _run(make_packed_train_step, cfg, model, _mesh1(), batches)
+    assert _update_diff(model[1], want, got) < 2e-5
+    for a, b in zip(wm, gm):
+        for name in SAME:
+            np.testing.assert_allclose(b[name], a[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    return want, gm, fn
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_packed_update_equals_padded_update(case):
     cfg = dataclasses.replace(BASE, **CASES[case])
     model = toy_model()
     batches = [make_batch(seed=s, completion_len=13) for s in (0, 1)]
-    want, wm, _ = _run(st.make_train_step, dataclasses.replace(cfg, packing="off"), model, _mesh1(), batches)
-    got, gm, fn = _run(make_packed_train_step, cfg, model, _mesh1(), batches)
-    # two steps, each of several AdamW updates (eps 1e-4 keeps them smooth in the gradient): the parameter
-    # change differs only by float32 summation order, ~1e-7 relative (a row or denominator mistake is >= 1e-2)
-    assert _update_diff(model[1], want, got) < 2e-5
-    for a, b in zip(wm, gm):
-        for name in SAME:
-            np.testing.assert_allclose(b[name], a[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    _, gm, fn = _packed_equals_padded(cfg, model, batches)
     valid = np.concatenate([b.valid.ravel() for b in batches[-1:]])
     if not cfg.skips_zero_advantage or case == "entropy_adaptive_recompute":
         assert gm[-1]["rows_computed_frac"] == pytest.approx(valid.mean())  # every row with tokens
@@ -150,12 +157,7 @@ def test_each_prompt_once_equals_the_padded_update(case):
                                        dict(old_logprobs="sampler", kl_coef=0.1, num_minibatches=1)))
     model = tiny_model()
     batches = [make_batch(P=6, n=8, seed=s, prompt_len=8, completion_len=6, shared_prompts=True) for s in (0, 1)]
-    want, wm, _ = _run(st.make_train_step, dataclasses.replace(cfg, packing="off"), model, _mesh1(), batches)
-    got, gm, fn = _run(make_packed_train_step, cfg, model, _mesh1(), batches)
-    assert _update_diff(model[1], want, got) < 2e-5
-    for a, b in zip(wm, gm):
-        for name in SAME:
-            np.testing.assert_allclose(b[name], a[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    want, gm, fn = _packed_equals_padded(cfg, model, batches)
     assert fn.programs.can_share
     if case == "recompute":
         got_mesh, _, _ = _run(make_packed_train_step, cfg, model, parallel.make_mesh(2, 2, 1, devices=jax.devices()[:4]),
