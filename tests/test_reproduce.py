@@ -279,3 +279,16 @@ def test_seeds_and_mazes_to_decide_known_answers():
     # = 2133.3 -> 2134 mazes to reproduce, before the 4800 that "contradicted" would need
     assert stats.mazes_to_decide(stats.Interval(-0.004, -0.014, 0.006), 768, kind="noninferiority",
                                  margin=0.01) == (2134, "reproduced")
+
+
+def test_second_design_pilot_summary_counts_none_some_all():
+    """The pilot's per-maze split: solved by none, some or all of the N = 32 responses, per size and over all."""
+    from experiments.reproduce import pilot_second
+
+    details = {"correct": [0, 5, 32, 31, 0, 1], "data_source": ["maze_5x5"] * 4 + ["maze_7x7"] * 2}
+    s = pilot_second.summarise(details)
+    assert s["all"]["mazes"] == 6 and s["all"]["none"] == pytest.approx(2 / 6)
+    assert s["all"]["some"] == pytest.approx(3 / 6) and s["all"]["all"] == pytest.approx(1 / 6)
+    assert s["maze_7x7"] == pytest.approx({"mazes": 2, "none": 0.5, "some": 0.5, "all": 0.0, "pass@1": 1 / 64,
+                                           "pass@4": 4 / 64, "pass@32": 0.5})
+    assert s["maze_5x5"]["pass@32"] == 0.75 and s["maze_5x5"]["pass@1"] == pytest.approx((5 + 32 + 31) / 128)
