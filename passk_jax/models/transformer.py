@@ -429,10 +429,11 @@ class Transformer(nnx.Module):
                 slot = index + jnp.arange(S)
                 mask = (jnp.arange(cache.valid.shape[1])[None, :] <= slot[:, None])[None] & valid[:, None, :]
 
+        rows_valid = gather_prefix_rows(prefix.valid, prefix_rows) if trained else None  # once, not per layer
+
         def layer_prefix(layer, own=None):
             if trained:  # own: this layer's (k, v) [P,KV,W,hd], scanned with the parameters
-                return (gather_prefix_rows(own[0], prefix_rows), gather_prefix_rows(own[1], prefix_rows),
-                        gather_prefix_rows(prefix.valid, prefix_rows))
+                return gather_prefix_rows(own[0], prefix_rows), gather_prefix_rows(own[1], prefix_rows), rows_valid
             if prefix is None:
                 return None
             if isinstance(prefix.k, (tuple, list)):

@@ -205,35 +205,36 @@ def policy_logprobs(graphdef: Any, params: Any, tokens: jax.Array, positions: ja
                          head=False, kv_out=True)
         hidden, _ = forward(graphdef, params, tokens, positions, token_mask, prefix=pre,
                             prefix_rows=prefix["rows"], head=False)
-        head, h, t = head_weight(graphdef, params), hidden[:, max(start - 1, 0):], tokens[:, max(start - 1, 0):]
-        if chunk:
-            lp, ent = losses.chunked_shifted_logprobs_and_entropy(h, head, t, temperature, chunk)
-        else:
-            z = jnp.einsum("bsd,dv->bsv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
-            lp, ent = losses.shifted_logprobs_and_entropy(z, t, temperature)
-        pad = jnp.zeros((tokens.shape[0], max(start - 1, 0)), jnp.float32)
-        return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)
+        return _head_scores(graphdef, params, hidden, tokens, start, temperature, chunk)
     if start > 1:
-        t = tokens[:, start - 1:]
         if not hasattr(nnx.merge(graphdef, lora.frozen_policy(params)), "head_weight"):  # no head=False: slice
             logits, _ = forward(graphdef, params, tokens, positions, token_mask)
-            lp, ent = losses.shifted_logprobs_and_entropy(logits[:, start - 1:], t, temperature)
-        else:
-            hidden, _ = forward(graphdef, params, tokens, positions, token_mask, head=False)
-            head, h = head_weight(graphdef, params), hidden[:, start - 1:]
-            if chunk:
-                lp, ent = losses.chunked_shifted_logprobs_and_entropy(h, head, t, temperature, chunk)
-            else:
-                z = jnp.einsum("bsd,dv->bsv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
-                lp, ent = losses.shifted_logprobs_and_entropy(z, t, temperature)
-        pad = jnp.zeros((tokens.shape[0], start - 1), jnp.float32)
-        return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)
+            lp, ent = losses.shifted_logprobs_and_entropy(logits[:, start - 1:], tokens[:, start - 1:], temperature)
+            pad = jnp.zeros((tokens.shape[0], start - 1), jnp.float32)
+            return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)
+        hidden, _ = forward(graphdef, params, tokens, positions, token_mask, head=False)
+        return _head_scores(graphdef, params, hidden, tokens, start, temperature, chunk)
     if chunk:
         hidden, _ = forward(graphdef, params, tokens, positions, token_mask, head=False)
         return losses.chunked_shifted_logprobs_and_entropy(hidden, head_weight(graphdef, params), tokens,
                                                            temperature, chunk)
     logits, _ = forward(graphdef, params, tokens, positions, token_mask)
     return losses.shifted_logprobs_and_entropy(logits, tokens, temperature)
+
+
+def _head_scores(graphdef: Any, params: Any, hidden: jax.Array, tokens: jax.Array, start: int, temperature: float,
+                 chunk: int) -> tuple[jax.Array, jax.Array]:
+    """``policy_logprobs``' scores from the final hidden states: the LM head on positions ``start - 1`` on
+    (``chunk`` at a time when > 0), 0 before them."""
+    s0 = max(start - 1, 0)
+    head, h, t = head_weight(graphdef, params), hidden[:, s0:], tokens[:, s0:]
+    if chunk:
+        lp, ent = losses.chunked_shifted_logprobs_and_entropy(h, head, t, temperature, chunk)
+    else:
+        z = jnp.einsum("bsd,dv->bsv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        lp, ent = losses.shifted_logprobs_and_entropy(z, t, temperature)
+    pad = jnp.zeros((tokens.shape[0], s0), jnp.float32)
+    return jnp.concatenate([pad, lp], axis=1), jnp.concatenate([pad, ent], axis=1)
 
 
 def make_micro_loss(graphdef: Any, cfg: StepConfig, start: int = 0) -> Callable[..., tuple[jax.Array, dict]]:
