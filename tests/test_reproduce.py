@@ -84,6 +84,33 @@ def test_run_config_rescales_stages(tmp_path):
         study.make_spec(steps=121)
 
 
+def test_second_design_configs(tmp_path):
+    """The second design: an exact 200 + 100 stage split, the k = 8 arm at twice the learning rate, N = 32;
+    the main design's fingerprint (its committed records) is unchanged by the new fields."""
+    import json
+    import os
+
+    spec = study.make_spec("second")
+    made = {m: study.run_config(spec, study.METHOD_BY_KEY[m], 2, train_file="a", test_file="b", num_test=768,
+                                cache_dir=str(tmp_path)) for m in spec.methods}
+    staged = made["passk_then_pass1"]
+    assert [s["steps"] for s in staged.train.stages] == [200, 100]
+    assert staged.train.stages[0]["step"] == {"estimator": "passk_analytic", "k": 4}
+    assert staged.train.stages[1]["step"]["estimator"] == "grpo"
+    k8 = made["passk8_lr2"]
+    assert (k8.step.k, k8.step.estimator, k8.train.stages) == (8, "passk_analytic", ())
+    assert k8.step.learning_rate == pytest.approx(2 * made["pass1"].step.learning_rate)
+    assert {c.rollout.num_samples for c in made.values()} == {32} and made["pass1"].step.k == 1
+    assert spec.eval_every == 50 and 200 % spec.eval_every == 0  # Pass@k is compared at step 200
+    assert study.make_spec("second", steps=30).stage_steps == (20, 10)
+    with open(os.path.join(study.RECORDS, "main", "design.json")) as f:
+        assert json.load(f)["fingerprint"] == study.MAIN.fingerprint()
+    bad = study.dataclasses.replace(spec, stage_steps=(200, 50))
+    with pytest.raises(ValueError, match="stage_steps"):
+        study.run_config(bad, study.METHOD_BY_KEY["passk_then_pass1"], 0, train_file="a", test_file="b",
+                         num_test=1, cache_dir=str(tmp_path))
+
+
 def test_t_interval_known_values_and_coverage():
     ci = stats.t_interval([1.0, 2.0, 3.0])
     half = 4.302652729911275 / np.sqrt(3)  # t_{0.975, 2} * sd / sqrt(n), sd = 1

@@ -3,6 +3,7 @@
     python -m experiments.reproduce --analyses          # exact analyses, seconds to a couple of minutes
     python -m experiments.reproduce --study             # the pre-registered study (CPU hours; resumable)
     python -m experiments.reproduce --study --pilot --lr 2e-4   # a pilot run (Pass@1 only)
+    python -m experiments.reproduce --study --design pilot2     # the second design's pilot (Pass@1, N = 32)
     python -m experiments.reproduce --report            # regenerate RESULTS.md from the committed records
     python -m experiments.reproduce --study --quick     # smoke test of the study (CI, a few minutes)
 
@@ -31,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     design = p.add_mutually_exclusive_group()
     design.add_argument("--quick", action="store_true", help="tiny study (smoke test), reduced bootstrap sweep")
     design.add_argument("--pilot", action="store_true", help="the pilot design (Pass@1 only)")
+    design.add_argument("--design", default=None, help="a design by name (main, pilot, pilot2, quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default: the design's)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the design's methods")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (makes another design)")
@@ -47,7 +49,7 @@ def main(argv=None) -> str:
     out = args.out or (os.path.join(DEFAULT_OUT, "quick") if args.quick else DEFAULT_OUT)
     os.makedirs(out, exist_ok=True)
     records_dir = os.path.join(out, "study")
-    design = "quick" if args.quick else "pilot" if args.pilot else "main"
+    design = args.design or ("quick" if args.quick else "pilot" if args.pilot else "main")
     spec = study.make_spec(design, args.seeds, args.methods.split(",") if args.methods else None, args.steps,
                            args.lr)
     runs_dir = args.runs or os.path.join("runs", "reproduce")

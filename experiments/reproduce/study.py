@@ -40,9 +40,11 @@ RECORDS = os.path.join(HERE, "results", "study")
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    key: str       # directory name
-    label: str     # row label of the report
-    config: str    # named config in experiments/configs
+    key: str               # directory name
+    label: str             # row label of the report
+    config: str            # named config in experiments/configs
+    k: int | None = None   # k of its Pass@k estimator (None: the design's k)
+    lr_scale: float = 1.0  # its learning rate is the design's times this
 
 
 METHODS: tuple[Method, ...] = (
@@ -53,6 +55,7 @@ METHODS: tuple[Method, ...] = (
     Method("passk_then_pass1", "Pass@k -> Pass@1", "passk_then_pass1"),
     Method("passk_combination", "Pass@k, combination", "passk_combination"),
     Method("passk_adaptive", "Pass@k, entropy-adaptive", "passk_adaptive"),
+    Method("passk8_lr2", "Pass@k (k = 8, 2× lr)", "passk_k4", k=8, lr_scale=2.0),
 )
 METHOD_BY_KEY = {m.key: m for m in METHODS}
 
@@ -71,6 +74,9 @@ class StudySpec:
     k: int                         # k of every Pass@k method (Pass@1 keeps k = 1)
     eval_points: int               # evaluations per run, evenly spaced, including step 0 and the end
     overrides: dict[str, Any]
+    # The steps of each stage of a staged method (Pass@k -> Pass@1), summing to train.steps; () keeps the
+    # named config's proportions.
+    stage_steps: tuple[int, ...] = ()
 
     @property
     def steps(self) -> int:
@@ -86,6 +92,8 @@ class StudySpec:
     def fingerprint(self) -> str:
         """A hash of everything that changes the runs' results (not the seed count or the method list)."""
         keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("methods", "seeds")}
+        if not self.stage_steps:  # designs that predate the field keep their fingerprint
+            keep.pop("stage_steps")
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -119,7 +127,29 @@ QUICK = StudySpec(
                "train.checkpoint_every": 2, "eval.num_samples": 4, "eval.greedy": True,
                "sft.steps": 2, "sft.num_examples": 16, "sft.batch_size": 8})
 
-DESIGNS = {s.name: s for s in (MAIN, PILOT, QUICK)}
+# The second design's pilot, part 2 (DESIGN.md, "Second design"): Pass@1 training alone at N = 32 on 5×5 mazes
+# from a 300-step SFT warm start (part 1 chose the distribution), long enough to see where its held-out
+# pass@1 stops rising, and what a step costs with the current update.
+PILOT2 = StudySpec(
+    name="pilot2", methods=("pass1",), seeds=1, train_sizes=(5,), test_sizes=(5, 7, 9), num_train=4000,
+    test_per_size=128, k=4, eval_points=7,
+    overrides={**_COMMON,
+               "rollout.prompts_per_step": 16, "rollout.num_samples": 32, "rollout.max_new_tokens": 48,
+               "step.learning_rate": 2e-4, "train.steps": 300, "train.checkpoint_every": 50,
+               "eval.num_samples": 32, "sft.steps": 300})
+
+# The second design (pre-registered in DESIGN.md after both pilot parts): 5×5 training, N = 32, Pass@k (k = 4)
+# for 200 steps then Pass@1 for 100 (its step 200 is the Pass@k arm), Pass@1 for 300, and a k = 8 arm at
+# twice the learning rate; ten seeds.
+SECOND = StudySpec(
+    name="second", methods=("pass1", "passk_then_pass1", "passk8_lr2"), seeds=10, train_sizes=(5,),
+    test_sizes=(5, 7, 9), num_train=4000, test_per_size=256, k=4, eval_points=7, stage_steps=(200, 100),
+    overrides={**_COMMON,
+               "rollout.prompts_per_step": 16, "rollout.num_samples": 32, "rollout.max_new_tokens": 48,
+               "step.learning_rate": 2e-4, "train.steps": 300, "train.checkpoint_every": 50,
+               "eval.num_samples": 32, "sft.steps": 300})
+
+DESIGNS = {s.name: s for s in (MAIN, PILOT, PILOT2, SECOND, QUICK)}
 
 
 def make_spec(design: str = "main", seeds: int | None = None, methods: Sequence[str] | None = None,
@@ -142,7 +172,11 @@ def make_spec(design: str = "main", seeds: int | None = None, methods: Sequence[
     if steps is not None:
         if steps < 1:
             raise ValueError(f"--steps must be >= 1, got {steps}.")
-        spec = dataclasses.replace(spec, overrides={**spec.overrides, "train.steps": steps})
+        split = spec.stage_steps
+        if split:  # the same shares of the new step count
+            edges = [round(steps * sum(split[:i + 1]) / sum(split)) for i in range(len(split))]
+            split = tuple(e - (edges[i - 1] if i else 0) for i, e in enumerate(edges))
+        spec = dataclasses.replace(spec, overrides={**spec.overrides, "train.steps": steps}, stage_steps=split)
         renamed += f"_steps{steps}"
     if learning_rate is not None:
         if not learning_rate > 0:
@@ -188,15 +222,23 @@ def run_config(spec: StudySpec, method: Method, seed: int, *, train_file: str, t
     stages = [dict(s) for s in c.train.stages]
     for dotted, value in spec.overrides.items():
         _set(c, dotted, value)
+    k = method.k or spec.k
     if c.step.k > 1:
-        c.step.k = spec.k
-    if stages:  # keep each stage's share of the steps when the study changes train.steps
+        c.step.k = k
+    c.step.learning_rate = c.step.learning_rate * method.lr_scale
+    if stages:  # the design's stage split, or each stage's share of the steps when the study changes them
         total, old = c.train.steps, sum(s["steps"] for s in stages)
-        edges = [round(total * sum(s["steps"] for s in stages[:i + 1]) / old) for i in range(len(stages))]
+        if spec.stage_steps:
+            if len(spec.stage_steps) != len(stages) or sum(spec.stage_steps) != total:
+                raise ValueError(f"design {spec.name!r}: stage_steps {spec.stage_steps} must give each of the "
+                                 f"{len(stages)} stages of {method.config!r} its steps, summing to {total}.")
+            edges = [sum(spec.stage_steps[:i + 1]) for i in range(len(stages))]
+        else:
+            edges = [round(total * sum(s["steps"] for s in stages[:i + 1]) / old) for i in range(len(stages))]
         for i, s in enumerate(stages):
             s["steps"] = edges[i] - (edges[i - 1] if i else 0)
             if s.get("step", {}).get("k", 1) > 1:  # the Pass@k stage follows the study's k
-                s["step"] = {**s["step"], "k": spec.k}
+                s["step"] = {**s["step"], "k": k}
         c.train.stages = tuple(stages)
     c.seed = seed
     c.train.eval_every = spec.eval_every

@@ -48,6 +48,8 @@ def section(design: str, records_dir: str, out_dir: str, number: str = "2") -> l
     sources = manifest["sources"]
     records = study.load_records(spec, records_dir)
     title = {"main": "Training study (pre-registered design)", "pilot": "Pilot (Pass@1 only)",
+             "pilot2": "Second design's pilot (Pass@1 only, N = 32, 5×5 training)",
+             "second": "Second training study (pre-registered: does Pass@k training raise pass@k?)",
              "quick": "Training study, quick mode"}.get(spec.name.split("_")[0], f"Training study ({spec.name})")
     out = [f"## {number}. {title}", ""]
     if spec.name.startswith("quick"):
