@@ -1,5 +1,6 @@
 """experiments.reproduce: the exact analyses (eta argmax, bootstrap convergence, advantage values), the
 study's statistics on numbers with known answers, and its quick mode end to end (records -> RESULTS.md)."""
+import dataclasses
 import json
 import os
 
@@ -227,6 +228,84 @@ def test_claims_on_synthetic_records_with_known_answer():
     records[0]["warm_start"] = "other"
     with pytest.raises(ValueError, match="different warm starts"):
         claims.judge(by_key["explore"], records, sources)
+
+
+def _second_records(seeds=10, mazes=12, noise=0.0):
+    """Synthetic records of the second design: Pass@k -> Pass@1 solves 3 more of 32 samples per maze than
+    its warm start at step 200 and 1 more than Pass@1 at 300; Pass@1 solves 1 more than the warm start;
+    the k = 8 arm differs from Pass@1 by a seed-dependent sign (no effect)."""
+    rng = np.random.default_rng(1)
+    sources = [f"maze_{t}x{t}" for t in (5, 7, 9) for _ in range(mazes)]
+    records = []
+    for seed in range(seeds):
+        base = rng.integers(0, 20, len(sources))
+        k8 = np.clip(base + 1 + (1 if seed % 2 else -1) * (1 + rng.integers(0, 2, len(sources))), 0, 32)
+        steps = range(50, 301, 50)
+        per_step = {"pass1": {0: base, **{t: base + 1 for t in steps}},
+                    "passk_then_pass1": {0: base, **{t: base + (3 if t <= 200 else 2) for t in steps}},
+                    "passk8_lr2": {0: base, **{t: k8 for t in steps}}}
+        for method, counts in per_step.items():
+            evals = {str(t): {"correct": [int(x) for x in c], "greedy": [0] * len(c),
+                              "distinct": [1] * len(c), "distinct_wrong": [32 - int(x) for x in c]}
+                     for t, c in counts.items()}
+            entropy = 0.5 + 0.01 * seed + (0.1 if method == "passk_then_pass1" else 0.0)
+            records.append(dict(method=method, seed=seed, steps=300, num_samples=32, warm_start=f"w{seed}",
+                                evals=evals, curves={"entropy": [[t, entropy] for t in range(1, 301)]}))
+    return records, sources
+
+
+def test_second_design_claims_under_the_holm_rule():
+    """The second design's rule on synthetic records with a known answer: claims with an effect in every seed
+    are reproduced (sign-flip p 2/1024, Holm-adjusted over the 7 primary claims), an effect of alternating
+    sign is inconclusive, a step-200 claim reads step 200 and a within-method claim step 0; swapping the
+    arms contradicts a superiority claim."""
+    records, sources = _second_records()
+    by_key = {c.key: c for c in claims.SECOND_CLAIMS}
+    assert sum(c.primary for c in claims.SECOND_CLAIMS) == 7
+    assert claims.for_design("second")[1] == "holm" and claims.for_design("main")[1] == "intervals"
+    judged = claims.judge_holm([claims.judge(c, records, sources, stage_end=200) for c in claims.SECOND_CLAIMS])
+    got = {j["claim"].key: j for j in judged}
+    rise = got["rise_k16"]
+    assert (rise["step_a"], rise["step_b"]) == (200, 0) and all(d > 0 for d in rise["diffs"])
+    assert got["explore"]["step_a"] == got["explore"]["step_b"] == 200 and got["transfer"]["step_a"] == 300
+    for key in ("rise_k8", "rise_k16", "explore", "no_cost", "generalise", "transfer", "entropy"):
+        assert got[key]["verdict"] == "reproduced", (key, got[key]["p_t_holm"], got[key]["p_sf_holm"])
+    assert got["explore"]["p_sf"] == pytest.approx(2 / 1024)
+    primary_sf = sorted(j["p_sf"] for j in judged if j["claim"].primary)
+    assert min(j["p_sf_holm"] for j in judged if j["claim"].primary) == pytest.approx(7 * primary_sf[0])
+    assert got["entropy"]["p_sf_holm"] == got["entropy"]["p_sf"]  # secondary: unadjusted
+    assert got["diversity"]["verdict"] == "inconclusive"  # every wrong response distinct on both sides
+    assert got["diversity"]["diffs"] == pytest.approx([0.0] * 10) and got["diversity"]["p_t"] == 1.0
+    assert got["explore_k8"]["verdict"] == "inconclusive"  # alternating sign over seeds
+    assert got["no_cost_k8"]["verdict"] == "inconclusive"
+    swapped = [dict(r, method={"pass1": "passk_then_pass1", "passk_then_pass1": "pass1"}.get(r["method"],
+                                                                                             r["method"]))
+               for r in records]
+    contra = claims.judge_holm([claims.judge(by_key["explore"], swapped, sources, stage_end=200)])[0]
+    assert contra["verdict"] == "contradicted"
+    few = claims.judge_holm([claims.judge(c, records[:9], sources, stage_end=200) for c in claims.SECOND_CLAIMS
+                             if c.primary])
+    assert all(j["verdict"] == "inconclusive" for j in few)  # 3 seeds: sign-flip p >= 2/8 whatever the data
+    with pytest.raises(ValueError, match="stage_steps"):
+        claims.judge(by_key["explore"], records, sources)
+
+
+def test_second_design_report_section(tmp_path):
+    """The report of a second-design study: tables at steps 200 and 300, the Holm claims table, the
+    pass@k-over-training figure."""
+    from experiments.reproduce import study_report
+
+    records, sources = _second_records(seeds=4, mazes=4)
+    spec = dataclasses.replace(study.make_spec("second"), test_per_size=4)
+    study.write_manifest(spec, sources, str(tmp_path))
+    for r in records:
+        r.update(design="second", design_fingerprint=spec.fingerprint(),
+                 wall_s=1.0, machine="test", commit="abc", curves={**r["curves"], "reward": [], "length": []})
+        study.write_record(study.record_path(spec, r["method"], r["seed"], str(tmp_path)), r)
+    text = "\n".join(study_report.section("second", str(tmp_path), str(tmp_path)))
+    assert "Pass@k, analytical, k = 4 (step 200)" in text and "Pass@k -> Pass@1 (step 300)" in text
+    assert "sign-flip p (Holm)" in text and "rise_k16: Pass@k training raises pass@16" in text
+    assert "Provisional" in text and (tmp_path / "study_second_pass_at_k_training.png").exists()
 
 
 def test_analyses_outputs_and_quick_study(analysed, tmp_path):

@@ -122,5 +122,7 @@ def section(records, results, methods, sources, spec, number: str) -> list[str]:
     return ([f"### {number}.3 Exploratory results (not pre-registered)", "",
              "Computed from the same records after the main runs; none of them changes a verdict of "
              f"{number}.1.", ""]
-            + tests(results) + changes(records, methods, sources, spec)
-            + wrong_share(records, methods, sources, spec))
+            + (tests(results) if results and "p_t" not in results[0] else [])  # a Holm design has them in .1
+            + changes(records, methods, sources, spec)
+            + (wrong_share(records, methods, sources, spec)  # a primary metric of designs with stages
+               if not spec.stage_steps else []))

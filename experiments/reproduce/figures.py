@@ -88,3 +88,38 @@ def pass_at_k_curves(records: Sequence[dict[str, Any]], methods: Sequence[tuple[
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def pass_at_k_over_training(records: Sequence[dict[str, Any]], methods: Sequence[tuple[str, str]],
+                            sources: Sequence[str], sizes: Sequence[int], path: str, ks: Sequence[int] = (1, 8, 16),
+                            switch: int | None = None) -> None:
+    """Held-out pass@k over training (every evaluation point) per method, one row per k and one column per
+    maze set (all, then each size), mean over seeds with the 95% t-band; ``switch``: a staged run's stage
+    boundary, drawn as a vertical line."""
+    plt = _plt()
+    n = records[0]["num_samples"]
+    ks = list(dict.fromkeys(min(k, n) for k in ks))
+    panels = [0] + list(sizes)
+    fig, axes = plt.subplots(len(ks), len(panels), figsize=(3.6 * len(panels), 2.9 * len(ks)), squeeze=False)
+    for row, k in zip(axes, ks):
+        for ax, size in zip(row, panels):
+            for key, label in methods:
+                mine = [r for r in records if r["method"] == key]
+                if not mine:
+                    continue
+                steps = sorted(set.intersection(*({int(s) for s in r["evals"]} for r in mine)))
+                bands = np.array([_band([100 * Metric(f"pass@{k}", size).value(r, t, sources) for r in mine])
+                                  for t in steps])
+                line, = ax.plot(steps, bands[:, 0], label=label, lw=1.3, marker="o", ms=3)
+                ax.fill_between(steps, bands[:, 1], bands[:, 2], color=line.get_color(), alpha=0.15)
+            if switch:
+                ax.axvline(switch, color="grey", lw=0.8, ls=":")
+            ax.set_title(f"pass@{k}, " + ("all held-out mazes" if not size else f"{size}×{size}"), fontsize=9)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("%")
+    for ax in axes[-1]:
+        ax.set_xlabel("RL step")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -140,10 +140,13 @@ def pass_at_k_per_maze(counts: np.ndarray, n: int, k: int) -> np.ndarray:
 # ------------------------------------------------------------------ exploratory tests (not the verdict rule)
 def t_test_p(diffs: Sequence[float], null: float = 0.0) -> float:
     """Two-sided p-value of the one-sample t-test of mean(``diffs``) = ``null`` (S - 1 degrees of freedom);
-    p < 1 - level exactly when ``t_interval(diffs, level)`` excludes ``null``. NaN for one value or sd 0."""
+    p < 1 - level exactly when ``t_interval(diffs, level)`` excludes ``null``. NaN for one value; for
+    identical values (sd 0) 0 if they differ from ``null`` (the interval is the point) and 1 if not."""
     d = np.asarray(diffs, np.float64) - null
-    if len(d) < 2 or d.std(ddof=1) == 0:
+    if len(d) < 2:
         return float("nan")
+    if d.std(ddof=1) == 0:
+        return 0.0 if d.mean() != 0 else 1.0
     t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
     return float(2 * scipy_stats.t.sf(abs(t), len(d) - 1))
 

@@ -98,6 +98,13 @@ def section(design: str, records_dir: str, out_dir: str, number: str = "2") -> l
     figures.pass_at_k_curves(shown, methods, sources, spec.test_sizes,
                              os.path.join(out_dir, f"study_{tag}_pass_at_k.png"))
     out += [f"![learning curves](study_{tag}_curves.png)", "", f"![pass@k](study_{tag}_pass_at_k.png)", ""]
+    if spec.stage_steps:  # pass@k over training per method and size; the dotted line: the stage switch
+        figures.pass_at_k_over_training(shown, methods, sources, spec.test_sizes,
+                                        os.path.join(out_dir, f"study_{tag}_pass_at_k_training.png"),
+                                        switch=spec.stage_steps[0])
+        out += [f"Pass@k over training (mean over seeds, 95% t-band; the dotted line at step {spec.stage_steps[0]}: "
+                "the Pass@k → Pass@1 run switches to Pass@1):", "",
+                f"![pass@k over training](study_{tag}_pass_at_k_training.png)", ""]
     out += _claims(records, sources, spec, number)
     out += exploratory.section(shown, judged(records, sources, spec), methods, sources, spec, number)
     return out
@@ -122,24 +129,43 @@ def _warm_start(records, spec, sources) -> list[str]:
             f"seeds): {'; '.join(cells)}.", ""]
 
 
+def _rows(records, methods, spec) -> list[tuple[str, list[dict[str, Any]], int | None]]:
+    """(label, records, step) rows of the result tables: the warm start, then every method at the end of
+    training (step None), or for a staged design every method at the end of the first stage and at the end."""
+    warm = list({r["seed"]: r for r in records}.values())
+    rows: list[tuple[str, list[dict[str, Any]], int | None]] = [("warm start (step 0)", warm, 0)]
+    steps: list[int | None] = [spec.stage_steps[0], spec.steps] if spec.stage_steps else [None]
+    for step in steps:
+        for key, label in methods:
+            mine = [r for r in records if r["method"] == key]
+            shown = label if step is None else f"{_label_at(key, label, step, spec)} (step {step})"
+            rows.append((shown, mine, step))
+    return rows
+
+
+def _label_at(key: str, label: str, step: int, spec) -> str:
+    """A staged method's label at the end of its first stage is its first stage's method."""
+    if spec.stage_steps and step <= spec.stage_steps[0] and key == "passk_then_pass1":
+        return f"Pass@k, analytical, k = {spec.k}"
+    return label
+
+
 def _results_table(records, methods, sources, spec) -> list[str]:
     n = records[0]["num_samples"]
     cols = [Metric("pass@1"), Metric(f"pass@{spec.k}"), Metric("pass@16").resolve(n), Metric(f"pass@{n}"),
             Metric("greedy"), Metric("distinct"), Metric("distinct_wrong"), Metric("entropy")]
     cols = list(dict.fromkeys(cols))
     head = ["training"] + [c.label for c in cols] + ["paper Table 7 (Pass@1 / Pass@k)"]
-    out = [f"### Held-out results at the end of training (all sizes; mean ± 95% t-interval half-width over "
+    when = (f"at steps {spec.stage_steps[0]} and {spec.steps}" if spec.stage_steps else "at the end of training")
+    out = [f"### Held-out results {when} (all sizes; mean ± 95% t-interval half-width over "
            "seeds; rates in %)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    warm = list({r["seed"]: r for r in records}.values())
-    rows = [("warm start (step 0)", warm, 0)] + [(label, [r for r in records if r["method"] == key], None)
-                                                 for key, label in methods]
-    for label, mine, at in rows:
+    for label, mine, at in _rows(records, methods, spec):
         if not mine:
             continue
         cells = [_mean_ci([c.value(r, r["steps"] if at is None else at, sources) for r in mine], c.percent)
                  for c in cols]
         key = next((k for k, lab in methods if lab == label), None)
-        paper = PAPER_TABLE7.get(key)
+        paper = PAPER_TABLE7.get(key) if not spec.stage_steps else None
         out.append(f"| {label} ({len(mine)}) | " + " | ".join(cells) + f" | {f'{paper[0]} / {paper[1]}' if paper else '–'} |")
     out += ["", "(n) = seeds. Entropy: mean token entropy of the policy on its training rollouts over the last "
             f"{claims_lib.ENTROPY_WINDOW} RL steps (warm start: the first step). Distinct answers count "
@@ -154,9 +180,7 @@ def _per_size(records, methods, sources, spec) -> list[str]:
     out = [f"### Per maze size: pass@1 / {k} (%, mean over seeds)", "",
            "| training | " + " | ".join(f"{s}×{s}" for s in spec.test_sizes) + " |",
            "|---|" + "---|" * len(spec.test_sizes)]
-    warm = list({r["seed"]: r for r in records}.values())
-    for label, mine, at in [("warm start", warm, 0)] + [(lab, [r for r in records if r["method"] == key], None)
-                                                         for key, lab in methods]:
+    for label, mine, at in _rows(records, methods, spec):
         if not mine:
             continue
         cells = []
@@ -174,19 +198,23 @@ def judged(records, sources, spec, *, complete_only: bool = True) -> list[dict[s
         done = {(r["method"], r["seed"]) for r in records}
         seeds = {s for s in range(spec.seeds) if all((m, s) in done for m in spec.methods)}
         records = [r for r in records if r["seed"] in seeds]
+    claims, rule = claims_lib.for_design(spec.name)
+    stage_end = spec.stage_steps[0] if spec.stage_steps else None
     out = []
-    for claim in claims_lib.CLAIMS:
+    for claim in claims:
         if claim.a in spec.methods and claim.b in spec.methods:
-            j = claims_lib.judge(claim, records, sources)
+            j = claims_lib.judge(claim, records, sources, stage_end=stage_end)
             if j is not None:
                 out.append(j)
-    return out
+    return claims_lib.judge_holm(out) if rule == "holm" and out else out
 
 
 def _claims(records, sources, spec, number: str) -> list[str]:
     results = judged(records, sources, spec)
     if not results:
         return []
+    if claims_lib.for_design(spec.name)[1] == "holm":
+        return _claims_holm(results, spec, number) + _over_time(records, sources, spec, number)
     out = [f"### {number}.1 The paper's claims", "",
            "Per claim: the per-seed paired difference a − b at the end of training, its mean, the 95% "
            "t-interval over seeds and the 95% maze-bootstrap interval; the verdict follows the rule "
@@ -213,6 +241,51 @@ def _claims(records, sources, spec, number: str) -> list[str]:
     out += _to_decide(results, spec)
     out += _over_time(records, sources, spec, number)
     return out
+
+
+def _p(p: float) -> str:
+    return "–" if math.isnan(p) else f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
+def _claims_holm(results, spec, number: str) -> list[str]:
+    """The claims table under the second design's rule (Holm-adjusted t-test and sign-flip p-values, the
+    maze interval; DESIGN.md, "Second design")."""
+    seeds = len(results[0]["seeds"])
+    primary = [j for j in results if j["claim"].primary]
+    out = [f"### {number}.1 The paper's claims (pre-registered rule)", "",
+           f"Per claim: the paired per-seed difference a − b over {seeds} complete seed(s) (each side at its "
+           "step), its mean and 95% t-interval over seeds, the 95% maze-bootstrap interval, and the two-sided "
+           "p-values of the t-test and of the exact sign-flip test of mean = boundary (0; −margin for "
+           f"non-inferiority), each Holm-adjusted over the {len(primary)} primary claims (secondary claims: "
+           "unadjusted). Reproduced: the mean beyond the boundary in the claim's direction, both adjusted "
+           "p < 0.05 and the maze interval beyond the boundary; contradicted: the same on the other side; "
+           f"otherwise inconclusive. With {seeds} seeds the sign-flip p-value cannot go below "
+           f"{2 / 2 ** seeds:.4g}. The distinct share of wrong responses is bootstrapped over the mazes with a "
+           "wrong response on both sides in every seed.", "",
+           "| claim | paper | metric | a (step) | b (step) | Δ = a − b | seed 95% CI | maze 95% CI | t-test p (Holm) "
+           "| sign-flip p (Holm) | per-seed Δ | verdict |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    labels = dict((m, study.METHOD_BY_KEY[m].label) for m in spec.methods)
+    for j in results:
+        c, m = j["claim"], j["metric"]
+        pct = m.percent
+        per_seed = ", ".join(_fmt(d, pct) for d in j["diffs"])
+        label = m.label + (f", margin {_fmt(c.margin, pct)}" if c.kind == "noninferiority" else "")
+        a = f"{_label_at(c.a, labels[c.a], j['step_a'], spec)} ({j['step_a']}): {_fmt(np.mean(j['a']), pct)}"
+        b = f"{_label_at(c.b, labels[c.b], j['step_b'], spec)} ({j['step_b']}): {_fmt(np.mean(j['b']), pct)}"
+        tag = "" if c.primary else " (secondary)"
+        out.append(f"| {c.key}{tag}: {c.text} | {c.paper} | {label} | {a} | {b} | {_fmt(j['seed_ci'].mean, pct)} | "
+                   f"{_ci(j['seed_ci'], pct)} | {_ci(j['maze_ci'], pct)} | {_p(j['p_t'])} ({_p(j['p_t_holm'])}) | "
+                   f"{_p(j['p_sf'])} ({_p(j['p_sf_holm'])}) | {per_seed} | **{j['verdict']}** |")
+    final = "" if seeds >= spec.seeds else f" **Provisional**: {seeds} of {spec.seeds} seeds."
+    for group, name in ((primary, "primary"), ([j for j in results if not j["claim"].primary], "secondary")):
+        counts: dict[str, int] = {}
+        for j in group:
+            counts[j["verdict"]] = counts.get(j["verdict"], 0) + 1
+        if group:
+            out += ["", f"Verdicts over the {len(group)} {name} claims: "
+                    + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + "." + final]
+    return out + [""]
 
 
 def _to_decide(results, spec) -> list[str]:
@@ -250,8 +323,9 @@ def _to_decide(results, spec) -> list[str]:
 def _over_time(records, sources, spec, number: str) -> list[str]:
     """The primary differences at every evaluation point (descriptive)."""
     steps = [i * spec.eval_every for i in range(1, spec.eval_points)]
-    keep = [c for c in claims_lib.CLAIMS if c.key in ("explore", "no_cost", "entropy", "diversity", "transfer")
-            and c.a in spec.methods and c.b in spec.methods]
+    claims, _ = claims_lib.for_design(spec.name)
+    keys = ("explore", "no_cost", "entropy", "diversity", "transfer", "rise_k16", "generalise", "explore_k8")
+    keep = [c for c in claims if c.key in keys and c.a in spec.methods and c.b in spec.methods]
     if not keep:
         return []
     out = [f"### {number}.2 The differences during training (mean Δ over complete seeds, seed 95% CI)", "",
@@ -259,10 +333,14 @@ def _over_time(records, sources, spec, number: str) -> list[str]:
     done = {(r["method"], r["seed"]) for r in records}
     seeds = {s for s in range(spec.seeds) if all((m, s) in done for m in spec.methods)}
     recs = [r for r in records if r["seed"] in seeds]
+    stage_end = spec.stage_steps[0] if spec.stage_steps else None
     for c in keep:
         cells = []
         for s in steps:
-            j = claims_lib.judge(c, recs, sources, step=s, draws=200)
+            if c.at_a == "stage1" and s > stage_end:  # past the stage the claim is about
+                cells.append("–")
+                continue
+            j = claims_lib.judge(c, recs, sources, step=s, stage_end=stage_end, draws=200)
             if j is None:
                 cells.append("–")
                 continue
