@@ -37,9 +37,11 @@ def _single_writer_arrays() -> None:
     dispatched ``lax.slice``, so that replicas share the writing; on CPU devices the copy to host is a
     memcpy, and those dispatches were 3 of the 24 s of a tiny run (336 slices per save on 8 virtual
     devices). Orbax already turns it off on GPUs; TPU keeps its default."""
-    if all(d.platform == "cpu" for d in jax.devices()):
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    current = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(current, "_use_replica_parallel", False) and all(d.platform == "cpu" for d in jax.devices()):
+        with _quiet("absl"):  # Orbax warns that the registration overrides its default handler
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 class Checkpointer:
