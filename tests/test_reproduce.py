@@ -138,8 +138,11 @@ def test_exploratory_tests_against_scipy_and_by_hand():
     assert stats.sign_flip_p([1, -2, 3, 4, 5]) == pytest.approx(ref)
     assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert np.isnan(stats.holm([0.01, float("nan")])[1]) and stats.holm([0.01, float("nan")])[0] == 0.01
-    with pytest.raises(ValueError, match="2\\^S sign vectors"):
-        stats.sign_flip_p(np.ones(17))
+    assert np.isnan(stats.sign_flip_p([1.0, float("nan"), 2.0]))
+    many = stats.sign_flip_p(np.ones(17))  # Monte Carlo beyond 16 seeds: (1 + hits) / (1 + 2^16)
+    assert 1 / (1 + 2 ** 16) <= many < 1e-3
+    with pytest.raises(ValueError, match="alternative"):
+        stats.sign_flip_p([1.0, 2.0], alternative="less")
 
 
 def test_wrong_share_is_the_distinct_share_of_wrong_responses():
@@ -288,6 +291,70 @@ def test_second_design_claims_under_the_holm_rule():
     assert all(j["verdict"] == "inconclusive" for j in few)  # 3 seeds: sign-flip p >= 2/8 whatever the data
     with pytest.raises(ValueError, match="stage_steps"):
         claims.judge(by_key["explore"], records, sources)
+
+
+def _runs(counts_by_method, sources, seeds, n=32):
+    """Records from {method: {step: int[seeds, mazes] correct counts}} (every wrong response distinct)."""
+    out = []
+    for method, by_step in counts_by_method.items():
+        for seed in range(seeds):
+            evals = {str(t): {"correct": [int(x) for x in c[seed]], "greedy": [0] * len(sources),
+                              "distinct": [1] * len(sources), "distinct_wrong": [n - int(x) for x in c[seed]]}
+                     for t, c in by_step.items()}
+            out.append(dict(method=method, seed=seed, steps=300, num_samples=n, warm_start=f"w{seed}", evals=evals,
+                            curves={"entropy": [[t, 0.5] for t in range(1, 301)]}))
+    return out
+
+
+def test_second_design_rule_edges():
+    """Non-inferiority: a loss within the margin in every seed is reproduced, one beyond it contradicted; a
+    maze interval that reaches the boundary blocks a verdict the seeds would give; the unseen-size claim
+    reads only 7x7 and 9x9; a NaN p-value stays in the Holm family as 1."""
+    sources = [f"maze_{t}x{t}" for t in (5, 7, 9) for _ in range(10)]
+    seeds, rng = 10, np.random.default_rng(3)
+    base = rng.integers(8, 20, (seeds, len(sources)))
+    by_key = {c.key: c for c in claims.SECOND_CLAIMS}
+
+    def judged(key, a_counts, b_counts):
+        recs = _runs({"passk_then_pass1": {0: base, 200: a_counts, 300: a_counts},
+                      "pass1": {0: base, 200: b_counts, 300: b_counts}}, sources, seeds)
+        return claims.judge_holm([claims.judge(by_key[key], recs, sources, stage_end=200)])[0]
+
+    # pass@1 of a maze = correct / 32: one fewer correct sample on every maze is -3.1 points (beyond the
+    # 1-point margin); one fewer on every tenth maze is -0.3 points (within it)
+    assert judged("no_cost", base - 1, base)["verdict"] == "contradicted"
+    small = base - (np.arange(len(sources)) % 10 == 0)
+    j = judged("no_cost", small, base)
+    assert -0.01 < j["seed_ci"].mean < 0 and j["verdict"] == "reproduced"
+    # +5 correct samples on a single maze in every seed: the seeds agree, the mazes do not
+    one = base.copy()
+    one[:, 0] += 5
+    j = judged("transfer", one, base)
+    assert j["p_t_holm"] < 0.05 and j["p_sf_holm"] < 0.05 and j["maze_ci"].lo <= 0
+    assert j["verdict"] == "inconclusive"
+    # an effect on 5x5 alone is no effect on the unseen sizes
+    only5 = base + np.array([4 if s == "maze_5x5" else 0 for s in sources])
+    assert judged("explore", only5, base)["verdict"] == "reproduced"
+    gen = judged("generalise", only5, base)
+    assert gen["diffs"] == pytest.approx([0.0] * seeds) and gen["verdict"] == "inconclusive"
+    fake = [dict(gen, claim=by_key["explore"], diffs=list(np.linspace(0.01, 0.02, seeds))),
+            dict(gen, claim=by_key["explore"], diffs=[float("nan")] * seeds)]
+    out = claims.judge_holm(fake)
+    assert np.isnan(out[1]["p_t"]) and out[0]["p_t_holm"] == pytest.approx(2 * out[0]["p_t"])
+
+
+def test_maze_bootstrap_with_undefined_mazes():
+    """A metric undefined on some mazes (NaN): the interval is centred on the seed mean of each run's mean
+    over its defined mazes, and equals the plain bootstrap when nothing is undefined."""
+    rng = np.random.default_rng(0)
+    a, b = rng.random((4, 50)), rng.random((4, 50))
+    plain = stats.maze_bootstrap(a, b)
+    a_nan = a.copy()
+    a_nan[0, :5] = np.nan
+    ci = stats.maze_bootstrap(a_nan, b)
+    expected = np.mean(np.nanmean(a_nan, 1) - b.mean(1))
+    assert ci.mean == pytest.approx(expected) and ci.lo < expected < ci.hi
+    assert abs((ci.hi - ci.lo) - (plain.hi - plain.lo)) < 0.3 * (plain.hi - plain.lo)
 
 
 def test_second_design_report_section(tmp_path):

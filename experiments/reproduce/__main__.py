@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     design = p.add_mutually_exclusive_group()
     design.add_argument("--quick", action="store_true", help="tiny study (smoke test), reduced bootstrap sweep")
     design.add_argument("--pilot", action="store_true", help="the pilot design (Pass@1 only)")
-    design.add_argument("--design", default=None, help="a design by name (main, pilot, pilot2, quick)")
+    design.add_argument("--design", default=None, help="a design by name (main, pilot, pilot2, second, quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default: the design's)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the design's methods")
     p.add_argument("--steps", type=int, default=None, help="RL steps per run (makes another design)")
@@ -46,16 +46,17 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     from experiments.reproduce import analyses, report, study
 
-    out = args.out or (os.path.join(DEFAULT_OUT, "quick") if args.quick else DEFAULT_OUT)
+    design = args.design or ("quick" if args.quick else "pilot" if args.pilot else "main")
+    quick = design.split("_")[0] == "quick"
+    out = args.out or (os.path.join(DEFAULT_OUT, "quick") if quick else DEFAULT_OUT)
     os.makedirs(out, exist_ok=True)
     records_dir = os.path.join(out, "study")
-    design = args.design or ("quick" if args.quick else "pilot" if args.pilot else "main")
     spec = study.make_spec(design, args.seeds, args.methods.split(",") if args.methods else None, args.steps,
                            args.lr)
     runs_dir = args.runs or os.path.join("runs", "reproduce")
     t0 = time.time()
     if args.all or args.analyses:
-        if args.quick:
+        if quick:
             analyses.run(out, seeds=2, groups=(8, 32, 128, 512))
         else:
             analyses.run(out)

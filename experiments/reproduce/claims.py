@@ -7,6 +7,7 @@ maze bootstrap of ``stats`` apply; the policy entropy comes from the training cu
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -232,10 +233,7 @@ def judge(claim: Claim, records: Sequence[dict[str, Any]], sources: Sequence[str
     if m.name != "entropy":
         pa = np.stack([m.per_maze(ra, step_a, sources) for ra, _ in pairs])
         pb = np.stack([m.per_maze(rb, step_b, sources) for _, rb in pairs])
-        if m.name == "wrong_share":  # undefined where a maze has no wrong response on either side
-            keep = ~np.isnan(pa).any(0) & ~np.isnan(pb).any(0)
-            pa, pb = pa[:, keep], pb[:, keep]
-        maze_ci = stats.maze_bootstrap(pa, pb, draws=draws)
+        maze_ci = stats.maze_bootstrap(pa, pb, draws=draws)  # NaN mazes: each run's mean over its defined ones
     return dict(claim=claim, metric=m, step=step_a, step_a=step_a, step_b=step_b,
                 seeds=[ra["seed"] for ra, _ in pairs], a=va, b=vb, diffs=diffs, seed_ci=seed_ci, maze_ci=maze_ci,
                 verdict=stats.verdict(seed_ci, maze_ci, kind=claim.kind, margin=claim.margin))
@@ -255,8 +253,8 @@ def judge_holm(results: Sequence[dict[str, Any]], alpha: float = 0.05) -> list[d
         j["p_t"] = stats.t_test_p(j["diffs"], null) if enough else float("nan")
         j["p_sf"] = stats.sign_flip_p(j["diffs"], null) if enough else float("nan")
     primary = [i for i, j in enumerate(out) if j["claim"].primary]
-    for key in ("p_t", "p_sf"):
-        adjusted = stats.holm([out[i][key] for i in primary])
+    for key in ("p_t", "p_sf"):  # an undefined p-value stays in the family as 1 (no claim leaves it)
+        adjusted = stats.holm([1.0 if math.isnan(out[i][key]) else out[i][key] for i in primary])
         for i, p in zip(primary, adjusted):
             out[i][key + "_holm"] = p
         for j in out:

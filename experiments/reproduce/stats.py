@@ -55,16 +55,41 @@ def maze_bootstrap(a: np.ndarray, b: np.ndarray, *, draws: int = 2000, seed: int
                    level: float = LEVEL) -> Interval:
     """Percentile interval of mean_s mean_m (a - b)[s, m] when the mazes m are resampled with replacement
     (one draw shared by every seed s); ``a``, ``b``: float[S, M] per-seed per-maze values."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = a - b
     if d.ndim != 2:
         raise ValueError(f"maze_bootstrap needs [seeds, mazes] arrays, got shape {d.shape}.")
-    per_maze = d.mean(0)  # the seed mean commutes with the maze resampling
     rng = np.random.default_rng(seed)
+    if np.isnan(a).any() or np.isnan(b).any():
+        return _maze_bootstrap_nan(a, b, rng, draws, level)
+    per_maze = d.mean(0)  # the seed mean commutes with the maze resampling
     idx = rng.integers(0, len(per_maze), size=(draws, len(per_maze)))
     boot = per_maze[idx].mean(1)
     tail = (1 - level) / 2 * 100
     return Interval(float(per_maze.mean()), float(np.percentile(boot, tail)),
                     float(np.percentile(boot, 100 - tail)))
+
+
+def _maze_bootstrap_nan(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, draws: int,
+                        level: float) -> Interval:
+    """``maze_bootstrap`` for metrics undefined on some mazes (NaN, e.g. the distinct share of wrong
+    responses of a maze with none): each run's value is its mean over its defined mazes, in the data and in
+    every resample (the same drawn mazes for every run), and the interval is of the seed-mean difference."""
+    m = a.shape[1]
+    idx = rng.integers(0, m, size=(draws, m))
+    weights = np.zeros((draws, m))
+    np.add.at(weights, (np.arange(draws)[:, None], idx), 1.0)
+
+    def run_means(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [..., runs]
+        ok = ~np.isnan(x)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (w @ np.where(ok, x, 0.0).T) / (w @ ok.T.astype(np.float64))
+
+    observed = float(np.mean(run_means(a, np.ones(m)) - run_means(b, np.ones(m))))
+    boot = np.nanmean(run_means(a, weights) - run_means(b, weights), axis=1)
+    boot = boot[~np.isnan(boot)]
+    tail = (1 - level) / 2 * 100
+    return Interval(observed, float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail)))
 
 
 def verdict(seed_ci: Interval, maze_ci: Interval | None, *, kind: str = "superiority",
@@ -155,18 +180,25 @@ def sign_flip_p(diffs: Sequence[float], null: float = 0.0, alternative: str = "t
     """Exact paired sign-flip (randomisation) p-value of mean(``diffs``) = ``null``: the share of the 2^S
     sign vectors s for which mean(s * (d - null)) is at least as extreme as the observed mean (``"two-sided"``:
     in absolute value; ``"greater"``: at least as large). Its floor is 1/2^S one-sided and 2/2^S two-sided
-    (1/32 and 1/16 at 5 seeds), whatever the data."""
+    (1/32 and 1/16 at 5 seeds), whatever the data. NaN if a difference is NaN. Beyond 16 values, 2^16
+    random sign vectors (seeded) plus the observed one give the Monte Carlo p-value (1 + hits) / (1 + 2^16),
+    which is valid but not exact."""
     d = np.asarray(diffs, np.float64) - null
-    if d.ndim != 1 or not 1 <= len(d) <= 16:
-        raise ValueError(f"sign_flip_p enumerates 2^S sign vectors; needs 1 <= S <= 16 values, got {d.shape}.")
-    signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+    if d.ndim != 1 or len(d) < 1:
+        raise ValueError(f"sign_flip_p needs a non-empty vector of differences, got shape {d.shape}.")
+    if alternative not in ("two-sided", "greater"):
+        raise ValueError(f"unknown alternative {alternative!r}; use 'two-sided' or 'greater'.")
+    if np.isnan(d).any():
+        return float("nan")
+    exact = len(d) <= 16
+    if exact:
+        signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+    else:
+        signs = 1 - 2 * np.random.default_rng(0).integers(0, 2, size=(2 ** 16, len(d)))
     means = (signs * d).mean(1)
     obs, tol = d.mean(), 1e-12 * max(1.0, float(np.abs(d).max()))
-    if alternative == "two-sided":
-        return float(np.mean(np.abs(means) >= abs(obs) - tol))
-    if alternative == "greater":
-        return float(np.mean(means >= obs - tol))
-    raise ValueError(f"unknown alternative {alternative!r}; use 'two-sided' or 'greater'.")
+    hits = np.abs(means) >= abs(obs) - tol if alternative == "two-sided" else means >= obs - tol
+    return float(np.mean(hits)) if exact else float((1 + hits.sum()) / (1 + len(hits)))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

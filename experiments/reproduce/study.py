@@ -60,6 +60,11 @@ METHODS: tuple[Method, ...] = (
 METHOD_BY_KEY = {m.key: m for m in METHODS}
 
 
+def staged(method: str) -> bool:
+    """Whether the method's named config trains in sequential stages (Pass@k -> Pass@1)."""
+    return bool(configs.get(METHOD_BY_KEY[method].config).train.stages)
+
+
 @dataclasses.dataclass(frozen=True)
 class StudySpec:
     """Everything that defines a study; ``overrides`` are dotted config fields applied to every run."""

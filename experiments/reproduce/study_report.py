@@ -76,7 +76,8 @@ def section(design: str, records_dir: str, out_dir: str, number: str = "2") -> l
             f"{o['rollout.num_samples']} rollouts at learning rate {o['step.learning_rate']:g}, k = {spec.k}, "
             f"the paper's clip-higher token-mean loss. Evaluation at steps "
             f"{', '.join(str(i * spec.eval_every) for i in range(spec.eval_points))}: {o['eval.num_samples']} "
-            "samples per maze at temperature 1.0, top-p 0.95 (unbiased pass@k), one greedy sample.", "",
+            "samples per maze at temperature 1.0, top-p 0.95 (unbiased pass@k), one greedy sample."
+            + _methods_line(spec), "",
             f"**Progress.** {len(records)} of {spec.seeds * len(spec.methods)} runs; complete seeds: "
             f"{len(complete)} of {spec.seeds}; {hours:.2f} hours of wall time so far{redone} (machines: "
             f"{', '.join(sorted({r['machine'] for r in records}))}; commits "
@@ -129,11 +130,32 @@ def _warm_start(records, spec, sources) -> list[str]:
             f"seeds): {'; '.join(cells)}.", ""]
 
 
-def _rows(records, methods, spec) -> list[tuple[str, list[dict[str, Any]], int | None]]:
+def _methods_line(spec) -> str:
+    """For designs with a stage split or per-method k / learning rate: what each method trains."""
+    if not spec.stage_steps and all(study.METHOD_BY_KEY[m].k is None and study.METHOD_BY_KEY[m].lr_scale == 1
+                                    for m in spec.methods):
+        return ""
+    lr = spec.overrides["step.learning_rate"]
+    parts = []
+    for key in spec.methods:
+        m = study.METHOD_BY_KEY[key]
+        if study.staged(key) and spec.stage_steps:
+            parts.append(f"{m.label}: Pass@k analytical (k = {m.k or spec.k}) for steps 1-{spec.stage_steps[0]}, "
+                         f"then Pass@1 for {spec.stage_steps[1]} steps (its step {spec.stage_steps[0]} is the "
+                         "Pass@k arm)")
+        elif key == "pass1":
+            parts.append(f"{m.label}: the GRPO advantage for {spec.steps} steps")
+        else:
+            parts.append(f"{m.label}: k = {m.k or spec.k}, learning rate {lr * m.lr_scale:g}, {spec.steps} steps")
+    return " Methods: " + "; ".join(parts) + "."
+
+
+def _rows(records, methods, spec, warm_label: str = "warm start (step 0)"
+          ) -> list[tuple[str, list[dict[str, Any]], int | None]]:
     """(label, records, step) rows of the result tables: the warm start, then every method at the end of
     training (step None), or for a staged design every method at the end of the first stage and at the end."""
     warm = list({r["seed"]: r for r in records}.values())
-    rows: list[tuple[str, list[dict[str, Any]], int | None]] = [("warm start (step 0)", warm, 0)]
+    rows: list[tuple[str, list[dict[str, Any]], int | None]] = [(warm_label, warm, 0)]
     steps: list[int | None] = [spec.stage_steps[0], spec.steps] if spec.stage_steps else [None]
     for step in steps:
         for key, label in methods:
@@ -144,8 +166,11 @@ def _rows(records, methods, spec) -> list[tuple[str, list[dict[str, Any]], int |
 
 
 def _label_at(key: str, label: str, step: int, spec) -> str:
-    """A staged method's label at the end of its first stage is its first stage's method."""
-    if spec.stage_steps and step <= spec.stage_steps[0] and key == "passk_then_pass1":
+    """A staged method's label at the end of its first stage is its first stage's method; any method at step
+    0 is the seed's warm start."""
+    if step == 0:
+        return "warm start"
+    if spec.stage_steps and step <= spec.stage_steps[0] and study.staged(key):
         return f"Pass@k, analytical, k = {spec.k}"
     return label
 
@@ -180,7 +205,7 @@ def _per_size(records, methods, sources, spec) -> list[str]:
     out = [f"### Per maze size: pass@1 / {k} (%, mean over seeds)", "",
            "| training | " + " | ".join(f"{s}×{s}" for s in spec.test_sizes) + " |",
            "|---|" + "---|" * len(spec.test_sizes)]
-    for label, mine, at in _rows(records, methods, spec):
+    for label, mine, at in _rows(records, methods, spec, warm_label=("warm start (step 0)" if spec.stage_steps else "warm start")):
         if not mine:
             continue
         cells = []
@@ -277,6 +302,11 @@ def _claims_holm(results, spec, number: str) -> list[str]:
         out.append(f"| {c.key}{tag}: {c.text} | {c.paper} | {label} | {a} | {b} | {_fmt(j['seed_ci'].mean, pct)} | "
                    f"{_ci(j['seed_ci'], pct)} | {_ci(j['maze_ci'], pct)} | {_p(j['p_t'])} ({_p(j['p_t_holm'])}) | "
                    f"{_p(j['p_sf'])} ({_p(j['p_sf_holm'])}) | {per_seed} | **{j['verdict']}** |")
+    if any(j["claim"].metric.name == "wrong_share" for j in results):
+        out += ["", "Reading the diversity claim: per maze, distinct wrong / wrong responses rises by itself when "
+                "a maze has fewer wrong responses (fewer draws, fewer repeats), so an arm with a higher pass@1 "
+                "scores higher on it partly by construction; the per-size tables show how the arms' pass@1 "
+                "compare."]
     final = "" if seeds >= spec.seeds else f" **Provisional**: {seeds} of {spec.seeds} seeds."
     for group, name in ((primary, "primary"), ([j for j in results if not j["claim"].primary], "secondary")):
         counts: dict[str, int] = {}
@@ -323,8 +353,9 @@ def _to_decide(results, spec) -> list[str]:
 def _over_time(records, sources, spec, number: str) -> list[str]:
     """The primary differences at every evaluation point (descriptive)."""
     steps = [i * spec.eval_every for i in range(1, spec.eval_points)]
-    claims, _ = claims_lib.for_design(spec.name)
-    keys = ("explore", "no_cost", "entropy", "diversity", "transfer", "rise_k16", "generalise", "explore_k8")
+    claims, rule = claims_lib.for_design(spec.name)
+    keys = ("explore", "no_cost", "entropy", "diversity", "transfer") + (
+        ("rise_k16", "generalise", "explore_k8") if rule == "holm" else ())
     keep = [c for c in claims if c.key in keys and c.a in spec.methods and c.b in spec.methods]
     if not keep:
         return []
@@ -337,8 +368,8 @@ def _over_time(records, sources, spec, number: str) -> list[str]:
     for c in keep:
         cells = []
         for s in steps:
-            if c.at_a == "stage1" and s > stage_end:  # past the stage the claim is about
-                cells.append("–")
+            if c.at_a == "stage1" and s > stage_end and (study.staged(c.a) or study.staged(c.b)):
+                cells.append("–")  # past the stage the claim is about
                 continue
             j = claims_lib.judge(c, recs, sources, step=s, stage_end=stage_end, draws=200)
             if j is None:
@@ -346,7 +377,8 @@ def _over_time(records, sources, spec, number: str) -> list[str]:
                 continue
             pct = j["metric"].percent
             cells.append(f"{_fmt(j['seed_ci'].mean, pct)} {_ci(j['seed_ci'], pct)}")
-        out.append(f"| {c.key}: {j['metric'].label if j else c.metric.label} | " + " | ".join(cells) + " |")
+        label = c.metric.resolve(recs[0]["num_samples"], sources).label if recs else c.metric.label
+        out.append(f"| {c.key}: {label} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
@@ -356,7 +388,8 @@ def claims_csv(records, sources, spec, path: str) -> None:
         f.write("claim,a,b,metric,kind,margin,seeds,mean_a,mean_b,diff,seed_lo,seed_hi,maze_lo,maze_hi,verdict\n")
         for j in judged(records, sources, spec):
             c, m, mz = j["claim"], j["metric"], j["maze_ci"]
-            f.write(f"{c.key},{c.a},{c.b},{m.name}{'@' + str(m.size) if m.size else ''},{c.kind},{c.margin},"
+            where = "@" + "+".join(map(str, m.sizes)) if m.sizes else ""
+            f.write(f"{c.key},{c.a},{c.b},{m.name}{where},{c.kind},{c.margin},"
                     f"{len(j['seeds'])},{np.mean(j['a']):.6g},{np.mean(j['b']):.6g},{j['seed_ci'].mean:.6g},"
                     f"{j['seed_ci'].lo:.6g},{j['seed_ci'].hi:.6g},{mz.lo if mz else float('nan'):.6g},"
                     f"{mz.hi if mz else float('nan'):.6g},{j['verdict']}\n")
