@@ -104,6 +104,31 @@ def table(prof: Profiler, wall: float, rl_steps: int) -> str:
     return "\n".join(lines)
 
 
+def profile(config, workdir: str | None = None, keep_sft: bool = False) -> tuple[dict, Profiler, float]:
+    """Run ``config`` with a recording Profiler: (the run's summary, the profiler, wall seconds). Without
+    ``workdir`` a temporary one is used and removed; without ``keep_sft`` the warm start is measured (a
+    fresh SFT cache, removed after)."""
+    from passk_jax.run import trainer
+    from passk_jax.run.spec import RunSpec
+
+    run_dir = workdir or tempfile.mkdtemp(prefix="passk_profile_")
+    sft_dir = None
+    if not keep_sft:
+        sft_dir = tempfile.mkdtemp(prefix="passk_profile_sft_")
+        config.sft.cache_dir = sft_dir
+    prof = Profiler()
+    try:
+        spec = RunSpec.from_config(config)
+        t0 = time.perf_counter()
+        summary = trainer.train(spec, run_dir, timers=prof)
+        return summary, prof, time.perf_counter() - t0
+    finally:
+        if workdir is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if sft_dir:
+            shutil.rmtree(sft_dir, ignore_errors=True)
+
+
 @cli.one_line_errors
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
@@ -115,25 +140,10 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)
     config = configs.config_flag_value()
-    workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="passk_profile_")
-    sft_dir = None
-    if not FLAGS.keep_sft:
-        sft_dir = tempfile.mkdtemp(prefix="passk_profile_sft_")
-        config.sft.cache_dir = sft_dir
-    prof = Profiler()
-    from passk_jax.run import trainer
-    from passk_jax.run.spec import RunSpec
-
-    spec = RunSpec.from_config(config)
-    t0 = time.perf_counter()
-    summary = trainer.train(spec, workdir, timers=prof)
-    wall = time.perf_counter() - t0
-    print(f"config {configs.selected_name()}: status {summary.get('status')}, workdir {workdir}", file=sys.stderr)
+    summary, prof, wall = profile(config, FLAGS.workdir, FLAGS.keep_sft)
+    where = FLAGS.workdir or "(temporary, removed)"
+    print(f"config {configs.selected_name()}: status {summary.get('status')}, workdir {where}", file=sys.stderr)
     print(table(prof, wall, int(summary.get("step", 0))))
-    if FLAGS.workdir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if sft_dir:
-        shutil.rmtree(sft_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

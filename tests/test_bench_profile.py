@@ -23,19 +23,26 @@ def test_profiler_charges_nested_time_to_the_innermost_phase():
 
 
 def test_profile_of_a_tiny_run(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",  # one device; -O0 as the whole suite (tests/conftest.py)
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
-    cmd = [sys.executable, "-m", "bench.profile_run", "--config=passk_k4", f"--workdir={tmp_path / 'run'}",
-           "--config.train.steps=2", "--config.sft.steps=2", "--config.sft.num_examples=8",
-           "--config.sft.batch_size=4", "--config.rollout.prompts_per_step=4", "--config.rollout.num_samples=4", "--config.rollout.decode_slots=8",
-           "--config.rollout.max_new_tokens=12", "--config.eval.num_prompts=4", "--config.eval.num_samples=2",
-           "--config.train.checkpoint_every=1", "--config.train.export_hf=false", "--config.step.k=2"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    """In process, on the tests' tiny config (the programs the trainer tests compile): the phases add up to
+    the wall time and each is called as often as the run does it."""
+    from tests.rl.test_trainer import tiny_config
+
+    config = tiny_config(tmp_path / "unused", **{"train.steps": 2, "train.eval_every": 0, "train.export_hf": False})
+    summary, prof, wall = profile_run.profile(config, str(tmp_path / "run"))
+    assert summary["status"] == "done" and not os.path.exists(str(tmp_path / "unused"))  # a fresh SFT cache
+    out = profile_run.table(prof, wall, int(summary["step"]))
     rows = {m.group(1): (float(m.group(2)), int(m.group(3)))
-            for m in re.finditer(r"^\| ([^|]+?) \| ([0-9.-]+) \| [0-9.]+% \| (\d+) \|", out.stdout, re.M)}
-    assert set(rows) == set(profile_run.ORDER), out.stdout
-    wall = float(re.search(r"wall ([0-9.]+) s, 2 RL steps", out.stdout).group(1))
+            for m in re.finditer(r"^\| ([^|]+?) \| ([0-9.-]+) \| [0-9.]+% \| (\d+) \|", out, re.M)}
+    assert set(rows) == set(profile_run.ORDER), out
+    assert re.search(r"wall [0-9.]+ s, 2 RL steps", out)
     assert abs(sum(t for t, _ in rows.values()) - wall) < 0.05 * wall
     assert rows["update"][1] == 2 and rows["prefill"][1] == 2 and rows["decode"][1] == 2
     assert rows["warm start (SFT)"][1] == 1 and rows["eval"][1] == 2 and rows["score"][1] == 2
+
+
+def test_profile_command_line_errors_are_one_sentence():
+    """The command itself (absl flags -> config -> profile): a bad override is one sentence, before any run."""
+    out = subprocess.run([sys.executable, "-m", "bench.profile_run", "--config=passk_k4", "--config.train.stepz=2"],
+                         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "stepz" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
