@@ -296,3 +296,34 @@ def test_stop_ids_come_from_the_generation_config(tmp_path):
     with pytest.raises(ValueError, match=rf"^{tmp_path} \(generation_config.json and tokenizer files\) names no "
                                          "end-of-sequence token"):
         checkpoint_stop_ids(tok, str(tmp_path))
+
+
+def test_tensorboard_writer_loads_without_torch_and_writes_scalars(tmp_path):
+    """``metric_log.summary_writer_class`` imports tensorboardX without torch (a fresh process: torch not yet
+    loaded); the event file holds the scalars, and torch still imports afterwards."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import struct, sys
+        from passk_jax.run.metric_log import MetricWriter
+        w = MetricWriter({str(tmp_path)!r}, enabled=True)
+        w.write(3, {{"step/loss": 0.25}})
+        w.close()
+        assert "torch" not in sys.modules
+        import glob, os
+        from tensorboardX.proto import event_pb2
+        (path,) = glob.glob(os.path.join({str(tmp_path)!r}, "tensorboard", "events.*"))
+        data, seen = open(path, "rb").read(), []
+        while data:
+            (n,) = struct.unpack("<Q", data[:8]); ev = event_pb2.Event.FromString(data[12:12 + n])
+            seen += [(ev.step, v.tag, v.simple_value) for v in ev.summary.value]
+            data = data[12 + n + 4:]
+        assert seen == [(3, "step/loss", 0.25)], seen
+        import torch
+        print("ok", torch.__version__)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]

@@ -10,11 +10,33 @@ import json
 import math
 import os
 import secrets
+import sys
+import threading
 import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+
+_TB_IMPORT = threading.Lock()
+
+
+def summary_writer_class() -> type:
+    """tensorboardX's ``SummaryWriter``, imported without torch when torch is not loaded yet:
+    ``tensorboardX.writer`` imports torch (1.8 s of every run's start-up here) only to accept torch tensors,
+    which the run never passes (it writes Python floats). torch stays importable afterwards; a process that
+    has imported torch already gets the plain import."""
+    with _TB_IMPORT:
+        if "torch" in sys.modules or "tensorboardX.writer" in sys.modules:
+            from tensorboardX import SummaryWriter
+            return SummaryWriter
+        sys.modules["torch"] = None  # type: ignore[assignment] - ``import torch`` raises ImportError meanwhile
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+        return SummaryWriter
 
 
 def _scalar(v: Any) -> float | None:
@@ -61,9 +83,7 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
+            self._tb = summary_writer_class()(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
     def write(self, step: int, metrics: Mapping[str, Any], *, phase: str | None = None) -> dict[str, float]:
         """Append one record; ``phase`` (e.g. "final") is stored with it so a resume can replace it."""
