@@ -24,13 +24,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # The slowest files first (cold compilation cache, 2-core box): pytest-xdist's --dist loadfile hands files to
 # the workers in collection order, so long files started last would leave the other worker idle at the end.
-SLOW_FIRST = ("test_multiprocess.py", "test_bench_gpu.py", "test_trainer.py", "test_long_responses.py",
-              "test_reproduce.py", "test_import_model.py", "test_decode_layout.py", "test_attention.py",
-              "test_packed_step.py", "test_decode_slots.py", "test_sampling.py", "test_lora_run.py",
-              "test_lora_step.py", "test_transformer.py", "test_bench_profile.py", "test_plan.py",
-              "test_bandit.py", "test_custom_loop.py", "test_step.py", "test_step_transformer.py",
-              "test_decode_mesh.py", "test_losses.py", "test_advantages.py", "test_sampling_ops.py",
-              "test_lora.py", "test_hf.py")
+SLOW_FIRST = ("test_trainer.py", "test_multiprocess.py", "test_reproduce.py", "test_attention.py", "test_lora_run.py",
+              "test_packed_step.py", "test_import_model.py", "test_plan.py", "test_decode_layout.py",
+              "test_decode_slots.py", "test_transformer.py", "test_losses.py", "test_long_responses.py",
+              "test_bench_gpu.py", "test_sampling.py", "test_lora_step.py", "test_custom_loop.py", "test_step.py",
+              "test_step_transformer.py", "test_bench_profile.py", "test_sampling_ops.py", "test_advantages.py",
+              "test_lora.py", "test_hf.py", "test_bandit.py", "test_decode_mesh.py",
+              "test_advantages_bruteforce.py", "test_export_auto.py", "test_parallel.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
