@@ -46,3 +46,6 @@ def test_profile_command_line_errors_are_one_sentence():
                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode != 0 and "stepz" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    helped = subprocess.run([sys.executable, "-m", "bench.profile_run", "--helpfull"], cwd=ROOT,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert "--workdir" in helped.stdout and "--[no]keep_sft" in helped.stdout, helped.stdout[-2000:]

@@ -58,14 +58,18 @@ def test_replicated_and_sharded_arrays_on_8_cpu_devices_round_trip(tmp_path):
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
     rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = {"rep": jax.device_put(np.arange(24.0).reshape(8, 3), rep),
-             "rows": jax.device_put(np.arange(16, dtype=np.int32).reshape(8, 2), rows)}
+             "rows": jax.device_put(np.arange(16, dtype=np.int32).reshape(8, 2), rows),
+             "typed_key": jax.random.key(3)}  # needs Orbax's array-metadata store, kept by the override
     ckpt = Checkpointer(str(tmp_path / "c"), keep=1)
     assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False
     ckpt.save(1, state, {})
     ckpt.wait()
     _, out, _ = ckpt.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                                  state))
-    for name in state:
+    for name in ("rep", "rows"):
         assert out[name].sharding == state[name].sharding
         np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(state[name]))
+    assert out["typed_key"].dtype == state["typed_key"].dtype  # a typed key, not its uint32 data
+    np.testing.assert_array_equal(jax.random.key_data(out["typed_key"]), jax.random.key_data(state["typed_key"]))
+    assert os.path.isdir(os.path.join(str(tmp_path / "c"), "1", "state", "array_metadatas"))
     ckpt.close()

@@ -36,12 +36,14 @@ def _single_writer_arrays() -> None:
     default on CPU and TPU splits every replicated array into one slice per replica, each an eagerly
     dispatched ``lax.slice``, so that replicas share the writing; on CPU devices the copy to host is a
     memcpy, and those dispatches were 3 of the 24 s of a tiny run (336 slices per save on 8 virtual
-    devices). Orbax already turns it off on GPUs; TPU keeps its default."""
+    devices). Orbax turns it off itself when ``JAX_PLATFORMS`` names a GPU; TPU keeps its default."""
     current = ocp.type_handlers.get_type_handler(jax.Array)
     if getattr(current, "_use_replica_parallel", False) and all(d.platform == "cpu" for d in jax.devices()):
         with _quiet("absl"):  # Orbax warns that the registration overrides its default handler
-            ocp.type_handlers.register_type_handler(
-                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+            ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+                use_replica_parallel=False,  # the rest as Orbax's default handler, its array-metadata store too
+                primary_host=getattr(current, "_primary_host", 0), replica_id=getattr(current, "_replica_id", 0),
+                array_metadata_store=getattr(current, "_array_metadata_store", None)), override=True)
 
 
 class Checkpointer:
