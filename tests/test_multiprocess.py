@@ -63,10 +63,10 @@ def _env(compile_cache: str, devices: int | None = None) -> dict[str, str]:
     return env
 
 
-def _start(processes: int, workdir: str, sft_cache: str, compile_cache: str, log: str, **extra) -> subprocess.Popen:
+def _start(processes: int, workdir: str, sft_cache: str, compile_cache: str, log: str) -> subprocess.Popen:
     """`experiments.run` on the tiny config: 2 processes x 1 device via the launcher, or 1 process x 2."""
     cmd = [sys.executable, "-m", "experiments.run", "--config=passk_k4", f"--workdir={workdir}",
-           f"--config.sft.cache_dir={sft_cache}"] + [f"--config.{k}={v}" for k, v in {**OVERRIDES, **extra}.items()]
+           f"--config.sft.cache_dir={sft_cache}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     if processes == 1:
         env = _env(compile_cache, devices=2)
     else:
@@ -121,11 +121,10 @@ def runs(tmp_path_factory):
     _finish(procs, logs)
     _resume_copy(wd["multi"], wd["multi_then_single"], 1)
     _resume_copy(wd["single"], wd["single_then_multi"], 1)
-    resumed = {"train.export_hf": False}  # a resumable field; the exports are compared in the first runs
     procs = {"multi_then_single": _start(1, wd["multi_then_single"], str(base / "sft_1"), cache[1],
-                                         logs["multi_then_single"], **resumed),
+                                         logs["multi_then_single"]),
              "single_then_multi": _start(2, wd["single_then_multi"], str(base / "sft_2"), cache[2],
-                                         logs["single_then_multi"], **resumed)}
+                                         logs["single_then_multi"])}
     _finish(procs, logs)
     return dict(wd=wd, logs=logs)
 
@@ -178,6 +177,7 @@ def test_checkpoints_resume_across_process_counts(runs):
     for name in ("multi_then_single", "single_then_multi"):
         resumed = runs["wd"][name]
         assert "warm start" not in open(runs["logs"][name]).read(), name  # resumed: no SFT, no initial eval
+        assert os.path.exists(os.path.join(resumed, "hf_export", "model.safetensors")), name  # exported
         _assert_same_params(single, resumed)
         # a fresh start would have appended a second 0, 0, 1, ... sequence; a resume truncates after step 1.
         # Verifier counters count since the process started, so they restart with the resumed run.
