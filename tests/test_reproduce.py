@@ -436,6 +436,18 @@ def test_a_rebuilt_warm_start_supersedes_the_seeds_other_records(tmp_path):
     assert [(r["method"], r["seed"], r["warm_start"]) for r in moved] == [("pass1", 0, "A")]
 
 
+def test_a_stopped_run_stops_the_study_with_one_line(tmp_path, monkeypatch):
+    """A run that a signal stopped (checkpointed, status "preempted") stops the study with study.Stopped,
+    whose message says the same command resumes; nothing is recorded for it."""
+    from passk_jax.run import trainer
+
+    monkeypatch.setattr(trainer, "train", lambda spec, workdir, **kw: {"status": "preempted"})
+    spec = study.make_spec("quick", methods=["pass1"])
+    with pytest.raises(study.Stopped, match="the same command resumes it"):
+        study.run(spec, str(tmp_path / "runs"), records_dir=str(tmp_path / "records"), log=lambda msg: None)
+    assert not os.path.exists(study.record_path(spec, "pass1", 0, str(tmp_path / "records")))
+
+
 def test_seeds_and_mazes_to_decide_known_answers():
     # mean 1, sd 1: t_{5}/sqrt(6) = 1.050 > 1 and t_{6}/sqrt(7) = 0.925 < 1, so 7 seeds
     assert stats.seeds_to_decide([0.0, 1.0, 2.0]) == (7, "reproduced")

@@ -67,8 +67,12 @@ def main(argv=None) -> str:
         # The runs compile the same sampler and SFT programs again and again (each run builds its own
         # jitted functions): a persistent compilation cache compiles each program once.
         jax.config.update("jax_compilation_cache_dir", os.path.join(runs_dir, "jax_cache"))
-        records = study.run(spec, runs_dir, records_dir=records_dir,
-                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        try:
+            records = study.run(spec, runs_dir, records_dir=records_dir,
+                                log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        except study.Stopped as stop:  # checkpointed: one line, the exit status of a SIGTERM
+            print(stop, file=sys.stderr)
+            sys.exit(143)
         print(f"[reproduce] {len(records)} runs of design {spec.name!r} recorded under {records_dir} "
               f"({time.time() - t0:.0f} s)", file=sys.stderr)
     path = report.write(out, records_dir)

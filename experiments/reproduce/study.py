@@ -404,6 +404,10 @@ def _supersede(spec: StudySpec, seed: int, record: dict[str, Any], records_dir: 
     return moved
 
 
+class Stopped(RuntimeError):
+    """A run of the study was stopped by a signal (SIGTERM / preemption) after checkpointing."""
+
+
 def _timed_train(trainer, config, workdir: str) -> tuple[dict[str, Any], float]:
     """``trainer.train`` and the run's wall time summed over every invocation (``study_wall_s`` in the
     workdir carries it across interruptions)."""
@@ -441,6 +445,9 @@ def run(spec: StudySpec, runs_dir: str, *, records_dir: str = RECORDS,
             config = run_config(spec, method, seed, train_file=train_file, test_file=test_file,
                                 num_test=len(sources), cache_dir=cache_dir)
             summary, wall_s = _timed_train(trainer, config, workdir)
+            if summary.get("status") == "preempted":
+                raise Stopped(f"[study] {method.label}, seed {seed}: stopped by a signal at its newest checkpoint; "
+                              "the same command resumes it.")
             if summary.get("status") != "done":
                 raise RuntimeError(f"run {workdir} ended with status {summary.get('status')!r}.")
             record = make_record(spec, key, seed, workdir, wall_s, commit)
