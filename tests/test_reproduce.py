@@ -477,3 +477,15 @@ def test_second_design_pilot_summary_counts_none_some_all():
     assert s["maze_7x7"] == pytest.approx({"mazes": 2, "none": 0.5, "some": 0.5, "all": 0.0, "pass@1": 1 / 64,
                                            "pass@4": 4 / 64, "pass@32": 0.5})
     assert s["maze_5x5"]["pass@32"] == 0.75 and s["maze_5x5"]["pass@1"] == pytest.approx((5 + 32 + 31) / 128)
+
+
+def test_run_pinned_refuses_a_missing_commit_or_design():
+    """experiments/reproduce/run_pinned.sh: usage and an unknown commit are one line each, before any worktree
+    or run exists."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(study.HERE), "reproduce", "run_pinned.sh")
+    out = subprocess.run(["bash", script], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "usage: run_pinned.sh DESIGN COMMIT" in out.stderr
+    out = subprocess.run(["bash", script, "second", "0" * 40], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "unknown commit" in out.stderr, out.stderr
