@@ -132,16 +132,18 @@ QUICK = StudySpec(
                "train.checkpoint_every": 2, "eval.num_samples": 4, "eval.greedy": True,
                "sft.steps": 2, "sft.num_examples": 16, "sft.batch_size": 8})
 
+# The training setup of the second design and its pilot (N = 32, 300 steps from a 300-step warm start).
+_N32 = {**_COMMON, "rollout.prompts_per_step": 16, "rollout.num_samples": 32, "rollout.max_new_tokens": 48,
+        "step.learning_rate": 2e-4, "train.steps": 300, "train.checkpoint_every": 50, "eval.num_samples": 32,
+        "sft.steps": 300}
+
 # The second design's pilot, part 2 (DESIGN.md, "Second design"): Pass@1 training alone at N = 32 on 5×5 mazes
 # from a 300-step SFT warm start (part 1 chose the distribution), long enough to see where its held-out
 # pass@1 stops rising, and what a step costs with the current update.
 PILOT2 = StudySpec(
     name="pilot2", methods=("pass1",), seeds=1, train_sizes=(5,), test_sizes=(5, 7, 9), num_train=4000,
     test_per_size=128, k=4, eval_points=7,
-    overrides={**_COMMON,
-               "rollout.prompts_per_step": 16, "rollout.num_samples": 32, "rollout.max_new_tokens": 48,
-               "step.learning_rate": 2e-4, "train.steps": 300, "train.checkpoint_every": 50,
-               "eval.num_samples": 32, "sft.steps": 300})
+    overrides=_N32)
 
 # The second design (pre-registered in DESIGN.md after both pilot parts): 5×5 training, N = 32, Pass@k (k = 4)
 # for 200 steps then Pass@1 for 100 (its step 200 is the Pass@k arm), Pass@1 for 300, and a k = 8 arm at
@@ -149,10 +151,7 @@ PILOT2 = StudySpec(
 SECOND = StudySpec(
     name="second", methods=("pass1", "passk_then_pass1", "passk8_lr2"), seeds=10, train_sizes=(5,),
     test_sizes=(5, 7, 9), num_train=4000, test_per_size=256, k=4, eval_points=7, stage_steps=(200, 100),
-    overrides={**_COMMON,
-               "rollout.prompts_per_step": 16, "rollout.num_samples": 32, "rollout.max_new_tokens": 48,
-               "step.learning_rate": 2e-4, "train.steps": 300, "train.checkpoint_every": 50,
-               "eval.num_samples": 32, "sft.steps": 300})
+    overrides=_N32)
 
 DESIGNS = {s.name: s for s in (MAIN, PILOT, PILOT2, SECOND, QUICK)}
 
