@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from tests.conftest import COMPILE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,7 @@ EXPECTED = [("sampler", "default", "ok"), ("sampler", "layout=training", "ok"), 
 
 def test_gpu_bench_cpu_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # compile-bound smoke (tests/conftest.py)
+    env["XLA_FLAGS"] = " ".join(COMPILE_FLAGS)  # as the whole suite (tests/conftest.py)
     out = tmp_path / "gpu.json"
     proc = subprocess.run(["bash", "bench/gpu.sh", "--cpu-smoke", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from experiments import plan
+from tests.conftest import COMPILE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config=passk_k4", "--config.rollout.prompts_per_step=4", "--config.rollout.num_samples=4",
@@ -20,7 +21,7 @@ TINY = ["--config=passk_k4", "--config.rollout.prompts_per_step=4", "--config.ro
 
 def _plan(*args, timeout=120):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # as the whole suite (tests/conftest.py)
+    env["XLA_FLAGS"] = " ".join(COMPILE_FLAGS)  # as the whole suite (tests/conftest.py)
     return subprocess.run([sys.executable, "-m", "experiments.plan", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
