@@ -5,10 +5,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests' programs are tiny, so their time is compilation. COMPILE_FLAGS cut it (the subprocesses the tests
-# start get them too): LLVM at -O0 for the CPU code XLA emits (~40% less; HLO passes, buffer assignment and
-# IEEE float semantics unchanged), and XLA:CPU's element-wise fusions emitted by its classic LLVM IR emitter
-# instead of the MLIR fusion emitters (half the compile time of the update and sampler tests again, measured
-# in BUILD_NOTES.md). Runs outside the tests keep XLA's defaults; set XLA_FLAGS to override either flag here.
+# start get them too): LLVM at -O0 for the CPU code XLA emits (~40% less; HLO passes unchanged), and XLA:CPU's
+# classic LLVM IR emitter for fusions instead of the MLIR fusion emitters (half the compile time of the update
+# and sampler tests again; its own fusion decisions). Neither enables fast math; equality tests compare
+# programs compiled alike (BUILD_NOTES.md). Runs outside the tests keep XLA's defaults; set XLA_FLAGS to
+# override either flag here.
 COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 for _flag in ("--xla_force_host_platform_device_count=8",) + COMPILE_FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
