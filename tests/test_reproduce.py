@@ -293,6 +293,28 @@ def test_second_design_claims_under_the_holm_rule():
         claims.judge(by_key["explore"], records, sources)
 
 
+
+def test_second_design_exploratory_tables_at_the_stage_cut():
+    """A design with stages has the within-method and versus-Pass@1 tables at the end of its first stage too,
+    where the staged run is named by its first stage's method and read at step 200 (exact on synthetic
+    records: +3 of 32 samples per maze = +9.4 points, +2 of 32 over Pass@1 = +6.25; at step 300 +2 and +1)."""
+    from experiments.reproduce import exploratory, study_report
+    records, sources = _second_records(seeds=3)
+    spec = study.make_spec("second")
+    methods = [(m, study.METHOD_BY_KEY[m].label) for m in spec.methods]
+    text = "\n".join(exploratory.section(records, None, methods, sources, spec, "4",
+                                         label_at=study_report._label_at))
+    cut, end = text.split("**Change from step 0 to step 300")
+    assert "**Change from step 0 to step 200" in cut and "**Difference from Pass@1 at step 200" in cut
+    row = next(line for line in cut.splitlines() if line.startswith("| Pass@k, analytical, k = 4 | all |"))
+    assert row.split(" | ")[2] == "+9.4 [9.4, 9.4]"
+    versus = cut.split("**Difference from Pass@1 at step 200")[1]
+    row = next(line for line in versus.splitlines() if line.startswith("| Pass@k, analytical, k = 4 | all |"))
+    assert float(row.split(" | ")[2].split()[0]) == pytest.approx(100 * 2 / 32, abs=0.06)  # 6.25: either rounding
+    assert "Pass@k, analytical" not in end  # at step 300 the staged run is Pass@k -> Pass@1
+    row = next(line for line in end.splitlines() if line.startswith("| Pass@k -> Pass@1 | all |"))
+    assert float(row.split(" | ")[2].split()[0]) == pytest.approx(100 * 2 / 32, abs=0.06)
+
 def _runs(counts_by_method, sources, seeds, n=32):
     """Records from {method: {step: int[seeds, mazes] correct counts}} (every wrong response distinct)."""
     out = []

@@ -3,7 +3,9 @@
 * ``tests``: per claim, the two-sided p-value of the seed t-test (the test behind the seed interval), its
   Holm adjustment over all the claims, and the exact paired sign-flip p-value (``stats``);
 * ``changes``: per maze size, each method's pass@k change from step 0 to the end of training (within the
-  method) and its difference from Pass@1 at the end, seed mean with the 95% t-interval over seeds;
+  method) and its difference from Pass@1 at the end, seed mean with the 95% t-interval over seeds; a design
+  with stages has the same tables at the end of its first stage (where its staged run is the first stage's
+  method alone);
 * ``wrong_share``: the paper's answer-diversity metric, the distinct share of a maze's wrong responses.
 """
 from __future__ import annotations
@@ -59,31 +61,36 @@ def tests(results: Sequence[dict[str, Any]]) -> list[str]:
     return out + [""]
 
 
-def changes(records, methods, sources, spec) -> list[str]:
-    """Per size, the pass@k change from step 0 within each method and the difference from Pass@1."""
+def changes(records, methods, sources, spec, step: int | None = None, label_at=None) -> list[str]:
+    """Per size, the pass@k change from step 0 within each method and the difference from Pass@1, at
+    ``step`` (default: the end of training); ``label_at(key, label, step, spec)`` names a method at ``step``."""
+    at = (lambda r: r["steps"]) if step is None else (lambda r: step)
+    when = spec.steps if step is None else step
     n = records[0]["num_samples"]
     names = list(dict.fromkeys(Metric(f"pass@{k}").resolve(n).name for k in (1, spec.k, 16, n)))
     sizes = [(0, "all")] + [(s, f"{s}×{s}") for s in spec.test_sizes]
     head = "| training | mazes | " + " | ".join(names) + " |"
     rule = "|---|---|" + "---|" * len(names)
     by = {(r["method"], r["seed"]): r for r in records}
-    within = [f"**Change from step 0 to step {spec.steps}, within each method** (points of %, seed mean "
+    within = [f"**Change from step 0 to step {when}, within each method** (points of %, seed mean "
               "[95% t-interval over seeds]):", "", head, rule]
-    versus = [f"**Difference from Pass@1 at step {spec.steps}** (points of %, paired by seed, seed mean "
+    versus = [f"**Difference from Pass@1 at step {when}** (points of %, paired by seed, seed mean "
               "[95% t-interval]):", "", head, rule]
     for key, label in methods:
         mine = [r for r in records if r["method"] == key]
         if not mine:
             continue
+        if step is not None and label_at is not None:
+            label = label_at(key, label, step, spec)
         for size, where in sizes:
             ms = [Metric(name, size) for name in names]
             within.append(f"| {label} | {where} | " + " | ".join(
-                _change([m.value(r, r["steps"], sources) - m.value(r, 0, sources) for r in mine], True)
+                _change([m.value(r, at(r), sources) - m.value(r, 0, sources) for r in mine], True)
                 for m in ms) + " |")
             pairs = [(r, by[(BASELINE, r["seed"])]) for r in mine if (BASELINE, r["seed"]) in by]
             if key != BASELINE and pairs:
                 versus.append(f"| {label} | {where} | " + " | ".join(
-                    _change([m.value(a, a["steps"], sources) - m.value(b, b["steps"], sources)
+                    _change([m.value(a, at(a), sources) - m.value(b, at(b), sources)
                              for a, b in pairs], True) for m in ms) + " |")
     out = within + [""]
     return out + versus + [""] if len(versus) > 4 else out
@@ -115,14 +122,16 @@ def wrong_share(records, methods, sources, spec) -> list[str]:
     return out + [""]
 
 
-def section(records, results, methods, sources, spec, number: str) -> list[str]:
-    """The exploratory subsection of a study (``records``: the complete seeds' records)."""
+def section(records, results, methods, sources, spec, number: str, label_at=None) -> list[str]:
+    """The exploratory subsection of a study (``records``: the complete seeds' records; ``label_at`` names
+    a method at the end of the first stage of a design with stages)."""
     if not records:
         return []
     return ([f"### {number}.3 Exploratory results (not pre-registered)", "",
              "Computed from the same records after the main runs; none of them changes a verdict of "
              f"{number}.1.", ""]
             + (tests(results) if results and "p_t" not in results[0] else [])  # a Holm design has them in .1
+            + ([] if not spec.stage_steps else changes(records, methods, sources, spec, spec.stage_steps[0], label_at))
             + changes(records, methods, sources, spec)
             + (wrong_share(records, methods, sources, spec)  # a primary metric of designs with stages
                if not spec.stage_steps else []))

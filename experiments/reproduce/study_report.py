@@ -107,7 +107,8 @@ def section(design: str, records_dir: str, out_dir: str, number: str = "2") -> l
                 "the Pass@k → Pass@1 run switches to Pass@1):", "",
                 f"![pass@k over training](study_{tag}_pass_at_k_training.png)", ""]
     out += _claims(records, sources, spec, number)
-    out += exploratory.section(shown, judged(records, sources, spec), methods, sources, spec, number)
+    out += exploratory.section(shown, judged(records, sources, spec), methods, sources, spec, number,
+                               label_at=_label_at)
     return out
 
 
